@@ -1,0 +1,100 @@
+"""``ode-lm train | generate``: the command line.
+
+User errors (config, paths, checkpoints, prompts, data) print one line and exit with
+status 2; a training failure prints one line and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ode_lm.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ode_lm.config import load_config
+    from ode_lm.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    e = result.evaluation
+    print(f"done: {result.steps} steps, val loss {e.loss:.4f} nats/token, {e.bits_per_byte:.4f} "
+          f"bits/byte; run saved in {result.run_dir}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import jax
+
+    from ode_lm.errors import UserError as Bad
+    from ode_lm.generate import generate_recompute
+    from ode_lm.train import load_run
+
+    if args.temperature < 0:
+        raise Bad(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
+    if args.max_new_tokens < 1:
+        raise Bad(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    if not args.prompt:
+        raise Bad("--prompt is empty; give at least one character of text to continue")
+    run = load_run(args.run, args.checkpoint, warn=lambda m: print(m, file=sys.stderr))
+    prompt = run.tokenizer.encode(args.prompt)
+    limit = run.config.model.max_positions
+    if len(prompt) + args.max_new_tokens > limit:
+        raise Bad(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
+                  f"the model's max_positions = {limit}")
+    ids = generate_recompute(run.model, prompt, args.max_new_tokens, run.config.ode,
+                             key=jax.random.key(args.seed), temperature=args.temperature,
+                             max_positions=limit)
+    print(args.prompt + run.tokenizer.decode(ids))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ode-lm", description="Continuous-depth transformer LMs in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train a model from a TOML config")
+    p.add_argument("config", help="TOML config file, e.g. configs/quickstart.toml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. ode.solver=rk4 train.steps=200")
+    p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("generate", help="generate text from a trained run")
+    p.add_argument("run", help="run directory (runs/<name>) or checkpoint file")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="checkpoint file name inside the run")
+    p.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after flags (``train cfg --resume ode.steps=8``): collect them here.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from ode_lm.train import TrainingError
+
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"ode-lm: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"ode-lm: training stopped: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,324 @@
+"""Typed configuration.
+
+A config file is TOML with the sections ``[model] [ode] [data] [train] [optim] [log]
+[checkpoint]``. Each section loads into a frozen dataclass below; every knob a user can turn
+is a field here, with its allowed values in the field's metadata. Command-line overrides are
+dotted ``section.key=value`` pairs, parsed as TOML values and checked like the file.
+
+Anything wrong raises :class:`ConfigError` naming the source, the key, the value given and
+what is allowed (with a close-match suggestion for typos).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ode_lm.errors import ConfigError
+
+# One name per concept: these tuples are the registry keys, config values and CLI values.
+FAMILIES = ("time_indexed",)
+ODE_FAMILIES = tuple(f for f in FAMILIES if f != "standard")
+SOLVERS = ("euler", "heun", "midpoint", "rk4", "tsit5", "dopri5", "reversible_heun")
+# Solvers with an embedded error estimate, i.e. usable with adaptive step-size control.
+ADAPTIVE_SOLVERS = ("heun", "midpoint", "rk4", "tsit5", "dopri5", "reversible_heun")
+ADJOINTS = ("checkpoint", "direct", "backsolve")
+SOURCES = ("python-stdlib", "text", "hf")
+TOKENIZERS = ("byte", "char")
+DTYPES = ("float32", "float64")
+
+
+def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
+         doc: str = "") -> Any:
+    """A config field with its allowed values. ``ge/gt/le/lt`` bound numbers."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str = knob("time_indexed", choices=FAMILIES, doc="model family")
+    dim: int = knob(256, ge=8, doc="hidden size")
+    heads: int = knob(4, ge=1, doc="attention heads; must divide dim")
+    mlp_ratio: int = knob(4, ge=1, doc="MLP hidden size / dim")
+    layers: int = knob(6, ge=1, doc="number of discrete layers (family 'standard' only)")
+    max_positions: int = knob(512, ge=1, doc="learned positions; longest sequence")
+    dropout: float = knob(0.1, ge=0.0, lt=1.0, doc="dropout rate (masks fixed over depth-time)")
+    tie_embeddings: bool = knob(True, doc="share token embedding and LM head")
+    time_embed_dim: int = knob(32, ge=2, doc="sinusoidal features of t (even)")
+    modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP")
+    hyper_hidden: int = knob(64, ge=1, doc="hidden units of the hypernetwork (family 'hypernetwork')")
+    ssm_state_size: int = knob(64, ge=4, le=256, doc="SSM state size (family 'time_indexed_ssm')")
+    init_std: float = knob(0.02, gt=0.0, doc="std of the normal weight initialisation")
+
+
+@dataclass(frozen=True)
+class ODEConfig:
+    solver: str = knob("euler", choices=SOLVERS, doc="ODE solver")
+    steps: int = knob(6, ge=1, doc="fixed steps over t in [0, 1] (initial step count if adaptive)")
+    adaptive: bool = knob(False, doc="adaptive step-size control (PID)")
+    rtol: float = knob(1e-3, gt=0.0, doc="relative tolerance (adaptive)")
+    atol: float = knob(1e-6, gt=0.0, doc="absolute tolerance (adaptive)")
+    max_steps: int = knob(256, ge=1, doc="most steps an adaptive solve may take")
+    pcoeff: float = knob(0.0, ge=0.0, doc="PID controller proportional coefficient")
+    icoeff: float = knob(1.0, gt=0.0, doc="PID controller integral coefficient")
+    dcoeff: float = knob(0.0, ge=0.0, doc="PID controller derivative coefficient")
+    adjoint: str = knob("checkpoint", choices=ADJOINTS, doc="sensitivity (gradient) method")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = knob("python-stdlib", choices=SOURCES, doc="corpus source")
+    paths: tuple[str, ...] = knob((), doc="files, directories or globs (source 'text')")
+    hf_name: str = knob("", doc="Hugging Face dataset name (source 'hf'), e.g. 'wikitext'")
+    hf_config: str = knob("", doc="Hugging Face dataset config, e.g. 'wikitext-2-raw-v1'")
+    hf_split: str = knob("train", doc="Hugging Face split to read")
+    text_field: str = knob("text", doc="column holding the text (sources 'text', 'hf')")
+    tokenizer: str = knob("byte", choices=TOKENIZERS, doc="tokenizer")
+    seq_len: int = knob(128, ge=2, doc="training window length in tokens")
+    val_fraction: float = knob(0.05, gt=0.0, lt=1.0, doc="share of documents held out")
+    max_bytes: int = knob(0, ge=0, doc="cap on corpus bytes read (0: everything)")
+    cache_dir: str = knob("~/.cache/ode-lm", doc="where tokenized corpora are cached")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    run_name: str = knob("run", doc="run directory name under runs_dir")
+    runs_dir: str = knob("runs", doc="parent directory of run directories")
+    steps: int = knob(1000, ge=1, doc="optimizer steps")
+    batch_size: int = knob(32, ge=1, doc="sequences per step")
+    seed: int = knob(0, ge=0, doc="seed for init, data order and dropout")
+    dtype: str = knob("float32", choices=DTYPES, doc="parameter and compute dtype")
+    eval_every: int = knob(200, ge=1, doc="evaluate every N steps (and at the end)")
+    eval_batches: int = knob(20, ge=1, doc="held-out batches per evaluation")
+    sample_tokens: int = knob(200, ge=0, doc="tokens sampled at the end of training")
+    sample_prompt: str = knob("def ", doc="prompt for the end-of-training sample")
+    sample_temperature: float = knob(0.8, gt=0.0, doc="temperature of that sample")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = knob(1e-3, gt=0.0, doc="peak learning rate")
+    warmup_steps: int = knob(100, ge=0, doc="linear warmup steps")
+    min_lr_ratio: float = knob(0.1, ge=0.0, le=1.0, doc="final lr / peak lr (cosine decay)")
+    weight_decay: float = knob(0.1, ge=0.0, doc="AdamW decoupled weight decay (matrices only)")
+    b1: float = knob(0.9, ge=0.0, lt=1.0, doc="Adam beta1")
+    b2: float = knob(0.95, ge=0.0, lt=1.0, doc="Adam beta2")
+    eps: float = knob(1e-8, gt=0.0, doc="Adam epsilon")
+    grad_clip: float = knob(1.0, gt=0.0, doc="global-norm gradient clipping")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = knob(10, ge=1, doc="write train scalars every N steps")
+    tensorboard: bool = knob(True, doc="write TensorBoard events")
+    progress: bool = knob(True, doc="show a progress bar")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = knob(500, ge=1, doc="checkpoint every N steps (and at the end)")
+    keep: int = knob(3, ge=1, doc="newest checkpoints kept")
+    resume: bool = knob(False, doc="continue from the newest checkpoint of the run")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ode: ODEConfig = field(default_factory=ODEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_toml(self) -> str:
+        """The fully resolved config as TOML; ``load_config`` reads it back unchanged."""
+        lines = []
+        for name in SECTIONS:
+            section = getattr(self, name)
+            lines.append(f"[{name}]")
+            for f in dataclasses.fields(section):
+                lines.append(f"{f.name} = {_toml_value(getattr(section, f.name))}")
+            lines.append("")
+        return "\n".join(lines)
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with ``{"ode.solver": "rk4", ...}`` replaced, validated like an override."""
+        raw = self.to_dict()
+        for key, value in dotted.items():
+            section, name = _split_key(key, "replace()")
+            raw.setdefault(section, {})[name] = value
+        return config_from_dict(raw, source="replace()")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {s: dataclasses.asdict(getattr(self, s)) for s in SECTIONS}
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _suggest(word: str, allowed) -> str:
+    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "a list of strings"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _check_value(source: str, section: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """Coerce ``value`` to the field's type and check its bounds; raise ConfigError if not."""
+    where = f"{source}: [{section}] {f.name} = {value!r}"
+    if typing.get_origin(tp) is tuple:
+        if isinstance(value, str):
+            value = tuple(v for v in value.split(",") if v)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}")
+        value = tuple(value)
+    elif tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}")
+    meta = f.metadata
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ConfigError(f"{where} is not allowed; choose one of {', '.join(meta['choices'])}"
+                          + _suggest(value, meta["choices"]))
+    for bound, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
+                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
+        b = meta.get(bound)
+        if b is not None and not ok(value, b):
+            raise ConfigError(f"{where} is out of range; it must be {text} {b}")
+    return value
+
+
+def _split_key(key: str, source: str) -> tuple[str, str]:
+    section, dot, name = key.partition(".")
+    if not dot or not name:
+        raise ConfigError(f"{source}: '{key}' is not a dotted key; write section.key=value, "
+                          f"with section one of {', '.join(SECTIONS)}")
+    return section, name
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    """Build and validate a :class:`Config` from ``{section: {key: value}}``."""
+    sections = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{section}]; allowed sections are "
+                              f"{', '.join(SECTIONS)}" + _suggest(section, SECTIONS))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{section}' must be a table [{section}], got {values!r}")
+        cls = SECTIONS[section]
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for name, value in values.items():
+            if name not in fields:
+                raise ConfigError(f"{source}: unknown key '{name}' in [{section}]; allowed keys are "
+                                  f"{', '.join(fields)}" + _suggest(name, fields))
+            kwargs[name] = _check_value(source, section, fields[name], hints[name], value)
+        sections[section] = cls(**kwargs)
+    config = Config(**sections)
+    _check_consistency(config, source)
+    return config
+
+
+def _check_consistency(c: Config, source: str) -> None:
+    """Rules that span several keys."""
+    if c.model.dim % c.model.heads:
+        raise ConfigError(f"{source}: [model] heads = {c.model.heads} does not divide "
+                          f"dim = {c.model.dim}; pick heads among the divisors of dim")
+    if c.model.time_embed_dim % 2:
+        raise ConfigError(f"{source}: [model] time_embed_dim = {c.model.time_embed_dim} must be even")
+    if c.data.seq_len > c.model.max_positions:
+        raise ConfigError(f"{source}: [data] seq_len = {c.data.seq_len} exceeds [model] "
+                          f"max_positions = {c.model.max_positions}; lower seq_len or raise max_positions")
+    if c.ode.adaptive and c.ode.solver not in ADAPTIVE_SOLVERS:
+        raise ConfigError(f"{source}: [ode] solver = \"{c.ode.solver}\" has no error estimate, so "
+                          f"adaptive = true is not possible; use one of {', '.join(ADAPTIVE_SOLVERS)}")
+    if c.data.source == "text" and not c.data.paths:
+        raise ConfigError(f"{source}: [data] source = \"text\" needs paths = [\"file.txt\", ...] "
+                          "(files, directories or globs)")
+    if c.data.source == "hf" and not c.data.hf_name:
+        raise ConfigError(f"{source}: [data] source = \"hf\" needs hf_name (e.g. \"wikitext\")")
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``"ode.steps=8"`` -> ``("ode", "steps", 8)``; values are TOML, bare words are strings."""
+    source = f"override '{item}'"
+    key, eq, text = item.partition("=")
+    if not eq:
+        raise ConfigError(f"{source}: expected section.key=value, e.g. ode.solver=rk4")
+    section, name = _split_key(key.strip(), source)
+    text = text.strip()
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return section, name, value
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a TOML config (or the defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: no such config file (pass a .toml file, e.g. configs/quickstart.toml)")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: malformed TOML: {e}") from None
+        except (UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"{source}: cannot read the config file: {e}") from None
+    config_from_dict(raw, source)  # report file errors against the file, before overrides
+    for item in overrides:
+        section, name, value = parse_override(item)
+        if section not in SECTIONS:
+            config_from_dict({section: {}}, f"override '{item}'")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raw[section] = {}
+        raw[section][name] = value
+        config_from_dict(raw, f"override '{item}'")
+    return config_from_dict(raw, source)
+
+
+def config_from_toml(text: str, source: str) -> Config:
+    """A config from TOML text (e.g. the one stored in a checkpoint or a run's config.toml)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: malformed TOML: {e}") from None
+    return config_from_dict(raw, source)

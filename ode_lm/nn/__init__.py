@@ -1,0 +1,9 @@
+"""Neural-network pieces shared by every model family."""
+
+from ode_lm.nn.block import MLP, Attention, Block, BlockGates, DropoutMasks
+from ode_lm.nn.layers import LayerNorm, Linear
+from ode_lm.nn.modulation import Modulation
+from ode_lm.nn.time_embedding import sinusoidal
+
+__all__ = ["MLP", "Attention", "Block", "BlockGates", "DropoutMasks", "LayerNorm", "Linear",
+           "Modulation", "sinusoidal"]

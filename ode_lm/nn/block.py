@@ -1,0 +1,115 @@
+"""The pre-norm transformer block, used as a derivative: ``f(x) = attn(LN(x)) + mlp(LN(x))``.
+
+Every family shares this code; they differ only in the per-output-feature gates they pass
+(``W_eff = W * gate``) and in where the weights come from.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ode_lm.nn.layers import LayerNorm, Linear
+
+
+class BlockGates(NamedTuple):
+    """Output-feature gates of the block's four weight matrices (None: ungated)."""
+
+    qkv: Float[Array, " 3*dim"] | None = None
+    proj: Float[Array, " dim"] | None = None
+    fc1: Float[Array, " hidden"] | None = None
+    fc2: Float[Array, " dim"] | None = None
+
+    @staticmethod
+    def sizes(dim: int, mlp_ratio: int) -> tuple[int, int, int, int]:
+        return (3 * dim, dim, mlp_ratio * dim, dim)
+
+    @classmethod
+    def split(cls, flat: Float[Array, " n"], dim: int, mlp_ratio: int) -> "BlockGates":
+        """Cut one vector of ``sum(sizes)`` gates into the four matrices' gates."""
+        bounds = np.cumsum(cls.sizes(dim, mlp_ratio))[:-1].tolist()
+        return cls(*jnp.split(flat, bounds))
+
+
+class DropoutMasks(eqx.Module):
+    """Dropout masks for the attention and MLP outputs, drawn once per forward pass.
+
+    Holding them fixed over depth-time keeps ``f(t, x)`` a deterministic function during a
+    solve, which adaptive step control and the backsolve adjoint both rely on.
+    """
+
+    attn: Float[Array, "batch seq dim"]
+    mlp: Float[Array, "batch seq dim"]
+
+    @classmethod
+    def draw(cls, key: PRNGKeyArray, shape: tuple[int, ...], rate: float, dtype) -> "DropoutMasks":
+        ka, km = jax.random.split(key)
+        keep = 1.0 - rate
+        def mask(k):
+            return jax.random.bernoulli(k, keep, shape).astype(dtype) / keep
+        return cls(mask(ka), mask(km))
+
+
+class Attention(eqx.Module):
+    """Causal multi-head self-attention."""
+
+    qkv: Linear
+    proj: Linear
+    heads: int = eqx.field(static=True)
+
+    def __init__(self, dim: int, heads: int, *, key: PRNGKeyArray, std: float, dtype=jnp.float32):
+        k1, k2 = jax.random.split(key)
+        self.qkv = Linear(dim, 3 * dim, key=k1, std=std, dtype=dtype)
+        self.proj = Linear(dim, dim, key=k2, std=std, dtype=dtype)
+        self.heads = heads
+
+    def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates) -> Float[Array, "batch seq dim"]:
+        b, t, d = x.shape
+        q, k, v = jnp.split(self.qkv(x, gates.qkv), 3, axis=-1)
+        shape = (b, t, self.heads, d // self.heads)
+        out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                           is_causal=True)
+        return self.proj(out.reshape(b, t, d), gates.proj)
+
+
+class MLP(eqx.Module):
+    fc1: Linear
+    fc2: Linear
+
+    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray, std: float, dtype=jnp.float32):
+        k1, k2 = jax.random.split(key)
+        self.fc1 = Linear(dim, hidden, key=k1, std=std, dtype=dtype)
+        self.fc2 = Linear(hidden, dim, key=k2, std=std, dtype=dtype)
+
+    def __call__(self, x: Float[Array, "... dim"], gates: BlockGates) -> Float[Array, "... dim"]:
+        return self.fc2(jax.nn.gelu(self.fc1(x, gates.fc1)), gates.fc2)
+
+
+class Block(eqx.Module):
+    """``f(x) = attn(LN_a(x)) + mlp(LN_m(x))``: the parallel pre-norm block as a derivative."""
+
+    ln_attn: LayerNorm
+    attn: Attention
+    ln_mlp: LayerNorm
+    mlp: MLP
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int, *, key: PRNGKeyArray, std: float,
+                 dtype=jnp.float32):
+        ka, km = jax.random.split(key)
+        self.ln_attn = LayerNorm(dim, dtype=dtype)
+        self.attn = Attention(dim, heads, key=ka, std=std, dtype=dtype)
+        self.ln_mlp = LayerNorm(dim, dtype=dtype)
+        self.mlp = MLP(dim, mlp_ratio * dim, key=km, std=std, dtype=dtype)
+
+    def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
+                 dropout: DropoutMasks | None = None) -> Float[Array, "batch seq dim"]:
+        a = self.attn(self.ln_attn(x), gates)
+        m = self.mlp(self.ln_mlp(x), gates)
+        if dropout is not None:
+            a, m = a * dropout.attn, m * dropout.mlp
+        return a + m

@@ -1,0 +1,62 @@
+"""The jitted training and evaluation steps."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ode_lm.config import ODEConfig
+from ode_lm.models import LanguageModel
+
+
+def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
+                  ode: ODEConfig, key: PRNGKeyArray | None):
+    """Mean next-token cross-entropy in nats, computed in float32, and the solve stats."""
+    logits, stats = model(inputs, ode, key=key)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    return loss.mean(), stats
+
+
+class TrainStep:
+    """``(model, opt_state, inputs, targets, key) -> (model, opt_state, metrics)``.
+
+    Compiled once per (optimizer, ode config); ``traces`` counts compilations so tests and
+    the trainer can assert that the step never retraces.
+    """
+
+    def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig):
+        self.optimizer, self.ode, self.traces = optimizer, ode, 0
+        self._jitted = eqx.filter_jit(self._step)
+
+    def _step(self, model, opt_state, inputs, targets, key):
+        self.traces += 1
+        (loss, stats), grads = eqx.filter_value_and_grad(cross_entropy, has_aux=True)(
+            model, inputs, targets, self.ode, key)
+        params = eqx.filter(model, eqx.is_inexact_array)
+        updates, opt_state = self.optimizer.update(eqx.filter(grads, eqx.is_inexact_array),
+                                                   opt_state, params)
+        model = eqx.apply_updates(model, updates)
+        metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_l2_norm(grads), "nfe": stats.nfe,
+                   "solve_failed": stats.failed}
+        return model, opt_state, metrics
+
+    def __call__(self, model, opt_state, inputs, targets, key):
+        return self._jitted(model, opt_state, inputs, targets, key)
+
+
+class EvalStep:
+    """``(model, inputs, targets) -> (loss, nfe, failed)`` without dropout."""
+
+    def __init__(self, ode: ODEConfig):
+        self.ode = ode
+        self._jitted = eqx.filter_jit(self._step)
+
+    def _step(self, model, inputs, targets) -> tuple[Float[Array, ""], Int[Array, ""], jax.Array]:
+        loss, stats = cross_entropy(model, inputs, targets, self.ode, None)
+        return loss, stats.nfe, stats.failed
+
+    def __call__(self, model, inputs, targets):
+        return self._jitted(model, inputs, targets)

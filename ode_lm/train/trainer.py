@@ -1,0 +1,213 @@
+"""The training loop, top to bottom.
+
+    corpus -> batches(seed, step) -> model -> jitted step (loss, grads, AdamW) -> logs
+           -> evaluation every N steps -> atomic checkpoints -> a sample at the end
+
+Everything a step depends on is a function of ``(config, step)``: the batch is drawn from
+``(seed, step)`` and the dropout key is ``fold_in(seed, step)``. A checkpoint therefore only
+needs the model, the optimizer state and the step to continue the exact loss curve.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from ode_lm.config import Config, config_from_toml
+from ode_lm.data import BatchSampler, TokenizedCorpus, load_corpus
+from ode_lm.errors import CheckpointError, RunDirError
+from ode_lm.generate import generate_recompute
+from ode_lm.models import LanguageModel, build_model, count_parameters
+from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
+from ode_lm.train.logging import MetricsLog
+from ode_lm.train.optim import build_optimizer, learning_rate_schedule
+from ode_lm.train.steps import EvalStep, TrainStep
+
+
+class TrainingError(Exception):
+    """Training cannot go on (non-finite loss, failed solve); the message says why and where."""
+
+
+@dataclass
+class Evaluation:
+    loss: float  # nats per token
+    bits_per_byte: float
+    perplexity: float
+    nfe: int
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_train_loss: float
+    evaluation: Evaluation
+    sample: str
+
+
+def param_dtype(cfg: Config):
+    if cfg.train.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    return jnp.dtype(cfg.train.dtype)
+
+
+def init_state(cfg: Config, vocab: int):
+    """A fresh model and optimizer state for ``cfg``; also the template checkpoints load into."""
+    model = build_model(cfg.model, vocab, jax.random.key(cfg.train.seed), param_dtype(cfg))
+    optimizer = build_optimizer(cfg.optim, cfg.train.steps)
+    return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, batches: int,
+             bytes_per_token: float) -> Evaluation:
+    losses, nfe = [], 0
+    for i in range(batches):
+        loss, nfe, failed = eval_step(model, *sampler.val_batch(i))
+        losses.append(float(loss))
+    loss = float(np.mean(losses))
+    return Evaluation(loss, loss / math.log(2) / bytes_per_token, math.exp(min(loss, 50.0)), int(nfe))
+
+
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.train.runs_dir) / cfg.train.run_name
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        if not overwrite:
+            raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue "
+                              "it, --overwrite to replace it, or choose another train.run_name")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunDirError(f"cannot create run directory {run_dir}: {e}") from None
+    return run_dir
+
+
+def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
+    """A checkpoint fits only a run with the same model and tokenizer."""
+    diffs = [f"model.{k}: checkpoint {v!r} vs config {getattr(cfg.model, k)!r}"
+             for k, v in saved.to_dict()["model"].items() if getattr(cfg.model, k) != v]
+    for key in ("source", "tokenizer", "paths", "hf_name", "hf_config"):
+        if getattr(saved.data, key) != getattr(cfg.data, key):
+            diffs.append(f"data.{key}: checkpoint {getattr(saved.data, key)!r} vs config "
+                         f"{getattr(cfg.data, key)!r}")
+    if saved.train.dtype != cfg.train.dtype:
+        diffs.append(f"train.dtype: checkpoint {saved.train.dtype!r} vs config {cfg.train.dtype!r}")
+    if diffs:
+        raise CheckpointError(f"{path} comes from an incompatible config ({'; '.join(diffs)}); "
+                              "resume with the run's own config.toml or start a new run_name")
+
+
+def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
+          say: Callable[[str], None] = print) -> TrainResult:
+    resume = resume or cfg.checkpoint.resume
+    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    corpus: TokenizedCorpus = load_corpus(cfg.data)
+    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+    say(f"data: {corpus.describe()}")
+    model, optimizer, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
+
+    start = 0
+    if resume:
+        found = latest_checkpoint(run_dir, warn=say)
+        if found is None:
+            say(f"resume: no checkpoint in {run_dir}, starting from step 0")
+        else:
+            path, header, payload = found
+            saved = config_from_toml(header.config_toml, str(path))
+            check_compatible(saved, cfg, path)
+            model, opt_state = restore_state(path, payload, (model, opt_state))
+            start = header.step
+            say(f"resume: continuing from {path} (step {start})")
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    n_params = count_parameters(model)
+    say(f"model: {cfg.model.family}, {n_params:,} parameters; ode: {cfg.ode.solver}, "
+        f"{'adaptive' if cfg.ode.adaptive else f'{cfg.ode.steps} steps'}, {cfg.ode.adjoint}")
+
+    log = MetricsLog(run_dir, cfg.log.tensorboard)
+    log.truncate_after(start)
+    train_step, eval_step = TrainStep(optimizer, cfg.ode), EvalStep(cfg.ode)
+    schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+    base_key = jax.random.key(cfg.train.seed + 1)
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    last_good = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+
+    def checkpoint(step: int) -> None:
+        nonlocal last_good
+        last_good = save_checkpoint(run_dir, step, (model, opt_state), cfg.to_toml(),
+                                    corpus.tokenizer.state(), cfg.checkpoint.keep)
+
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.log.progress,
+               desc=cfg.train.run_name, unit="step", dynamic_ncols=True)
+    loss = float("nan")
+    evaluation = None
+    window_start, window_tokens = None, 0
+    try:
+        for step in range(start, cfg.train.steps):
+            inputs, targets = sampler.train_batch(step)
+            model, opt_state, metrics = train_step(model, opt_state, inputs, targets,
+                                                   jax.random.fold_in(base_key, step))
+            loss = float(metrics["loss"])
+            done = step + 1
+            if bool(metrics["solve_failed"]):
+                raise TrainingError(f"step {done}: the adaptive solve reached ode.max_steps = "
+                                    f"{cfg.ode.max_steps} before t = 1; raise ode.max_steps or loosen "
+                                    f"ode.rtol/ode.atol. Last good checkpoint: {last_good or 'none'}")
+            if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
+                raise TrainingError(f"step {done}: non-finite loss {loss} (grad norm "
+                                    f"{float(metrics['grad_norm'])}); lower optim.lr or check the "
+                                    f"data. Last good checkpoint: {last_good or 'none'}")
+            # Throughput excludes the first step of a session, which includes compilation.
+            if window_start is None:
+                window_start = time.perf_counter()
+            else:
+                window_tokens += tokens_per_step
+            tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            log.write("train", done, {"loss": loss})
+            if done % cfg.log.every == 0 or done == cfg.train.steps:
+                log.write("train", done, {"lr": float(schedule(step)),
+                                          "grad_norm": float(metrics["grad_norm"]),
+                                          "nfe": int(metrics["nfe"]), "tokens_per_s": tok_s})
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            bar.update(1)
+            if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
+                evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches,
+                                      corpus.bytes_per_token)
+                log.write("val", done, {"loss": evaluation.loss, "bits_per_byte": evaluation.bits_per_byte,
+                                        "perplexity": evaluation.perplexity, "nfe": evaluation.nfe})
+                bar.write(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
+                          f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
+            if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
+                checkpoint(done)
+    finally:
+        bar.close()
+        log.close()
+    if train_step.traces > 1:
+        raise AssertionError(f"the train step was compiled {train_step.traces} times; it must compile once")
+    if evaluation is None:  # resumed a finished run
+        evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches, corpus.bytes_per_token)
+    sample = end_of_training_sample(model, cfg, corpus)
+    if sample:
+        say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
+            f"{cfg.train.sample_prompt}{sample}")
+    return TrainResult(run_dir, cfg.train.steps, loss, evaluation, sample)
+
+
+def end_of_training_sample(model: LanguageModel, cfg: Config, corpus: TokenizedCorpus) -> str:
+    prompt = corpus.tokenizer.encode(cfg.train.sample_prompt)
+    n = min(cfg.train.sample_tokens, cfg.model.max_positions - len(prompt))
+    if n <= 0 or len(prompt) == 0:
+        return ""
+    ids = generate_recompute(model, prompt, n, cfg.ode, key=jax.random.key(cfg.train.seed),
+                             temperature=cfg.train.sample_temperature,
+                             max_positions=cfg.model.max_positions)
+    return corpus.tokenizer.decode(ids)

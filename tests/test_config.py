@@ -1,0 +1,87 @@
+import tomllib
+
+import pytest
+
+from ode_lm.config import (ADJOINTS, FAMILIES, SOLVERS, Config, ConfigError, config_from_dict,
+                           load_config)
+from tests.conftest import REPO, run_cli
+
+
+def write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_mirror_reference_configuration():
+    c = load_config(None)
+    assert (c.model.dim, c.model.heads, c.ode.steps, c.model.max_positions, c.model.dropout) == (256, 4, 6, 512, 0.1)
+
+
+def test_overrides_are_parsed_with_the_field_type(tmp_path):
+    c = load_config(write(tmp_path, "[ode]\nsolver = 'euler'\n"),
+                    ["ode.solver=rk4", "train.steps=200", "optim.lr=1e-4", "ode.adaptive=true",
+                     "data.paths=a.txt,b.txt", "model.dropout=0"])
+    assert c.ode.solver == "rk4" and c.train.steps == 200 and c.optim.lr == 1e-4
+    assert c.ode.adaptive is True and c.data.paths == ("a.txt", "b.txt")
+    assert isinstance(c.model.dropout, float)
+
+
+def test_resolved_config_round_trips():
+    c = load_config(None, ["ode.solver=tsit5", "data.paths=x", "train.sample_prompt=a\"b"])
+    assert config_from_dict(tomllib.loads(c.to_toml())) == c
+
+
+@pytest.mark.parametrize("text, override, needles", [
+    ("[modle]\ndim = 3\n", None, ["unknown section [modle]", 'did you mean "model"']),
+    ("[ode]\nsolvr = 'rk4'\n", None, ["unknown key 'solvr'", "[ode]", 'did you mean "solver"']),
+    ("[ode]\nsolver = 'rk44'\n", None, ["solver = 'rk44'", "euler, heun", 'did you mean "rk4"']),
+    ("[train]\nsteps = 'ten'\n", None, ["[train] steps", "expected an integer"]),
+    ("[train]\nsteps = 0\n", None, ["[train] steps = 0", "out of range", ">= 1"]),
+    ("[model]\ndropout = 1.5\n", None, ["[model] dropout", "< 1.0"]),
+    ("[model]\ndim = 30\nheads = 4\n", None, ["heads = 4", "dim = 30"]),
+    ("[ode]\nsolver = 'euler'\nadaptive = true\n", None, ["no error estimate", "rk4"]),
+    ("[ode]\nsteps = [\n", None, ["malformed TOML", "line"]),
+    ("", "ode.adjoint=magic", ["adjoint = 'magic'", ", ".join(ADJOINTS)]),
+    ("", "train.stepz=3", ["unknown key 'stepz'", 'did you mean "steps"', "override"]),
+    ("", "nodot=3", ["not a dotted key"]),
+    ("", "model.family=transformer", ["family", ", ".join(FAMILIES)]),
+])
+def test_every_error_kind_names_the_key(tmp_path, text, override, needles):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), [override] if override else [])
+    message = str(info.value)
+    assert str(tmp_path / "c.toml") in message or "override" in message
+    for needle in needles:
+        assert needle in message, message
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_solver_names_are_the_registry_names():
+    from ode_lm.ode import SENSITIVITIES, SOLVER_SPECS
+    from ode_lm.models import MODEL_FAMILIES
+    assert tuple(SOLVER_SPECS) == SOLVERS and tuple(SENSITIVITIES) == ADJOINTS
+    assert tuple(MODEL_FAMILIES) == FAMILIES
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "configs/quickstart.toml", "ode.solver=rk44"],
+    ["train", "does/not/exist.toml"],
+    ["train", "configs/quickstart.toml", "train.steps=-3"],
+])
+def test_cli_reports_config_errors_in_one_line_with_status_2(args):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ode-lm: error:"), proc.stderr
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs").rglob("*.toml")):
+        if "ablations" not in path.parts:
+            assert isinstance(load_config(path), Config)
