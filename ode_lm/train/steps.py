@@ -39,7 +39,7 @@ class TrainStep:
         updates, opt_state = self.optimizer.update(eqx.filter(grads, eqx.is_inexact_array),
                                                    opt_state, params)
         model = eqx.apply_updates(model, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_l2_norm(grads), "nfe": stats.nfe,
+        metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads), "nfe": stats.nfe,
                    "solve_failed": stats.failed}
         return model, opt_state, metrics
 

@@ -1,0 +1,53 @@
+"""Shared benchmark helpers: compile once, then time synchronised calls."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+
+
+def compile_and_time(fn, *args, repeats: int = 10, warmup: int = 2) -> tuple[float, float]:
+    """``(compile_seconds, median_seconds_per_call)`` of ``jax.jit(fn)(*args)``.
+
+    Compilation is timed separately (lower + compile); calls are synchronised with
+    ``jax.block_until_ready`` before the clock stops.
+    """
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+    return compile_s, statistics.median(times)
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
+            "devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine()}
+
+
+def print_table(headers: list[str], rows: list[list]) -> None:
+    cells = [[str(h) for h in headers]] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for i, r in enumerate(cells):
+        print(" | ".join(c.rjust(w) for c, w in zip(r, widths)))
+        if i == 0:
+            print("-+-".join("-" * w for w in widths))
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {path}")
