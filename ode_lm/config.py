@@ -30,7 +30,8 @@ ADAPTIVE_SOLVERS = ("heun", "midpoint", "rk4", "tsit5", "dopri5", "reversible_he
 ADJOINTS = ("checkpoint", "direct", "backsolve")
 SOURCES = ("python-stdlib", "text", "hf")
 TOKENIZERS = ("byte", "char")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -55,6 +56,8 @@ class ModelConfig:
     hyper_hidden: int = knob(64, ge=1, doc="hidden units of the hypernetwork (family 'hypernetwork')")
     ssm_state_size: int = knob(64, ge=4, le=256, doc="SSM state size (family 'time_indexed_ssm')")
     init_std: float = knob(0.02, gt=0.0, doc="std of the normal weight initialisation")
+    attention: str = knob("auto", choices=ATTENTION_IMPLEMENTATIONS,
+                          doc="attention kernel; auto: cuDNN flash on GPU for bf16/fp16, else XLA")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,11 @@ class TrainConfig:
     steps: int = knob(1000, ge=1, doc="optimizer steps")
     batch_size: int = knob(32, ge=1, doc="sequences per step")
     seed: int = knob(0, ge=0, doc="seed for init, data order and dropout")
-    dtype: str = knob("float32", choices=DTYPES, doc="parameter and compute dtype")
+    dtype: str = knob("float32", choices=DTYPES,
+                      doc="compute dtype; bfloat16 keeps float32 parameters, ODE state and loss")
+    data_parallel: bool = knob(True, doc="shard the batch over all devices (params replicated)")
+    distributed: bool = knob(False, doc="multi-host: call jax.distributed.initialize() "
+                             "(coordinator from JAX_COORDINATOR_ADDRESS etc. or cluster auto-detection)")
     eval_every: int = knob(200, ge=1, doc="evaluate every N steps (and at the end)")
     eval_batches: int = knob(20, ge=1, doc="held-out batches per evaluation")
     sample_tokens: int = knob(200, ge=0, doc="tokens sampled at the end of training")
@@ -297,9 +304,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"{source}: no such config file (pass a .toml file, e.g. configs/quickstart.toml)")
         try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source}: malformed TOML: {e}") from None
+            raw = _parse_toml(p.read_text(encoding="utf-8"), source)
         except (UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"{source}: cannot read the config file: {e}") from None
     config_from_dict(raw, source)  # report file errors against the file, before overrides
@@ -317,8 +322,14 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
 
 def config_from_toml(text: str, source: str) -> Config:
     """A config from TOML text (e.g. the one stored in a checkpoint or a run's config.toml)."""
+    return config_from_dict(_parse_toml(text, source), source)
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
     try:
-        raw = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{source}: malformed TOML: {e}") from None
-    return config_from_dict(raw, source)
+        message = str(e)
+        if "at end of document" in message:  # tomllib gives no line for this case
+            message = message.replace("at end of document", f"at line {text.count(chr(10)) + 1}, end of document")
+        raise ConfigError(f"{source}: malformed TOML: {message}") from None

@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.config import ModelConfig, ODEConfig
 from ode_lm.nn import DropoutMasks, LayerNorm
-from ode_lm.ode import SolveStats, VectorField, integrate
+from ode_lm.ode import CastField, SolveStats, VectorField, integrate
 
 
 class Embedding(eqx.Module):
@@ -80,11 +80,15 @@ class ODELanguageModel(LanguageModel):
             x0 = x0 * DropoutMasks.draw(k_embed, x0.shape, self.dropout, x0.dtype).attn
             masks = DropoutMasks.draw(k_field, x0.shape, self.dropout, x0.dtype)
             field = eqx.tree_at(lambda f: f.dropout, field, masks, is_leaf=lambda v: v is None)
+        # The solver state and its error control stay at least float32 (mixed precision).
+        state_dtype = jnp.promote_types(x0.dtype, jnp.float32)
+        if state_dtype != x0.dtype:
+            field, x0 = CastField(field, x0.dtype), x0.astype(state_dtype)
         return integrate(field, x0, ode)
 
     def __call__(self, tokens, ode, *, key=None):
         x1, stats = self.hidden_final(tokens, ode, key=key)
-        return self.readout(x1, self.embedding), stats
+        return self.readout(x1.astype(self.embedding.tokens.dtype), self.embedding), stats
 
 
 def build_shared(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype) -> tuple[Embedding, Readout]:

@@ -28,7 +28,9 @@ class TimeIndexedField(VectorField):
     dropout: DropoutMasks | None = None
 
     def gates(self, t: Float[Array, ""]) -> BlockGates:
-        flat = self.modulation(sinusoidal(t, self.time_embed_dim))
+        # t stays float32 (bf16 would blur high-frequency features); cast the features.
+        features = sinusoidal(t, self.time_embed_dim).astype(self.modulation.hidden.weight.dtype)
+        flat = self.modulation(features)
         return BlockGates.split(flat, self.block.ln_attn.weight.shape[0], self.mlp_ratio)
 
     def __call__(self, t, x):
@@ -41,7 +43,8 @@ def build_time_indexed(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jn
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
     n_gates = sum(BlockGates.sizes(cfg.dim, cfg.mlp_ratio))
     field = TimeIndexedField(
-        Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k_block, std=cfg.init_std, dtype=dtype),
+        Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k_block, std=cfg.init_std, dtype=dtype,
+              attention=cfg.attention),
         Modulation(cfg.time_embed_dim, cfg.modulation_hidden, n_gates, key=k_mod,
                    std=cfg.init_std, dtype=dtype),
         cfg.time_embed_dim, cfg.mlp_ratio)

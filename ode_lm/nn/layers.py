@@ -43,6 +43,9 @@ class LayerNorm(eqx.Module):
         self.eps = eps
 
     def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
-        mean = x.mean(-1, keepdims=True)
-        var = ((x - mean) ** 2).mean(-1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * self.weight + self.bias
+        # Statistics in at least float32: bf16 variances are too coarse.
+        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        mean = x32.mean(-1, keepdims=True)
+        var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return y * self.weight + self.bias

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
@@ -19,3 +20,17 @@ class VectorField(eqx.Module):
     @abc.abstractmethod
     def __call__(self, t: Float[Array, ""], x: Float[Array, "*state"]) -> Float[Array, "*state"]:
         ...
+
+
+class CastField(VectorField):
+    """Evaluate ``inner`` in a lower ``dtype`` while the solver's state stays wider.
+
+    Mixed precision for ODEs: the state ``x`` and the step/error arithmetic stay in float32
+    (a bfloat16 state would lose the small ``dt * f`` increments), the block runs in bf16.
+    """
+
+    inner: VectorField
+    dtype: jnp.dtype = eqx.field(static=True)
+
+    def __call__(self, t, x):
+        return self.inner(t, x.astype(self.dtype)).astype(x.dtype)

@@ -10,11 +10,18 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.config import ODEConfig
 from ode_lm.models import LanguageModel
+from ode_lm.train.precision import cast_floating
 
 
 def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
-                  ode: ODEConfig, key: PRNGKeyArray | None):
-    """Mean next-token cross-entropy in nats, computed in float32, and the solve stats."""
+                  ode: ODEConfig, key: PRNGKeyArray | None, dtype=None):
+    """Mean next-token cross-entropy in nats, computed in float32, and the solve stats.
+
+    ``dtype`` (e.g. bf16) runs the model on a copy of the parameters cast to it; gradients
+    still arrive in the parameters' own dtype.
+    """
+    if dtype is not None:
+        model = cast_floating(model, dtype)
     logits, stats = model(inputs, ode, key=key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     return loss.mean(), stats
@@ -27,14 +34,14 @@ class TrainStep:
     the trainer can assert that the step never retraces.
     """
 
-    def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig):
-        self.optimizer, self.ode, self.traces = optimizer, ode, 0
+    def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig, dtype=None):
+        self.optimizer, self.ode, self.dtype, self.traces = optimizer, ode, dtype, 0
         self._jitted = eqx.filter_jit(self._step)
 
     def _step(self, model, opt_state, inputs, targets, key):
         self.traces += 1
         (loss, stats), grads = eqx.filter_value_and_grad(cross_entropy, has_aux=True)(
-            model, inputs, targets, self.ode, key)
+            model, inputs, targets, self.ode, key, self.dtype)
         params = eqx.filter(model, eqx.is_inexact_array)
         updates, opt_state = self.optimizer.update(eqx.filter(grads, eqx.is_inexact_array),
                                                    opt_state, params)
@@ -50,12 +57,12 @@ class TrainStep:
 class EvalStep:
     """``(model, inputs, targets) -> (loss, nfe, failed)`` without dropout."""
 
-    def __init__(self, ode: ODEConfig):
-        self.ode = ode
+    def __init__(self, ode: ODEConfig, dtype=None):
+        self.ode, self.dtype = ode, dtype
         self._jitted = eqx.filter_jit(self._step)
 
     def _step(self, model, inputs, targets) -> tuple[Float[Array, ""], Int[Array, ""], jax.Array]:
-        loss, stats = cross_entropy(model, inputs, targets, self.ode, None)
+        loss, stats = cross_entropy(model, inputs, targets, self.ode, None, self.dtype)
         return loss, stats.nfe, stats.failed
 
     def __call__(self, model, inputs, targets):

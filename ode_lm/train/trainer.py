@@ -31,6 +31,8 @@ from ode_lm.models import LanguageModel, build_model, count_parameters
 from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
 from ode_lm.train.logging import MetricsLog
 from ode_lm.train.optim import build_optimizer, learning_rate_schedule
+from ode_lm.train.parallel import DataParallel, maybe_initialize_distributed
+from ode_lm.train.precision import compute_dtype, param_dtype
 from ode_lm.train.steps import EvalStep, TrainStep
 
 
@@ -55,12 +57,6 @@ class TrainResult:
     sample: str
 
 
-def param_dtype(cfg: Config):
-    if cfg.train.dtype == "float64":
-        jax.config.update("jax_enable_x64", True)
-    return jnp.dtype(cfg.train.dtype)
-
-
 def init_state(cfg: Config, vocab: int):
     """A fresh model and optimizer state for ``cfg``; also the template checkpoints load into."""
     model = build_model(cfg.model, vocab, jax.random.key(cfg.train.seed), param_dtype(cfg))
@@ -69,10 +65,15 @@ def init_state(cfg: Config, vocab: int):
 
 
 def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, batches: int,
-             bytes_per_token: float) -> Evaluation:
+             bytes_per_token: float, place=lambda a: a) -> Evaluation:
+    """Mean held-out loss over the first ``batches`` validation batches (no dropout)."""
     losses, nfe = [], 0
     for i in range(batches):
-        loss, nfe, failed = eval_step(model, *sampler.val_batch(i))
+        loss, nfe, failed = eval_step(model, *map(place, sampler.val_batch(i)))
+        if bool(failed):
+            raise TrainingError(f"evaluation: the adaptive solve reached ode.max_steps = "
+                                f"{eval_step.ode.max_steps} before t = 1; raise ode.max_steps or "
+                                "loosen ode.rtol/ode.atol")
         losses.append(float(loss))
     loss = float(np.mean(losses))
     return Evaluation(loss, loss / math.log(2) / bytes_per_token, math.exp(min(loss, 50.0)), int(nfe))
@@ -110,6 +111,7 @@ def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
           say: Callable[[str], None] = print) -> TrainResult:
     resume = resume or cfg.checkpoint.resume
+    maybe_initialize_distributed(cfg)
     run_dir = prepare_run_dir(cfg, resume, overwrite)
     corpus: TokenizedCorpus = load_corpus(cfg.data)
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
@@ -135,7 +137,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     log.truncate_after(start)
-    train_step, eval_step = TrainStep(optimizer, cfg.ode), EvalStep(cfg.ode)
+    parallel = DataParallel(cfg)
+    model, opt_state = parallel.replicate((model, opt_state))
+    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
+    train_step, eval_step = TrainStep(optimizer, cfg.ode, dtype), EvalStep(cfg.ode, dtype)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     base_key = jax.random.key(cfg.train.seed + 1)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
@@ -153,7 +158,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     window_start, window_tokens = None, 0
     try:
         for step in range(start, cfg.train.steps):
-            inputs, targets = sampler.train_batch(step)
+            inputs, targets = map(parallel.batch, sampler.train_batch(step))
             model, opt_state, metrics = train_step(model, opt_state, inputs, targets,
                                                    jax.random.fold_in(base_key, step))
             loss = float(metrics["loss"])
@@ -181,7 +186,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             bar.update(1)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches,
-                                      corpus.bytes_per_token)
+                                      corpus.bytes_per_token, parallel.batch)
                 log.write("val", done, {"loss": evaluation.loss, "bits_per_byte": evaluation.bits_per_byte,
                                         "perplexity": evaluation.perplexity, "nfe": evaluation.nfe})
                 bar.write(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
@@ -194,7 +199,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     if train_step.traces > 1:
         raise AssertionError(f"the train step was compiled {train_step.traces} times; it must compile once")
     if evaluation is None:  # resumed a finished run
-        evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches, corpus.bytes_per_token)
+        evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches, corpus.bytes_per_token,
+                              parallel.batch)
     sample = end_of_training_sample(model, cfg, corpus)
     if sample:
         say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"

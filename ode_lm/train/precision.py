@@ -1,0 +1,29 @@
+"""Numeric precision: parameter dtype vs compute dtype.
+
+``train.dtype = "bfloat16"`` is mixed precision: parameters and optimizer state stay
+float32, the forward and backward passes run on a bf16 copy of the parameters, and the ODE
+state, solver error control and loss stay float32 (see ``CastField``).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from ode_lm.config import Config
+
+
+def param_dtype(cfg: Config) -> jnp.dtype:
+    if cfg.train.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    return jnp.dtype(jnp.float32 if cfg.train.dtype == "bfloat16" else cfg.train.dtype)
+
+
+def compute_dtype(cfg: Config) -> jnp.dtype:
+    return jnp.dtype(cfg.train.dtype)
+
+
+def cast_floating(tree, dtype):
+    """Cast every floating-point array leaf of ``tree`` to ``dtype``."""
+    return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)

@@ -1,0 +1,81 @@
+"""Mixed precision and data parallelism (on CPU, with forced host devices)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ode_lm.train import train
+from ode_lm.train.logging import read_metrics
+from tests.conftest import REPO
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir, "train") if "lr" not in r]
+
+
+def test_bfloat16_trains_with_float32_master_weights(tiny):
+    f32 = train(tiny(**{"train.run_name": "f32"}), say=lambda m: None)
+    bf16 = train(tiny(**{"train.run_name": "bf16", "train.dtype": "bfloat16"}), say=lambda m: None)
+    a, b = losses(f32.run_dir), losses(bf16.run_dir)
+    assert abs(a[0] - b[0]) < 0.05  # same init, same batch: bf16 rounding only
+    assert np.mean(b[-5:]) < np.mean(b[:5]) - 0.5
+    from ode_lm.train import load_run
+    model = load_run(bf16.run_dir).model
+    dtypes = {x.dtype for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+def test_bfloat16_keeps_the_ode_state_in_float32():
+    from ode_lm.config import ModelConfig, ODEConfig
+    from ode_lm.models import build_model
+    from ode_lm.train.precision import cast_floating
+
+    model = cast_floating(build_model(ModelConfig(dim=16, heads=2, max_positions=8), 32, jax.random.key(0)),
+                          jnp.bfloat16)
+    x1, _ = model.hidden_final(jnp.zeros((1, 8), jnp.int32), ODEConfig(steps=3))
+    logits, _ = model(jnp.zeros((1, 8), jnp.int32), ODEConfig(steps=3))
+    assert x1.dtype == jnp.float32 and logits.dtype == jnp.bfloat16
+
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax
+    from tests.conftest import tiny_config
+    from ode_lm.train import train
+    from ode_lm.train.logging import read_metrics
+    from pathlib import Path
+    out = {"devices": jax.device_count()}
+    for parallel in (True, False):
+        cfg = tiny_config(Path(sys.argv[1]), **{"train.data_parallel": parallel,
+                          "train.run_name": f"dp{parallel}", "train.steps": 12})
+        run = train(cfg, say=lambda m: None)
+        out[str(parallel)] = [r["loss"] for r in read_metrics(run.run_dir, "train") if "lr" not in r]
+    print(json.dumps(out))
+""")
+
+
+def test_sharded_and_single_device_runs_agree(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    np.testing.assert_allclose(out["True"], out["False"], rtol=1e-4, atol=1e-4)
+
+
+def test_batch_not_divisible_by_devices_is_a_config_error(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    cfg = tmp_path / "c.toml"
+    from tests.conftest import tiny_config
+    cfg.write_text(tiny_config(tmp_path, **{"train.batch_size": 3}).to_toml())
+    proc = subprocess.run([sys.executable, "-m", "ode_lm.cli", "train", str(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "divisible by the 2 devices" in proc.stderr, proc.stderr
