@@ -34,11 +34,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--adjoint", default="checkpoint")
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--out", default="docs/results/ode_overhead.json")
     args = ap.parse_args()
 
     cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=max(args.seq, 8), dropout=0.0)
     model = build_model(cfg, 256, jax.random.key(0))
+    if args.dtype == "bfloat16":  # the same mixed precision as training: bf16 field, f32 state
+        from ode_lm.train.precision import cast_floating
+        model = cast_floating(model, jnp.bfloat16)
     params, static = eqx.partition(model, eqx.is_array)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, 256)
     targets = jnp.roll(tokens, -1, axis=1)
@@ -53,7 +57,7 @@ def main() -> None:
         def ours(p):
             def loss(p):
                 logits, _ = eqx.combine(p, static)(tokens, ode)
-                return loss_from_logits(logits)
+                return loss_from_logits(logits.astype(jnp.float32))
             return jax.value_and_grad(loss)(p)
 
         def baseline(p):
@@ -61,9 +65,10 @@ def main() -> None:
                 m = eqx.combine(p, static)
                 def layer(x, i):
                     t = i.astype(x.dtype) / n
-                    return x + (1.0 / n) * m.field(t, x), None
-                x, _ = jax.lax.scan(layer, m.embedding(tokens), jnp.arange(n))
-                return loss_from_logits(m.readout(x, m.embedding))
+                    return x + (1.0 / n) * m.field(t, x.astype(x0.dtype)).astype(x.dtype), None
+                x0 = m.embedding(tokens)
+                x, _ = jax.lax.scan(layer, x0.astype(jnp.float32), jnp.arange(n))
+                return loss_from_logits(m.readout(x.astype(x0.dtype), m.embedding).astype(jnp.float32))
             return jax.value_and_grad(loss)(p)
 
         c_ours, t_ours = compile_and_time(ours, params, repeats=args.repeats)
