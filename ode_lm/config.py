@@ -22,7 +22,7 @@ from typing import Any
 from ode_lm.errors import ConfigError
 
 # One name per concept: these tuples are the registry keys, config values and CLI values.
-FAMILIES = ("time_indexed",)
+FAMILIES = ("standard", "hypernetwork", "time_indexed", "time_indexed_ssm", "constant")
 ODE_FAMILIES = tuple(f for f in FAMILIES if f != "standard")
 SOLVERS = ("euler", "heun", "midpoint", "rk4", "tsit5", "dopri5", "reversible_heun")
 # Solvers with an embedded error estimate, i.e. usable with adaptive step-size control.
@@ -52,8 +52,10 @@ class ModelConfig:
     dropout: float = knob(0.1, ge=0.0, lt=1.0, doc="dropout rate (masks fixed over depth-time)")
     tie_embeddings: bool = knob(True, doc="share token embedding and LM head")
     time_embed_dim: int = knob(32, ge=2, doc="sinusoidal features of t (even)")
-    modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP")
-    hyper_hidden: int = knob(64, ge=1, doc="hidden units of the hypernetwork (family 'hypernetwork')")
+    modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP (and of the SSM's "
+                                  "parameter MLP, family 'time_indexed_ssm')")
+    hyper_hidden: int = knob(64, ge=1, doc="hidden units of the hypernetwork (family 'hypernetwork'); "
+                             "also the rank of the generated weight updates")
     ssm_state_size: int = knob(64, ge=4, le=256, doc="SSM state size (family 'time_indexed_ssm')")
     init_std: float = knob(0.02, gt=0.0, doc="std of the normal weight initialisation")
     attention: str = knob("auto", choices=ATTENTION_IMPLEMENTATIONS,

@@ -11,10 +11,18 @@ from jaxtyping import PRNGKeyArray
 
 from ode_lm.config import FAMILIES, ModelConfig
 from ode_lm.models.base import Embedding, LanguageModel, ODELanguageModel, Readout
+from ode_lm.models.constant import build_constant
+from ode_lm.models.hypernetwork import HypernetworkField, build_hypernetwork
+from ode_lm.models.standard import StandardLanguageModel, build_standard
 from ode_lm.models.time_indexed import TimeIndexedField, build_time_indexed
+from ode_lm.models.time_indexed_ssm import TimeIndexedSSMField, build_time_indexed_ssm
 
 MODEL_FAMILIES: dict[str, Callable[..., LanguageModel]] = {
+    "standard": build_standard,
+    "hypernetwork": build_hypernetwork,
     "time_indexed": build_time_indexed,
+    "time_indexed_ssm": build_time_indexed_ssm,
+    "constant": build_constant,
 }
 assert tuple(MODEL_FAMILIES) == FAMILIES, "model registry and config.FAMILIES must agree"
 
@@ -28,5 +36,5 @@ def build_model(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float
     return MODEL_FAMILIES[cfg.family](cfg, vocab, key, dtype)
 
 
-__all__ = ["MODEL_FAMILIES", "build_model", "count_parameters", "Embedding", "LanguageModel", "ODELanguageModel",
-           "Readout", "TimeIndexedField"]
+__all__ = ["MODEL_FAMILIES", "build_model", "count_parameters", "Embedding", "HypernetworkField", "LanguageModel",
+           "ODELanguageModel", "Readout", "StandardLanguageModel", "TimeIndexedField", "TimeIndexedSSMField"]

@@ -21,31 +21,50 @@ from ode_lm.ode import VectorField
 
 
 class TimeIndexedField(VectorField):
+    """``f(t, x) = block(x; gates(t))``.
+
+    ``constant`` replaces ``sinusoidal(t)`` as the modulation's input when set: that is the
+    ``constant`` family, the same model with ``t`` removed.
+    """
+
     block: Block
     modulation: Modulation
     time_embed_dim: int = eqx.field(static=True)
     mlp_ratio: int = eqx.field(static=True)
     dropout: DropoutMasks | None = None
+    constant: Float[Array, " time_embed_dim"] | None = None
 
     def gates(self, t: Float[Array, ""]) -> BlockGates:
-        # t stays float32 (bf16 would blur high-frequency features); cast the features.
-        features = sinusoidal(t, self.time_embed_dim).astype(self.modulation.hidden.weight.dtype)
+        if self.constant is None:
+            # t stays float32 (bf16 would blur high-frequency features); cast the features.
+            features = sinusoidal(t, self.time_embed_dim).astype(self.modulation.hidden.weight.dtype)
+        else:
+            features = self.constant
         flat = self.modulation(features)
         return BlockGates.split(flat, self.block.ln_attn.weight.shape[0], self.mlp_ratio)
+
+    def block_at(self, t: Float[Array, ""]) -> tuple[Block, BlockGates]:
+        """The block and its gates at depth-time ``t``: ``f(t, x) = block(x, gates)``."""
+        return self.block, self.gates(t)
 
     def __call__(self, t, x):
         return self.block(x, self.gates(t), self.dropout)
 
 
-def build_time_indexed(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32
-                       ) -> ODELanguageModel:
-    k_shared, k_block, k_mod = jax.random.split(key, 3)
-    embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
+def time_indexed_field(cfg: ModelConfig, key: PRNGKeyArray, dtype,
+                       constant: Float[Array, " time_embed_dim"] | None = None) -> TimeIndexedField:
+    k_block, k_mod = jax.random.split(key)
     n_gates = sum(BlockGates.sizes(cfg.dim, cfg.mlp_ratio))
-    field = TimeIndexedField(
+    return TimeIndexedField(
         Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k_block, std=cfg.init_std, dtype=dtype,
               attention=cfg.attention),
         Modulation(cfg.time_embed_dim, cfg.modulation_hidden, n_gates, key=k_mod,
                    std=cfg.init_std, dtype=dtype),
-        cfg.time_embed_dim, cfg.mlp_ratio)
-    return ODELanguageModel(embedding, field, readout, cfg.dropout)
+        cfg.time_embed_dim, cfg.mlp_ratio, constant=constant)
+
+
+def build_time_indexed(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32
+                       ) -> ODELanguageModel:
+    k_shared, k_field = jax.random.split(key)
+    embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
+    return ODELanguageModel(embedding, time_indexed_field(cfg, k_field, dtype), readout, cfg.dropout)

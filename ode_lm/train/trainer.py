@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ode_lm.config import Config, config_from_toml
+from ode_lm.config import ODE_FAMILIES, Config, config_from_toml
 from ode_lm.data import BatchSampler, TokenizedCorpus, load_corpus
 from ode_lm.errors import CheckpointError, RunDirError
 from ode_lm.generate import generate_recompute
@@ -134,6 +134,8 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     n_params = count_parameters(model)
     say(f"model: {cfg.model.family}, {n_params:,} parameters; ode: {cfg.ode.solver}, "
         f"{'adaptive' if cfg.ode.adaptive else f'{cfg.ode.steps} steps'}, {cfg.ode.adjoint}")
+    if cfg.model.family not in ODE_FAMILIES:
+        say(f"family '{cfg.model.family}' is discrete: [ode] settings are ignored")
 
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     log.truncate_after(start)

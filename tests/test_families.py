@@ -1,0 +1,233 @@
+"""Model families: causality, the SSM scan, t-dependence, parameter counts, training."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ode_lm.config import ADJOINTS, FAMILIES, ModelConfig, ODEConfig
+from ode_lm.models import build_model, count_parameters
+from ode_lm.nn import Block, SelectiveSSM, sinusoidal
+
+VOCAB = 32
+SMALL = dict(dim=16, heads=2, mlp_ratio=2, max_positions=16, dropout=0.0, time_embed_dim=8,
+             modulation_hidden=8, hyper_hidden=4, ssm_state_size=4, layers=3, init_std=0.3)
+
+
+def small_model(family, dtype=jnp.float32, **kw):
+    return build_model(ModelConfig(family=family, **{**SMALL, **kw}), VOCAB, jax.random.key(0), dtype)
+
+
+@eqx.filter_jit
+def forward(model, tokens, ode):
+    return model(tokens, ode)
+
+
+@eqx.filter_jit
+def call(module, *args):
+    return module(*args)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_causality(family):
+    model = small_model(family)
+    ode = ODEConfig(solver="rk4", steps=2)
+    tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, VOCAB)
+    base, stats = forward(model, tokens, ode)
+    assert int(stats.nfe) == (3 if family == "standard" else 9)
+    for k in (0, 5, 11):
+        changed, _ = forward(model, tokens.at[0, k].set((tokens[0, k] + 1) % VOCAB), ode)
+        assert float(jnp.abs(changed[0, :k] - base[0, :k]).max(initial=0.0)) == 0.0, (family, k)
+        assert float(jnp.abs(changed[0, k:] - base[0, k:]).max()) > 0.0, (family, k)
+
+
+def test_standard_is_a_stack_of_distinct_residual_layers():
+    model = small_model("standard")
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, VOCAB)
+    # [ode] is ignored: any solver gives the same result.
+    x_euler, stats = eqx.filter_jit(model.hidden_final)(tokens, ODEConfig(solver="euler", steps=7))
+    x_rk4, _ = eqx.filter_jit(model.hidden_final)(tokens, ODEConfig(solver="rk4", steps=1))
+    assert int(stats.nfe) == 3 and float(jnp.abs(x_euler - x_rk4).max()) == 0.0
+    x = model.embedding(tokens)
+    for n in range(3):
+        x = x + model.layer(n)(x)
+    assert float(jnp.abs(x_euler - x).max()) <= 1e-5
+    w = model.layers.attn.qkv.weight
+    assert w.shape[0] == 3 and float(jnp.abs(w[0] - w[1]).max()) > 0.0
+
+
+def test_constant_ignores_t_and_time_indexed_does_not():
+    x = jax.random.normal(jax.random.key(4), (2, 8, 16))
+    t1, t2 = jnp.asarray(0.1), jnp.asarray(0.8)
+    constant = small_model("constant").field
+    assert float(jnp.abs(call(constant, t1, x) - call(constant, t2, x)).max()) == 0.0
+    for family in ("time_indexed", "hypernetwork", "time_indexed_ssm"):
+        field = small_model(family).field
+        assert float(jnp.abs(call(field, t1, x) - call(field, t2, x)).max()) > 1e-4, family
+
+
+def test_hypernetwork_generates_the_weights_by_its_formula():
+    field = small_model("hypernetwork").field
+    hyper, t = field.hypernetwork, jnp.asarray(0.37)
+    h = jax.nn.silu(sinusoidal(t, 8) @ hyper.hidden.weight + hyper.hidden.bias)
+    block, _ = field.block_at(t)
+    for generated, base, basis in ((block.attn.qkv.weight, field.block.attn.qkv.weight, hyper.matrices[0]),
+                                   (block.mlp.fc2.weight, field.block.mlp.fc2.weight, hyper.matrices[3])):
+        expected = base + sum(h[j] * jnp.outer(basis.u[:, j], basis.v[:, j]) for j in range(h.shape[0]))
+        np.testing.assert_allclose(generated, expected, atol=1e-6)
+        assert np.linalg.matrix_rank(np.asarray(generated - base), tol=1e-6) <= h.shape[0]
+    x = jax.random.normal(jax.random.key(5), (2, 8, 16))
+    np.testing.assert_allclose(call(field, t, x), call(block, x), atol=1e-6)
+
+
+# ---- the SSM layer ----------------------------------------------------------------------
+
+def random_ssm(dim=16, state=8, key=0):
+    ssm = SelectiveSSM(dim, state, 8, 16, key=jax.random.key(key), std=0.5)
+    # Perturb every parameter so the test does not lean on the initialisation.
+    leaves, tree = jax.tree.flatten(ssm)
+    keys = jax.random.split(jax.random.key(key + 1), len(leaves))
+    return jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def test_ssm_parallel_scan_equals_the_sequential_recurrence():
+    ssm = random_ssm()
+    x = jax.random.normal(jax.random.key(2), (3, 77, 16))
+    for t in (0.0, 0.4, 1.0):
+        parallel = call(ssm, x, jnp.asarray(t))
+        sequential = eqx.filter_jit(SelectiveSSM.sequential)(ssm, x, jnp.asarray(t))
+        scale = float(jnp.abs(sequential).max())
+        assert scale > 1e-2
+        assert float(jnp.abs(parallel - sequential).max()) <= 1e-5 * max(scale, 1.0), t
+
+
+def test_ssm_decay_is_in_the_unit_interval_for_any_input():
+    ssm = random_ssm()
+    x = 100.0 * jax.random.normal(jax.random.key(3), (4, 32, 16))
+    for t in np.linspace(0.0, 1.0, 5):
+        p = eqx.filter_jit(SelectiveSSM.discretise)(ssm, x, jnp.asarray(t))
+        assert float(p.decay.min()) >= 0.0 and float(p.decay.max()) < 1.0
+
+
+def test_ssm_state_stays_bounded_over_4096_steps():
+    ssm = random_ssm(dim=8, state=16)
+    x = jax.random.normal(jax.random.key(6), (2, 4096, 8))
+    t = jnp.asarray(0.5)
+
+    @eqx.filter_jit
+    def run(ssm, x):
+        def body(state, x_t):
+            state, _ = ssm.step(state, x_t, t)
+            return state, jnp.abs(state).max()
+        return jax.lax.scan(body, ssm.init_state(2), jnp.swapaxes(x, 0, 1))[1]
+
+    peaks = run(ssm, x)
+    p = eqx.filter_jit(SelectiveSSM.discretise)(ssm, x, t)
+    bound = float(jnp.abs(p.drive).max() / (1.0 - p.decay.max()))
+    assert bool(jnp.isfinite(peaks).all())
+    assert float(peaks.max()) <= bound
+    # Bounded, not growing: the last thousand steps peak no higher than the bound allows
+    # and about as high as the first thousand.
+    assert float(peaks[-1000:].max()) <= 2.0 * float(peaks[:1000].max())
+
+
+# ---- parameter counts -------------------------------------------------------------------
+
+def hand_counts(family, d=16, r=2, vocab=VOCAB, positions=16, e=8, hm=8, hh=4, n=4, layers=3):
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * r * d + r * d) + (r * d * d + d)
+    modulation = (e * hm + hm) + (hm * (3 + 1 + r + 1) * d + (3 + 1 + r + 1) * d)
+    counts = {"embeddings": vocab * d + positions * d, "head": 2 * d}  # tied head: final LN only
+    if family == "standard":
+        counts["block"] = layers * block
+    elif family == "hypernetwork":
+        matrices = (d + 3 * d) + (d + d) + (d + r * d) + (r * d + d)
+        vectors = 2 * 2 * d + 3 * d + d + r * d + d
+        counts["block"] = block
+        counts["hypernetwork"] = (e * hh + hh) + hh * matrices + hh * vectors
+    else:
+        counts["block"] = block
+        counts["modulation"] = modulation + (e if family == "constant" else 0)
+        if family == "time_indexed_ssm":
+            counts["ssm"] = (2 * d + d * (d + 2 * n) + (d + 2 * n) + d * d + d + d * n + d
+                             + e * hm + hm + hm * (3 * d + 2 * n) + 3 * d + 2 * n)
+    return counts
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parameter_counts_match_hand_formulas(family):
+    expected = hand_counts(family)
+    assert count_parameters(small_model(family)) == sum(expected.values())
+
+
+# ---- training -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sampler(tmp_path_factory):
+    from ode_lm.data import BatchSampler, load_corpus
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path_factory.mktemp("families"))
+    return BatchSampler(load_corpus(cfg.data), cfg.data.seq_len, cfg.train.batch_size, 0)
+
+
+def train_losses(family, adjoint, sampler, steps=30):
+    from ode_lm.config import OptimConfig
+    from ode_lm.train.optim import build_optimizer
+    from ode_lm.train.steps import TrainStep
+
+    model = build_model(ModelConfig(family=family, **{**SMALL, "init_std": 0.02, "dropout": 0.1,
+                                                      "max_positions": 64, "layers": 2}),
+                        256, jax.random.key(0))
+    optimizer = build_optimizer(OptimConfig(lr=3e-3, warmup_steps=5), steps)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step = TrainStep(optimizer, ODEConfig(solver="euler", steps=2, adjoint=adjoint))
+    losses = []
+    for i in range(steps):
+        model, opt_state, metrics = step(model, opt_state, *sampler.train_batch(i), jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert step.traces == 1
+    return losses
+
+
+def check_training(family, adjoint, sampler):
+    losses = train_losses(family, adjoint, sampler)
+    assert np.isfinite(losses).all(), (family, adjoint, losses)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, (family, adjoint, losses)
+
+
+# Every ODE family and every sensitivity in the default run, one pairing each (compiling a
+# train step dominates the cost) ...
+ODE_FAMILIES = [f for f in FAMILIES if f != "standard"]
+FAST_PAIRS = [(family, ADJOINTS[i % len(ADJOINTS)]) for i, family in enumerate(ODE_FAMILIES)]
+
+
+@pytest.mark.parametrize("family, adjoint", FAST_PAIRS)
+def test_each_family_trains(family, adjoint, sampler):
+    check_training(family, adjoint, sampler)
+
+
+# ... and the full product in the slow run.
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ODE_FAMILIES)
+@pytest.mark.parametrize("adjoint", ADJOINTS)
+def test_each_family_trains_with_every_sensitivity(family, adjoint, sampler):
+    if (family, adjoint) in FAST_PAIRS:
+        pytest.skip("covered by test_each_family_trains")
+    check_training(family, adjoint, sampler)
+
+
+def test_standard_family_trains_and_notes_that_ode_settings_are_ignored(tiny):
+    """The trainer end to end; any sensitivity is the same to a discrete model."""
+    from ode_lm.train import train
+    from ode_lm.train.logging import read_metrics
+
+    said = []
+    cfg = tiny(**{"model.family": "standard", "model.layers": 2, "ode.adjoint": "backsolve",
+                  "train.eval_batches": 1, "train.sample_tokens": 1})
+    result = train(cfg, say=said.append)
+    assert "family 'standard' is discrete: [ode] settings are ignored" in said
+    losses = [r["loss"] for r in read_metrics(result.run_dir, "train") if "lr" not in r]
+    assert len(losses) == 30 and np.isfinite(losses).all()
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
+    assert result.evaluation.nfe == 2
