@@ -1,4 +1,4 @@
-"""``ode-lm train | generate``: the command line.
+"""``ode-lm train | generate | info``: the command line.
 
 User errors (config, paths, checkpoints, prompts, data) print one line and exit with
 status 2; a training failure prints one line and exits with status 1.
@@ -51,6 +51,27 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    import equinox as eqx
+    import jax
+
+    from ode_lm.config import load_config
+    from ode_lm.models import build_model
+    from ode_lm.models.accounting import describe
+    from ode_lm.train.precision import param_dtype
+
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.tokenizer == "byte":
+        vocab = 256
+    else:  # the char alphabet is the corpus's: read (or build) the cached corpus
+        from ode_lm.data import load_corpus
+        vocab = load_corpus(cfg.data).tokenizer.vocab_size
+    shapes = eqx.filter_eval_shape(build_model, cfg.model, vocab, jax.random.key(0), param_dtype(cfg))
+    print(f"config: {args.config}")
+    print(describe(cfg, vocab, shapes))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ode-lm", description="Continuous-depth transformer LMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="checkpoint file name inside the run")
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("info", help="parameters per component, FLOPs per token and memory of a config's model")
+    p.add_argument("config", help="TOML config file, e.g. configs/time_indexed.toml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    p.set_defaults(func=_info)
     return parser
 
 

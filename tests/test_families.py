@@ -156,8 +156,14 @@ def hand_counts(family, d=16, r=2, vocab=VOCAB, positions=16, e=8, hm=8, hh=4, n
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parameter_counts_match_hand_formulas(family):
+    from ode_lm.models.accounting import parameter_counts
+
     expected = hand_counts(family)
-    assert count_parameters(small_model(family)) == sum(expected.values())
+    model = small_model(family)
+    assert count_parameters(model) == sum(expected.values())
+    assert parameter_counts(model) == expected
+    shapes = eqx.filter_eval_shape(build_model, ModelConfig(family=family, **SMALL), VOCAB, jax.random.key(0))
+    assert parameter_counts(shapes) == expected
 
 
 # ---- training -----------------------------------------------------------------------------

@@ -1,0 +1,163 @@
+"""Parameters and FLOPs per component: what ``ode-lm info`` prints and benchmarks divide by.
+
+FLOPs count multiply-adds as 2 (a ``[m, k] @ [k, n]`` product is ``2 m n k``) and ignore
+elementwise work (norms, activations, softmax), the usual model-FLOP convention. Per token
+of a forward pass::
+
+    forward = NFE * (field per token + per-evaluation work / tokens per batch) + head
+    block   = 2 d^2 (3 + 1 + 2 r)  +  2 * 2 T d        # qkv, proj, fc1, fc2; QK^T and AV
+    ssm     = 2 d (d + 2N) + 2 d^2 + 6 d N             # in/out projections; scan (see below)
+    head    = 2 d V
+
+with ``T = data.seq_len`` (attention over the full window, not halved for causality),
+``r = mlp_ratio``. The scan's 6 FLOPs per (channel, state) are the decay argument
+``Delta A``, the drive ``(Delta u) B``, the update ``a h + b`` and the readout ``C . h``.
+Per-evaluation work does not scale with tokens: the modulation MLP, the SSM's parameter
+MLP, or the hypernetwork's weight generation (``2 n_in n_out H`` per matrix). NFE comes
+from the solver (``SOLVER_SPECS``) at ``ode.steps`` (for adaptive solves, the initial step
+count: a lower bound); the discrete ``standard`` family has ``NFE = model.layers``.
+A training step is counted as 3x the forward pass (backward = 2x forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ode_lm.config import Config, ModelConfig, ODEConfig
+from ode_lm.nn import BlockGates
+from ode_lm.ode import SOLVER_SPECS
+
+# Attribute name on a model's path -> component; the deepest match on a leaf's path wins.
+COMPONENTS = {"embedding": "embeddings", "layers": "block", "block": "block", "modulation": "modulation",
+              "constant": "modulation", "hypernetwork": "hypernetwork", "ssm": "ssm", "readout": "head"}
+ORDER = ("embeddings", "block", "modulation", "hypernetwork", "ssm", "head")
+
+
+def _is_param(x) -> bool:
+    return isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray))
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters per component (``ORDER``), for a model or its ``eqx.filter_eval_shape``."""
+    counts: dict[str, int] = {}
+    leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(model, _is_param))[0]
+    for path, leaf in leaves:
+        names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+        labels = [COMPONENTS[n] for n in names if n in COMPONENTS]
+        if not labels:
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} belongs to no component of {ORDER}")
+        counts[labels[-1]] = counts.get(labels[-1], 0) + int(np.prod(leaf.shape))
+    return {c: counts[c] for c in ORDER if c in counts}
+
+
+def parameter_bytes(model) -> int:
+    leaves = jax.tree.leaves(eqx.filter(model, _is_param))
+    return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in leaves)
+
+
+def block_flops_per_token(m: ModelConfig, seq_len: int) -> int:
+    d, r = m.dim, m.mlp_ratio
+    return 2 * d * d * (3 + 1 + 2 * r) + 2 * 2 * seq_len * d
+
+
+def ssm_flops_per_token(m: ModelConfig) -> int:
+    d, n = m.dim, m.ssm_state_size
+    return 2 * d * (d + 2 * n) + 2 * d * d + 6 * d * n
+
+
+def per_evaluation_flops(m: ModelConfig) -> int:
+    """Token-independent work per evaluation of the field: what turns ``t`` into weights."""
+    d, e = m.dim, m.time_embed_dim
+    gates = sum(BlockGates.sizes(d, m.mlp_ratio))
+    modulation = 2 * (e * m.modulation_hidden + m.modulation_hidden * gates)
+    if m.family == "standard":
+        return 0
+    if m.family == "hypernetwork":
+        h, hidden = m.hyper_hidden, m.mlp_ratio * d
+        matrices = [(d, 3 * d), (d, d), (d, hidden), (hidden, d)]
+        vectors = 2 * 2 * d + 3 * d + d + hidden + d
+        return 2 * e * h + sum(2 * a * b * h for a, b in matrices) + 2 * h * vectors
+    if m.family == "time_indexed_ssm":
+        ssm_mlp = 2 * (e * m.modulation_hidden + m.modulation_hidden * (3 * d + 2 * m.ssm_state_size))
+        return modulation + ssm_mlp
+    return modulation  # time_indexed, constant
+
+
+def nfe(m: ModelConfig, ode: ODEConfig) -> int:
+    if m.family == "standard":
+        return m.layers
+    return SOLVER_SPECS[ode.solver].nfe(ode.steps)
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs per token; ``forward`` and ``train_step`` are what MFU divides by."""
+
+    field: float  # one evaluation of the field, per token, including the per-evaluation share
+    nfe: int
+    head: float
+    tokens_per_batch: int
+
+    @property
+    def forward(self) -> float:
+        return self.nfe * self.field + self.head
+
+    @property
+    def train_step(self) -> float:
+        return 3 * self.forward
+
+    def per_batch(self, per_token: float) -> float:
+        return per_token * self.tokens_per_batch
+
+
+def flops_per_token(cfg: Config, vocab: int) -> FlopCount:
+    m, seq = cfg.model, cfg.data.seq_len
+    tokens = cfg.train.batch_size * seq
+    field = block_flops_per_token(m, seq) + per_evaluation_flops(m) / tokens
+    if m.family == "time_indexed_ssm":
+        field += ssm_flops_per_token(m)
+    return FlopCount(field=field, nfe=nfe(m, cfg.ode), head=2 * m.dim * vocab, tokens_per_batch=tokens)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "
+
+
+def describe(cfg: Config, vocab: int, model) -> str:
+    """The ``ode-lm info`` report for ``cfg`` and its model (arrays or shapes)."""
+    m, ode = cfg.model, cfg.ode
+    counts = parameter_counts(model)
+    total = sum(counts.values())
+    flops = flops_per_token(cfg, vocab)
+    if m.family == "standard":
+        depth = f"{m.layers} discrete layers ([ode] ignored)"
+    else:
+        steps = f"adaptive from {ode.steps} steps" if ode.adaptive else f"{ode.steps} steps"
+        depth = f"{ode.solver}, {steps}" + (" (NFE shown is the initial step count's)" if ode.adaptive else "")
+    lines = [f"model: {m.family}, dim {m.dim}, {m.heads} heads, mlp_ratio {m.mlp_ratio}, vocab {vocab}; "
+             f"depth: {depth}; NFE {flops.nfe}", "",
+             f"{'component':<14}{'parameters':>14}{'share':>8}"]
+    lines += [f"{name:<14}{n:>14,}{n / total:>8.1%}" for name, n in counts.items()]
+    lines += [f"{'total':<14}{total:>14,}", ""]
+    seq, batch = cfg.data.seq_len, cfg.train.batch_size
+    lines += [f"FLOPs per token (seq_len {seq}, batch {batch}; matmuls only, 2 per multiply-add):",
+              f"  {'one layer' if m.family == 'standard' else 'field, one evaluation':<29}{_si(flops.field)}FLOP",
+              f"  x NFE {flops.nfe:<23}{_si(flops.nfe * flops.field)}FLOP",
+              f"  head                         {_si(flops.head)}FLOP",
+              f"  forward                      {_si(flops.forward)}FLOP per token, "
+              f"{_si(flops.per_batch(flops.forward))}FLOP per batch",
+              f"  training step (3x forward)   {_si(flops.train_step)}FLOP per token, "
+              f"{_si(flops.per_batch(flops.train_step))}FLOP per step", ""]
+    dtypes = sorted({str(jnp.dtype(x.dtype)) for x in jax.tree.leaves(eqx.filter(model, _is_param))})
+    size = parameter_bytes(model)
+    lines.append(f"parameter memory: {size / 2**20:.2f} MiB ({', '.join(dtypes)}; train.dtype = "
+                 f"{cfg.train.dtype}); AdamW moments add {2 * size / 2**20:.2f} MiB")
+    return "\n".join(lines)
