@@ -22,7 +22,7 @@ def test_field_flops_match_xla_cost_analysis(family):
 
     def evaluate(params, x):
         model = eqx.combine(params, static)
-        return model.layer(0)(x) if family == "standard" else model.field(jnp.asarray(0.3), x)
+        return model.layers[0](x) if family == "standard" else model.field(jnp.asarray(0.3), x)
 
     cost = jax.jit(evaluate).lower(params, x).compile().cost_analysis()
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"]

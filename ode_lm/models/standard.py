@@ -5,9 +5,7 @@
     logits   = head(LN(x_N))
 
 It is not an ODE: ``[ode]`` settings are ignored and the "solve" always reports
-``nfe = steps = model.layers``. The layers' parameters are stacked along a leading axis
-and applied with ``jax.lax.scan``, so compile time does not grow with depth (the ODE
-families' solve is a loop too, which keeps the step-time comparison fair).
+``nfe = steps = model.layers``. Dropout masks are drawn afresh for every layer.
 """
 
 from __future__ import annotations
@@ -25,38 +23,25 @@ from ode_lm.ode import SolveStats
 
 class StandardLanguageModel(LanguageModel):
     embedding: Embedding
-    layers: Block  # every leaf has a leading axis of size ``model.layers``
+    layers: tuple[Block, ...]
     readout: Readout
     dropout: float = eqx.field(static=True)
 
-    @property
-    def num_layers(self) -> int:
-        return self.layers.ln_attn.weight.shape[0]
-
-    def layer(self, n: int | Int[Array, ""]) -> Block:
-        """Layer ``n`` as an ordinary :class:`Block`."""
-        return jax.tree.map(lambda leaf: leaf[n], self.layers)
-
     def hidden_final(self, tokens: Int[Array, "batch seq"], ode: ODEConfig | None = None, *,
                      key: PRNGKeyArray | None = None) -> tuple[Float[Array, "batch seq dim"], SolveStats]:
-        x0 = self.embedding(tokens)
+        """``x_N`` and the stats of a solve with one evaluation per layer; ``ode`` is unused."""
+        x = self.embedding(tokens)
         train = key is not None and self.dropout > 0
-        keys = jax.random.split(key, self.num_layers + 1) if train else None
+        keys = jax.random.split(key, len(self.layers) + 1) if train else [None] * (len(self.layers) + 1)
         if train:
-            x0 = x0 * DropoutMasks.draw(keys[0], x0.shape, self.dropout, x0.dtype).attn
+            x = x * DropoutMasks.draw(keys[0], x.shape, self.dropout, x.dtype).attn
         # As in the ODE families, the residual stream stays at least float32 under bf16 compute.
-        compute = x0.dtype
-        params, static = eqx.partition(self.layers, eqx.is_array)
-
-        def apply_layer(x, inputs):
-            layer_params, layer_key = inputs
-            block = eqx.combine(layer_params, static)
-            masks = DropoutMasks.draw(layer_key, x.shape, self.dropout, compute) if train else None
-            return x + block(x.astype(compute), dropout=masks).astype(x.dtype), None
-
-        x, _ = jax.lax.scan(apply_layer, x0.astype(jnp.promote_types(compute, jnp.float32)),
-                            (params, keys[1:] if train else None))
-        n = jnp.asarray(self.num_layers, jnp.int32)
+        compute = x.dtype
+        x = x.astype(jnp.promote_types(compute, jnp.float32))
+        for block, k in zip(self.layers, keys[1:]):
+            masks = DropoutMasks.draw(k, x.shape, self.dropout, compute) if train else None
+            x = x + block(x.astype(compute), dropout=masks).astype(x.dtype)
+        n = jnp.asarray(len(self.layers), jnp.int32)
         return x, SolveStats(nfe=n, steps=n, failed=jnp.asarray(False))
 
     def __call__(self, tokens, ode=None, *, key=None):
@@ -67,11 +52,7 @@ class StandardLanguageModel(LanguageModel):
 def build_standard(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32) -> StandardLanguageModel:
     k_shared, k_layers = jax.random.split(key)
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
-
-    @eqx.filter_vmap
-    def make_layer(k):
-        return Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k, std=cfg.init_std, dtype=dtype,
-                     attention=cfg.attention)
-
-    return StandardLanguageModel(embedding, make_layer(jax.random.split(k_layers, cfg.layers)),
-                                 readout, cfg.dropout)
+    layers = tuple(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k, std=cfg.init_std, dtype=dtype,
+                         attention=cfg.attention)
+                   for k in jax.random.split(k_layers, cfg.layers))
+    return StandardLanguageModel(embedding, layers, readout, cfg.dropout)

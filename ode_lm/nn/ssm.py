@@ -4,18 +4,20 @@ For the hidden state ``x`` of one sequence, position ``k``, channel ``c < dim`` 
 index ``n < N`` (``N = model.ssm_state_size``)::
 
     u_k        = LN(x_k)
-    z(t)       = MLP(sinusoidal(t)) = [alpha(t), delta(t), d(t) in R^dim; beta(t), gamma(t) in R^N]
-    A(t)[c,n]  = -exp(a_log[c,n] + alpha_c(t))                 < 0
-    Delta_k[c] = softplus(u_k W_delta + b_delta + delta(t))[c]  > 0     (selective: per token)
-    B_k[n]     = (u_k W_B + b_B)[n] * (1 + beta_n(t))
-    C_k[n]     = (u_k W_C + b_C)[n] * (1 + gamma_n(t))
-    D(t)[c]    = d_skip[c] + d_c(t)
+    z(t)       = MLP(sinusoidal(t)) = [alpha(t), delta(t), D(t) in R^dim; beta(t), gamma(t) in R^N]
+    A(t)[c,n]  = -exp(a_log[n] + alpha_c(t))             < 0
+    Delta_k[c] = softplus(u_k W_delta + delta(t))[c]      > 0     (selective: per token)
+    B_k[n]     = (u_k W_B)[n] * (1 + beta_n(t))
+    C_k[n]     = (u_k W_C)[n] * (1 + gamma_n(t))
 
     h_k[c,n]   = exp(Delta_k[c] A(t)[c,n]) h_{k-1}[c,n] + Delta_k[c] B_k[n] u_k[c],   h_0 = 0
     y_k[c]     = sum_n C_k[n] h_k[c,n] + D(t)[c] u_k[c]
     g(x, t)_k  = y_k W_out + b_out
 
-``A`` is discretised by zero-order hold and ``B`` by Euler, as in Mamba. Because
+The MLP's output bias holds the per-channel constants (the initial step sizes, ``D = 1``);
+``log(-A)`` is a per-state term plus the per-channel ``alpha(t)`` (S4D-real's
+``A = -(n + 1)`` at initialisation). Weight decay (matrices only) never touches the
+dynamics. ``A`` is discretised by zero-order hold and ``B`` by Euler, as in Mamba. Because
 ``Delta > 0`` and ``A < 0``, the decay ``exp(Delta A)`` lies in ``(0, 1)`` for every ``t``
 and every input, so the recurrence is stable: ``|h_k| <= max|Delta B u| / (1 - max decay)``.
 
@@ -56,10 +58,9 @@ class SSMParams(eqx.Module):
 
 class SelectiveSSM(eqx.Module):
     norm: LayerNorm
-    in_proj: Linear  # u -> [delta (dim), B (N), C (N)]
+    in_proj: Linear  # u -> [delta (dim), B (N), C (N)], no bias (z(t) has it)
     out_proj: Linear
-    a_log: Float[Array, "dim state"]
-    d_skip: Float[Array, " dim"]
+    a_log: Float[Array, " state"]
     t_hidden: Linear  # the small hypernetwork: sinusoidal(t) -> hidden -> z(t)
     t_out: Linear
     time_embed_dim: int = eqx.field(static=True)
@@ -68,27 +69,26 @@ class SelectiveSSM(eqx.Module):
                  key: PRNGKeyArray, std: float, dtype=jnp.float32):
         k_in, k_out, k_delta, k_th, k_to = jax.random.split(key, 5)
         self.norm = LayerNorm(dim, dtype=dtype)
-        self.in_proj = Linear(dim, dim + 2 * state_size, key=k_in, std=std, dtype=dtype)
-        lo, hi = np.log(DELTA_INIT_RANGE[0]), np.log(DELTA_INIT_RANGE[1])
-        delta0 = jnp.exp(jax.random.uniform(k_delta, (dim,), minval=lo, maxval=hi))
-        inv_softplus = delta0 + jnp.log(-jnp.expm1(-delta0))
-        self.in_proj = eqx.tree_at(lambda p: p.bias, self.in_proj,
-                                   self.in_proj.bias.at[:dim].set(inv_softplus.astype(dtype)))
+        self.in_proj = Linear(dim, dim + 2 * state_size, key=k_in, std=std, bias=False, dtype=dtype)
         self.out_proj = Linear(dim, dim, key=k_out, std=std, dtype=dtype)
         # S4D-real initialisation: A[c, n] = -(n + 1).
-        self.a_log = jnp.broadcast_to(jnp.log(jnp.arange(1, state_size + 1, dtype=dtype)), (dim, state_size))
-        self.d_skip = jnp.ones((dim,), dtype)
+        self.a_log = jnp.log(jnp.arange(1, state_size + 1, dtype=dtype))
         self.t_hidden = Linear(time_embed_dim, hidden, key=k_th, std=1.0 / time_embed_dim**0.5, dtype=dtype)
-        self.t_out = Linear(hidden, 3 * dim + 2 * state_size, key=k_to, std=std, dtype=dtype)
+        t_out = Linear(hidden, 3 * dim + 2 * state_size, key=k_to, std=std, dtype=dtype)
+        lo, hi = np.log(DELTA_INIT_RANGE[0]), np.log(DELTA_INIT_RANGE[1])
+        delta0 = jnp.exp(jax.random.uniform(k_delta, (dim,), minval=lo, maxval=hi))
+        bias = jnp.concatenate([jnp.zeros(dim), delta0 + jnp.log(-jnp.expm1(-delta0)),  # softplus^-1
+                                jnp.ones(dim), jnp.zeros(2 * state_size)])
+        self.t_out = eqx.tree_at(lambda lin: lin.bias, t_out, bias.astype(dtype))
         self.time_embed_dim = time_embed_dim
 
     @property
     def dim(self) -> int:
-        return self.a_log.shape[0]
+        return self.out_proj.weight.shape[0]
 
     @property
     def state_size(self) -> int:
-        return self.a_log.shape[1]
+        return self.a_log.shape[0]
 
     def init_state(self, batch: int) -> Float[Array, "batch dim state"]:
         return jnp.zeros((batch, self.dim, self.state_size), jnp.promote_types(self.a_log.dtype, jnp.float32))
@@ -99,7 +99,7 @@ class SelectiveSSM(eqx.Module):
         wide = jnp.promote_types(x.dtype, jnp.float32)  # long products need float32
         features = sinusoidal(t, self.time_embed_dim).astype(self.t_hidden.weight.dtype)
         z = self.t_out(jax.nn.silu(self.t_hidden(features))).astype(wide)
-        alpha, delta_t, d_t, beta, gamma = jnp.split(z, np.cumsum([d, d, d, n]).tolist())
+        alpha, delta_t, d_skip, beta, gamma = jnp.split(z, np.cumsum([d, d, d, n]).tolist())
         u = self.norm(x)
         proj = self.in_proj(u).astype(wide)
         delta = jax.nn.softplus(proj[..., :d] + delta_t)  # [*tokens, dim]
@@ -110,7 +110,7 @@ class SelectiveSSM(eqx.Module):
         return SSMParams(decay=jnp.exp(delta[..., None] * a),
                          drive=(delta * u)[..., None] * b[..., None, :],
                          readout=c,
-                         skip=(self.d_skip.astype(wide) + d_t) * u)
+                         skip=d_skip * u)
 
     def _output(self, h, p: SSMParams, dtype):
         y = jnp.einsum("...cn,...n->...c", h, p.readout) + p.skip

@@ -1,0 +1,110 @@
+"""Training-step time and parameter count of every model family, in one run.
+
+Each family is built at the same size (reference: dim 256, 4 heads, 6 Euler steps or 6
+layers, seq 512, batch 32, dropout 0.1) and timed on its real jitted train step (the
+``TrainStep`` of ``ode_lm.train.steps``: forward, backward, AdamW) on random tokens, so the
+script needs neither ``datasets`` nor ``tensorboardX``. Compile time is excluded and every
+call is synchronised. Prints a table (ms/step, ratio to ``standard`` and to
+``time_indexed``, model GFLOP per step from ``ode_lm.models.accounting``, achieved TFLOP/s)
+and writes JSON.
+
+    python scripts/bench_families.py                          # reference size
+    python scripts/bench_families.py --dim 128 --seq 128 --batch 8 --dtype float32   # CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from _timing import compile_and_time, machine, print_table, write_json
+from ode_lm.config import ADJOINTS, FAMILIES, SOLVERS, config_from_dict
+from ode_lm.models import build_model, count_parameters
+from ode_lm.models.accounting import flops_per_token, parameter_counts
+from ode_lm.train.optim import build_optimizer
+from ode_lm.train.precision import compute_dtype, param_dtype
+from ode_lm.train.steps import TrainStep
+
+VOCAB = 256  # the byte tokenizer's
+
+
+def family_config(family: str, args: argparse.Namespace):
+    return config_from_dict({
+        "model": {"family": family, "dim": args.dim, "heads": args.heads, "layers": args.depth,
+                  "max_positions": args.seq, "dropout": args.dropout, "attention": args.attention},
+        "ode": {"solver": args.solver, "steps": args.depth, "adjoint": args.adjoint},
+        "data": {"seq_len": args.seq},
+        "train": {"batch_size": args.batch, "dtype": args.dtype, "steps": 1000},
+    }, source="bench_families")
+
+
+def time_family(family: str, args: argparse.Namespace) -> dict:
+    cfg = family_config(family, args)
+    model = build_model(cfg.model, VOCAB, jax.random.key(0), param_dtype(cfg))
+    optimizer = build_optimizer(cfg.optim, cfg.train.steps)
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
+    train_step = TrainStep(optimizer, cfg.ode, dtype)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def step(params, opt_state, inputs, targets, key):  # TrainStep's own step, as a pure function
+        model, opt_state, metrics = train_step._step(eqx.combine(params, static), opt_state, inputs,
+                                                     targets, key)
+        return eqx.filter(model, eqx.is_array), opt_state, metrics["loss"]
+
+    rng = np.random.default_rng(0)
+    inputs, targets = (jax.device_put(rng.integers(0, VOCAB, (args.batch, args.seq), dtype=np.int32))
+                       for _ in range(2))
+    compile_s, seconds = compile_and_time(step, params, opt_state, inputs, targets, jax.random.key(1),
+                                          repeats=args.repeats)
+    flops = flops_per_token(cfg, VOCAB)
+    step_flops = flops.per_batch(flops.train_step)
+    return {"family": family, "parameters": count_parameters(model), "components": parameter_counts(model),
+            "ms_per_step": seconds * 1e3, "compile_s": compile_s, "nfe": flops.nfe,
+            "model_tflop_per_step": step_flops / 1e12, "achieved_tflops": step_flops / seconds / 1e12,
+            "tokens_per_s": args.batch * args.seq / seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=6, help="ode.steps, and model.layers of 'standard'")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="train.dtype (bfloat16: mixed precision, float32 parameters)")
+    ap.add_argument("--solver", default="euler", choices=SOLVERS)
+    ap.add_argument("--adjoint", default="checkpoint", choices=ADJOINTS)
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--steps", dest="repeats", type=int, default=10, help="timed train steps per family")
+    ap.add_argument("--out", default=None, help="JSON path (default docs/results/families_<platform>.json)")
+    args = ap.parse_args()
+
+    info = machine()
+    records = [time_family(family, args) for family in args.families]
+    by_name = {r["family"]: r["ms_per_step"] for r in records}
+    for r in records:
+        r["vs_standard"] = r["ms_per_step"] / by_name["standard"] if "standard" in by_name else None
+        r["vs_time_indexed"] = r["ms_per_step"] / by_name["time_indexed"] if "time_indexed" in by_name else None
+
+    print(f"train step per family: dim={args.dim} heads={args.heads} depth={args.depth} seq={args.seq} "
+          f"batch={args.batch} dtype={args.dtype} {args.solver}/{args.adjoint} dropout={args.dropout}; "
+          f"{info['device']} ({info['backend']})")
+    print_table(["family", "params", "ms/step", "x standard", "x time_indexed", "GFLOP/step", "TFLOP/s",
+                 "compile s"],
+                [[r["family"], f"{r['parameters']:,}", r["ms_per_step"],
+                  "-" if r["vs_standard"] is None else r["vs_standard"],
+                  "-" if r["vs_time_indexed"] is None else r["vs_time_indexed"],
+                  r["model_tflop_per_step"] * 1e3, r["achieved_tflops"], r["compile_s"]] for r in records])
+    write_json(args.out or f"docs/results/families_{info['backend']}.json",
+               {"benchmark": "families", "machine": info, "args": vars(args), "results": records})
+
+
+if __name__ == "__main__":
+    main()
