@@ -32,6 +32,7 @@ SOURCES = ("python-stdlib", "text", "hf")
 TOKENIZERS = ("byte", "char")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+SSM_SCANS = ("associative", "sequential")  # how the SSM runs along the sequence
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -57,6 +58,9 @@ class ModelConfig:
     hyper_hidden: int = knob(64, ge=1, doc="hidden units of the hypernetwork (family 'hypernetwork'); "
                              "also the rank of the generated weight updates")
     ssm_state_size: int = knob(64, ge=4, le=256, doc="SSM state size (family 'time_indexed_ssm')")
+    ssm_scan: str = knob("associative", choices=SSM_SCANS,
+                         doc="SSM scan over the sequence: associative (parallel, O(log T) depth; GPU) "
+                         "or sequential (a loop; far less memory traffic, faster on CPU)")
     init_std: float = knob(0.02, gt=0.0, doc="std of the normal weight initialisation")
     attention: str = knob("auto", choices=ATTENTION_IMPLEMENTATIONS,
                           doc="attention kernel; auto: cuDNN flash on GPU for bf16/fp16, else XLA")

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from _timing import compile_and_time, machine, print_table, write_json
-from ode_lm.config import ADJOINTS, FAMILIES, SOLVERS, config_from_dict
+from ode_lm.config import ADJOINTS, FAMILIES, SOLVERS, SSM_SCANS, config_from_dict
 from ode_lm.models import build_model, count_parameters
 from ode_lm.models.accounting import flops_per_token, parameter_counts
 from ode_lm.train.optim import build_optimizer
@@ -31,18 +31,19 @@ from ode_lm.train.steps import TrainStep
 VOCAB = 256  # the byte tokenizer's
 
 
-def family_config(family: str, args: argparse.Namespace):
+def family_config(family: str, args: argparse.Namespace, ssm_scan: str):
     return config_from_dict({
         "model": {"family": family, "dim": args.dim, "heads": args.heads, "layers": args.depth,
-                  "max_positions": args.seq, "dropout": args.dropout, "attention": args.attention},
+                  "max_positions": args.seq, "dropout": args.dropout, "attention": args.attention,
+                  "ssm_state_size": args.ssm_state_size, "ssm_scan": ssm_scan},
         "ode": {"solver": args.solver, "steps": args.depth, "adjoint": args.adjoint},
         "data": {"seq_len": args.seq},
         "train": {"batch_size": args.batch, "dtype": args.dtype, "steps": 1000},
     }, source="bench_families")
 
 
-def time_family(family: str, args: argparse.Namespace) -> dict:
-    cfg = family_config(family, args)
+def time_family(family: str, args: argparse.Namespace, ssm_scan: str = "associative") -> dict:
+    cfg = family_config(family, args, ssm_scan)
     model = build_model(cfg.model, VOCAB, jax.random.key(0), param_dtype(cfg))
     optimizer = build_optimizer(cfg.optim, cfg.train.steps)
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
@@ -62,7 +63,8 @@ def time_family(family: str, args: argparse.Namespace) -> dict:
                                           repeats=args.repeats)
     flops = flops_per_token(cfg, VOCAB)
     step_flops = flops.per_batch(flops.train_step)
-    return {"family": family, "parameters": count_parameters(model), "components": parameter_counts(model),
+    name = f"{family} ({ssm_scan})" if family == "time_indexed_ssm" else family
+    return {"family": name, "parameters": count_parameters(model), "components": parameter_counts(model),
             "ms_per_step": seconds * 1e3, "compile_s": compile_s, "nfe": flops.nfe,
             "model_tflop_per_step": step_flops / 1e12, "achieved_tflops": step_flops / seconds / 1e12,
             "tokens_per_s": args.batch * args.seq / seconds}
@@ -82,12 +84,16 @@ def main() -> None:
     ap.add_argument("--solver", default="euler", choices=SOLVERS)
     ap.add_argument("--adjoint", default="checkpoint", choices=ADJOINTS)
     ap.add_argument("--attention", default="auto")
+    ap.add_argument("--ssm-state-size", type=int, default=64)
+    ap.add_argument("--ssm-scan", nargs="+", default=["associative"], choices=SSM_SCANS,
+                    help="time_indexed_ssm's scan(s); several give one row each")
     ap.add_argument("--steps", dest="repeats", type=int, default=10, help="timed train steps per family")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/families_<platform>.json)")
     args = ap.parse_args()
 
     info = machine()
-    records = [time_family(family, args) for family in args.families]
+    records = [time_family(family, args, scan) for family in args.families
+               for scan in (args.ssm_scan if family == "time_indexed_ssm" else ["associative"])]
     by_name = {r["family"]: r["ms_per_step"] for r in records}
     for r in records:
         r["vs_standard"] = r["ms_per_step"] / by_name["standard"] if "standard" in by_name else None

@@ -22,9 +22,11 @@ dynamics. ``A`` is discretised by zero-order hold and ``B`` by Euler, as in Mamb
 and every input, so the recurrence is stable: ``|h_k| <= max|Delta B u| / (1 - max decay)``.
 
 The recurrence ``h_k = a_k h_{k-1} + b_k`` is a scan under the associative operator
-``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``; ``__call__`` evaluates it with
-``jax.lax.associative_scan`` (O(log T) depth), ``step`` advances it by one token (for
-decoding) and ``sequential`` runs ``step`` over the sequence (the test oracle).
+``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``. ``associative`` evaluates it with
+``jax.lax.associative_scan`` (O(log T) depth, but every level reads and writes
+``batch x seq x dim x N`` floats); ``step`` advances it by one token (for decoding) and
+``sequential`` loops ``step`` over the sequence (the test oracle, and on CPU the faster
+of the two). ``__call__`` uses the one named by ``model.ssm_scan``.
 """
 
 from __future__ import annotations
@@ -64,9 +66,10 @@ class SelectiveSSM(eqx.Module):
     t_hidden: Linear  # the small hypernetwork: sinusoidal(t) -> hidden -> z(t)
     t_out: Linear
     time_embed_dim: int = eqx.field(static=True)
+    scan: str = eqx.field(static=True, default="associative")
 
     def __init__(self, dim: int, state_size: int, time_embed_dim: int, hidden: int, *,
-                 key: PRNGKeyArray, std: float, dtype=jnp.float32):
+                 key: PRNGKeyArray, std: float, dtype=jnp.float32, scan: str = "associative"):
         k_in, k_out, k_delta, k_th, k_to = jax.random.split(key, 5)
         self.norm = LayerNorm(dim, dtype=dtype)
         self.in_proj = Linear(dim, dim + 2 * state_size, key=k_in, std=std, bias=False, dtype=dtype)
@@ -81,6 +84,7 @@ class SelectiveSSM(eqx.Module):
                                 jnp.ones(dim), jnp.zeros(2 * state_size)])
         self.t_out = eqx.tree_at(lambda lin: lin.bias, t_out, bias.astype(dtype))
         self.time_embed_dim = time_embed_dim
+        self.scan = scan
 
     @property
     def dim(self) -> int:
@@ -117,6 +121,10 @@ class SelectiveSSM(eqx.Module):
         return self.out_proj(y.astype(dtype))
 
     def __call__(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+        """``g(x, t)`` for whole sequences, by the scan named in ``self.scan``."""
+        return self.sequential(x, t) if self.scan == "sequential" else self.associative(x, t)
+
+    def associative(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` for whole sequences, by a parallel scan over positions."""
         p = self.discretise(x, t)
         _, h = jax.lax.associative_scan(_combine, (p.decay, p.drive), axis=1)
@@ -130,7 +138,7 @@ class SelectiveSSM(eqx.Module):
         return state, self._output(state, p, x_t.dtype)
 
     def sequential(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
-        """The same as ``__call__``, one position at a time with ``step`` (the reference)."""
+        """``g(x, t)`` one position at a time with ``step`` (the reference recurrence)."""
         def body(state, x_t):
             return self.step(state, x_t, t)
         _, y = jax.lax.scan(body, self.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
