@@ -80,7 +80,7 @@ class Attention(eqx.Module):
 
     def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates) -> Float[Array, "batch seq dim"]:
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x, gates.qkv), 3, axis=-1)
+        q, k, v = self.qkv.split_call(x, gates.qkv, 3)
         shape = (b, t, self.heads, d // self.heads)
         out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
                                            is_causal=True, implementation=self.kernel(x.dtype))
