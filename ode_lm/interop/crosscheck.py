@@ -23,47 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ode_lm.config import SOLVERS, Config, ODEConfig
+from ode_lm.config import Config, ODEConfig
 from ode_lm.errors import UserError
 from ode_lm.interop.export import export_model
 from ode_lm.interop.reference import FIXED_STEP_SOLVERS, ReferenceModel, solve_adaptive, solve_fixed
+from ode_lm.interop.settings import CrossCheckSettings
 from ode_lm.models import ODELanguageModel, build_model
 from ode_lm.ode import SOLVER_SPECS
 from ode_lm.train.precision import cast_floating
-
-BACKENDS = ("reference", "julia")
-# Exact discrete gradients (the ones finite differences of the same discrete map reproduce).
-EXACT_ADJOINTS = ("checkpoint", "direct")
-
-
-@dataclass(frozen=True)
-class CrossCheckSettings:
-    """Knobs of ``ode-lm crosscheck`` (each is a command-line flag of the same name)."""
-
-    solvers: tuple[str, ...] = SOLVERS
-    seq: int = 16  # tokens per sequence of the random batch
-    batch: int = 2
-    seed: int = 0  # random tokens, and the parameter jitter of a config-built model
-    vocab: int = 256  # vocabulary of a config-built model (the byte tokenizer's)
-    fixed_tol: float = 1e-10  # max abs difference, fixed-step solves on the same grid
-    adaptive_rtol: float = 1e-10  # rtol = atol of both adaptive solves
-    adaptive_tol: float = 1e-6  # max abs difference, adaptive solves
-    adaptive_method: str = "DOP853"  # scipy.integrate.solve_ivp method of the reference
-    adaptive_max_steps: int = 16384
-    grad_tol: float = 1e-6  # max relative difference, gradients vs central differences
-    fd_eps: float = 1e-5  # central-difference step
-    grad_params: tuple[str, ...] = ("embedding.tokens", "block.attn.qkv.weight", "block.attn.proj.bias",
-                                    "block.ln_attn.weight", "block.mlp.fc1.weight", "block.mlp.fc2.bias",
-                                    "modulation.hidden.weight", "modulation.out.bias", "readout.norm.bias")
-
-    def __post_init__(self):
-        bad = [s for s in self.solvers if s not in SOLVERS]
-        if bad or not self.solvers:
-            raise UserError(f"--solvers {','.join(self.solvers)}: choose among {', '.join(SOLVERS)}")
-        for name in ("seq", "batch", "vocab", "adaptive_max_steps"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be >= 1")
-
 
 @dataclass(frozen=True)
 class Row:
@@ -248,7 +215,7 @@ def check_gradients(model, ref: ReferenceModel, ode: ODEConfig, tokens, targets,
         raise UserError(f"--grad-params: no parameter named {', '.join(unknown)}; "
                         f"the model has {', '.join(sorted(ref.p))}")
     rows = []
-    for adjoint in EXACT_ADJOINTS:
+    for adjoint in settings.grad_adjoints:
         progress(f"gradients ({adjoint})")
         grads = export_model(jax_grads(model, jnp.asarray(tokens), jnp.asarray(targets),
                                        fixed_ode(ode, solver, adjoint))).params
