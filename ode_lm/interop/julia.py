@@ -104,8 +104,8 @@ def check_julia(model, ode: ODEConfig, tokens, targets, settings: CrossCheckSett
         progress("Julia: solves and sensitivities")
         out = jl.ODELMCrossCheck.crosscheck(
             str(path), np.ascontiguousarray(tokens, np.int64), np.ascontiguousarray(targets, np.int64),
-            ode.steps, fixed, adaptive, settings.adaptive_rtol, grad_solver,
-            list(DISCRETE_SENSEALGS), list(CONTINUOUS_SENSEALGS))
+            ode.steps, ",".join(fixed), ",".join(adaptive), settings.adaptive_rtol, grad_solver,
+            ",".join(DISCRETE_SENSEALGS), ",".join(CONTINUOUS_SENSEALGS))
     results = {str(k): out[k] for k in out.keys()}
     b, s = tokens.shape
     state_shape = (b, s, exported.params["embedding.tokens"].shape[1])
