@@ -30,6 +30,8 @@ def run_crosscheck(target: str, overrides: Sequence[str], backend: str, settings
 
         load_julia()  # fail in one line, before any work, when Julia is not there
     path = Path(target)
+    if not path.exists():
+        raise UserError(f"{target}: no such run directory, checkpoint or config file")
     if path.is_dir() or path.suffix == ".ckpt":
         from ode_lm.train import load_run
 

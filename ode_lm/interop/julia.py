@@ -25,8 +25,8 @@ from ode_lm.interop.crosscheck import (JaxSolve, Row, adaptive_ode, adaptive_sol
 from ode_lm.interop.export import export_model, save_export
 from ode_lm.interop.settings import CrossCheckSettings
 
-JULIA_PROJECT = Path(__file__).resolve().parents[2] / "julia"
 ALLOW_DOWNLOADS_ENV = "ODE_LM_JULIA_ALLOW_DOWNLOADS"
+PROJECT_ENV = "ODE_LM_JULIA_PROJECT"  # where julia/ is, when not in this source checkout
 EXE_ENVS = ("PYTHON_JULIAPKG_EXE", "PYTHON_JULIACALL_EXE")  # juliapkg reads the first
 # Solvers the Julia project maps to OrdinaryDiffEq (reversible Heun has no counterpart there).
 JULIA_SOLVERS = ("euler", "heun", "midpoint", "rk4", "tsit5", "dopri5")
@@ -59,9 +59,18 @@ def find_julia() -> str:
 
 
 @functools.cache  # a failure raises and is not cached
+def julia_project() -> Path:
+    project = Path(os.environ.get(PROJECT_ENV) or Path(__file__).resolve().parents[2] / "julia")
+    if not (project / "Project.toml").is_file():
+        raise JuliaUnavailable(f"no Julia project at {project}: use a source checkout of ode-lm "
+                               f"(it has julia/) or set {PROJECT_ENV} to its julia/ directory")
+    return project
+
+
 def load_julia():
     """juliacall's ``Main`` with ``julia/`` activated and ``ODELMCrossCheck`` loaded."""
     exe = find_julia()
+    project = julia_project()
     os.environ["PYTHON_JULIAPKG_EXE"] = exe  # juliapkg must never fetch a Julia of its own
     allow = os.environ.get(ALLOW_DOWNLOADS_ENV) == "1"
     if not allow:
@@ -73,15 +82,15 @@ def load_julia():
     except Exception as e:  # juliapkg could not set up PythonCall offline
         raise JuliaUnavailable(f"juliacall could not start Julia at {exe}: {e}. Run once with "
                                f"{ALLOW_DOWNLOADS_ENV}=1 to let juliapkg install its packages") from None
-    jl.seval(f'import Pkg; Pkg.activate(raw"{JULIA_PROJECT}"; io=devnull)')
+    jl.seval(f'import Pkg; Pkg.activate(raw"{project}"; io=devnull)')
     if allow:
         jl.seval("Pkg.instantiate()")
     try:
         jl.seval("using ODELMCrossCheck")
     except Exception as e:
         raise JuliaUnavailable(
-            f"cannot load the Julia project {JULIA_PROJECT}: {e}. Instantiate it once with "
-            f"`julia --project={JULIA_PROJECT} -e 'using Pkg; Pkg.instantiate()'` or set "
+            f"cannot load the Julia project {project}: {e}. Instantiate it once with "
+            f"`julia --project={project} -e 'using Pkg; Pkg.instantiate()'` or set "
             f"{ALLOW_DOWNLOADS_ENV}=1") from None
     return jl
 
