@@ -222,32 +222,33 @@ function sensealg(name::AbstractString, tol::Float64)
     error("unknown sensitivity $(name)")
 end
 
-function ode_problem(θ, m::Model, u0)
+"""The out-of-place problem `du/dt = vec(field(p, t, reshape(u)))` over t in [0, 1]."""
+function ode_problem(θ, m::Model, tokens)
     rhs(u, p, t) = vec(field(p, m, t, reshape(u, m.dim, m.seq, m.batch)))
-    return ODEProblem{false}(rhs, u0, (0.0, 1.0), θ)
+    return ODEProblem{false}(rhs, vec(embed(θ, m, tokens)), (0.0, 1.0), θ)
 end
 
-"""`x(1)` (dim, seq, batch) of the solve from `x(0) = embed(tokens)`."""
-function final_state(θ, m::Model, tokens, alg, options; sensealg=nothing)
+"""`x(1)` (dim, seq, batch) of the solve from `x(0) = embed(tokens)`. `u0` and `p` go to
+`solve` as keywords, the form SciMLSensitivity differentiates with respect to."""
+function final_state(θ, m::Model, tokens, prob, alg, options; sensealg=nothing)
     u0 = vec(embed(θ, m, tokens))
-    prob = ode_problem(θ, m, u0)
     sol = sensealg === nothing ?
-          solve(prob, alg; options..., saveat=[1.0]) :
-          solve(prob, alg; options..., saveat=[1.0], sensealg=sensealg)
+          solve(prob, alg; u0=u0, p=θ, options..., saveat=[1.0]) :
+          solve(prob, alg; u0=u0, p=θ, options..., saveat=[1.0], sensealg=sensealg)
     (!isempty(sol.t) && sol.t[end] == 1.0) || error("the $(nameof(typeof(alg))) solve stopped before t = 1: $(sol.retcode)")
     return reshape(Array(sol)[:, end], m.dim, m.seq, m.batch)
 end
 
 """`(x(1), logits, loss)` without gradients."""
-function forward(θ, m::Model, tokens, onehot, alg, options)
-    X1 = final_state(θ, m, tokens, alg, options)
+function forward(θ, m::Model, tokens, onehot, prob, alg, options)
+    X1 = final_state(θ, m, tokens, prob, alg, options)
     logits = readout(θ, m, X1)
     return X1, logits, cross_entropy(logits, onehot)
 end
 
 """The gradient of the loss with respect to `θ` through the sensitivity `sense`."""
-function loss_gradient(θ, m::Model, tokens, onehot, alg, options, sense)
-    loss(p) = cross_entropy(readout(p, m, final_state(p, m, tokens, alg, options; sensealg=sense)), onehot)
+function loss_gradient(θ, m::Model, tokens, onehot, prob, alg, options, sense)
+    loss(p) = cross_entropy(readout(p, m, final_state(p, m, tokens, prob, alg, options; sensealg=sense)), onehot)
     return Zygote.gradient(loss, θ)[1]
 end
 
@@ -276,6 +277,7 @@ function crosscheck(path::AbstractString, tokens_in, targets_in, steps::Integer,
     for (n, target) in enumerate(vec(targets))
         onehot[target, n] = 1.0
     end
+    prob = ode_problem(θ, m, tokens)
     out = Dict{String,Any}()
     record!(prefix, X1, logits, loss) = begin
         out[prefix * "/state"] = vec(X1)  # (dim, seq, batch) column-major == row-major (batch, seq, dim)
@@ -283,16 +285,16 @@ function crosscheck(path::AbstractString, tokens_in, targets_in, steps::Integer,
         out[prefix * "/loss"] = loss
     end
     for name in split_names(fixed)
-        record!("fixed/" * name, forward(θ, m, tokens, onehot, solver(name), solve_options(steps, nothing))...)
+        record!("fixed/" * name, forward(θ, m, tokens, onehot, prob, solver(name), solve_options(steps, nothing))...)
     end
     tol = Float64(tol)
     for name in split_names(adaptive)
-        record!("adaptive/" * name, forward(θ, m, tokens, onehot, solver(name), solve_options(steps, tol))...)
+        record!("adaptive/" * name, forward(θ, m, tokens, onehot, prob, solver(name), solve_options(steps, tol))...)
     end
     for (algs, alg, options) in ((split_names(discrete), solver(grad_solver), solve_options(steps, nothing)),
                                  (split_names(continuous), Tsit5(), solve_options(steps, tol)))
         for name in algs
-            g = loss_gradient(θ, m, tokens, onehot, alg, options, sensealg(name, tol))
+            g = loss_gradient(θ, m, tokens, onehot, prob, alg, options, sensealg(name, tol))
             for pname in m.layout.names
                 out["grad/" * name * "/" * pname] = c_order(param(g, m.layout, pname))
             end

@@ -58,7 +58,6 @@ def find_julia() -> str:
     return found
 
 
-@functools.cache  # a failure raises and is not cached
 def julia_project() -> Path:
     project = Path(os.environ.get(PROJECT_ENV) or Path(__file__).resolve().parents[2] / "julia")
     if not (project / "Project.toml").is_file():
@@ -67,6 +66,11 @@ def julia_project() -> Path:
     return project
 
 
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+@functools.cache  # a failure raises and is not cached
 def load_julia():
     """juliacall's ``Main`` with ``julia/`` activated and ``ODELMCrossCheck`` loaded."""
     exe = find_julia()
@@ -80,7 +84,7 @@ def load_julia():
     except ImportError:
         raise JuliaUnavailable("the julia backend needs juliacall: pip install 'ode-lm[julia]'") from None
     except Exception as e:  # juliapkg could not set up PythonCall offline
-        raise JuliaUnavailable(f"juliacall could not start Julia at {exe}: {e}. Run once with "
+        raise JuliaUnavailable(f"juliacall could not start Julia at {exe}: {_first_line(e)}. Run once with "
                                f"{ALLOW_DOWNLOADS_ENV}=1 to let juliapkg install its packages") from None
     jl.seval(f'import Pkg; Pkg.activate(raw"{project}"; io=devnull)')
     if allow:
@@ -89,7 +93,7 @@ def load_julia():
         jl.seval("using ODELMCrossCheck")
     except Exception as e:
         raise JuliaUnavailable(
-            f"cannot load the Julia project {project}: {e}. Instantiate it once with "
+            f"cannot load the Julia project {project}: {_first_line(e)}. Instantiate it once with "
             f"`julia --project={project} -e 'using Pkg; Pkg.instantiate()'` or set "
             f"{ALLOW_DOWNLOADS_ENV}=1") from None
     return jl
