@@ -206,6 +206,16 @@ def test_cli_crosscheck_reference_passes(tmp_path):
     assert "FAIL" not in r.stdout and "5/5 checks passed" in r.stdout
 
 
+@pytest.mark.slow
+def test_cli_crosscheck_of_a_trained_run(tiny):
+    from ode_lm.train import train
+
+    result = train(tiny(**{"train.steps": 10}))
+    r = run_cli("crosscheck", str(result.run_dir), "--solvers", "euler,rk4,tsit5", "--grad-adjoints", "checkpoint")
+    assert r.returncode == 0 and "FAIL" not in r.stdout, r.stdout + r.stderr
+    assert "checking" in r.stderr and "step_00000010.ckpt" in r.stderr
+
+
 def test_cli_crosscheck_rejects_bad_flags():
     r = run_cli("crosscheck", "configs/quickstart.toml", "--solvers", "euler,rk5")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "rk5" in r.stderr and "tsit5" in r.stderr

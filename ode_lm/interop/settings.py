@@ -26,7 +26,7 @@ class CrossCheckSettings:
     adaptive_method: str = "DOP853"  # scipy.integrate.solve_ivp method of the reference
     adaptive_max_steps: int = 16384  # diffrax max_steps of the adaptive solves
     grad_tol: float = 1e-6  # max relative difference, gradients vs central differences
-    fd_eps: float = 1e-5  # central-difference step
+    fd_eps: float = 1e-4  # step h of the fourth-order central difference
     grad_adjoints: tuple[str, ...] = ("checkpoint", "direct")  # exact discrete sensitivities
     grad_params: tuple[str, ...] = ("embedding.tokens", "block.attn.qkv.weight", "block.attn.proj.bias",
                                     "block.ln_attn.weight", "block.mlp.fc1.weight", "block.mlp.fc2.bias",
