@@ -1,11 +1,10 @@
-"""Cross-checks against independent implementations: a float64 NumPy reference backend
-(always available) and a juliacall bridge to the Julia project in ``julia/`` (optional).
+"""Cross-checks against independent implementations (docs/interop.md).
 
-Nothing here imports juliacall until the Julia backend is asked for.
+- ``export``: a time-indexed model as named float64 arrays in an ``.npz`` (the format Julia reads)
+- ``reference``: the same model in float64 NumPy, with fixed-step loops and ``solve_ivp``
+- ``crosscheck``: the comparisons against diffrax and the table they print
+- ``julia``: the juliacall bridge to ``julia/`` (juliacall is imported only when used)
+- ``settings``, ``command``: the ``ode-lm crosscheck`` knobs and command
+
+This package imports nothing on its own, so finding Julia never pays for importing JAX.
 """
-
-from ode_lm.interop.export import ExportedModel, ExportError, export_model, load_export, save_export
-from ode_lm.interop.reference import ReferenceModel, solve_adaptive, solve_fixed
-
-__all__ = ["ExportedModel", "ExportError", "export_model", "load_export", "save_export",
-           "ReferenceModel", "solve_adaptive", "solve_fixed"]

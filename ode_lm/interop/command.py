@@ -18,6 +18,10 @@ from ode_lm.interop.settings import CrossCheckSettings
 
 def run_crosscheck(target: str, overrides: Sequence[str], backend: str, settings: CrossCheckSettings,
                    out=print, progress=lambda m: print(f"crosscheck: {m}", file=sys.stderr, flush=True)) -> int:
+    if backend == "julia":
+        from ode_lm.interop.julia import check_julia, load_julia
+
+        load_julia()  # fail in one line, before any work, when Julia is not there
     import jax
 
     # The whole process works in float64; a CLI process owns its JAX config.
@@ -25,10 +29,6 @@ def run_crosscheck(target: str, overrides: Sequence[str], backend: str, settings
     from ode_lm.config import load_config
     from ode_lm.interop.crosscheck import check_reference, float64_model, format_table, random_batch
 
-    if backend == "julia":
-        from ode_lm.interop.julia import check_julia, load_julia
-
-        load_julia()  # fail in one line, before any work, when Julia is not there
     path = Path(target)
     if not path.exists():
         raise UserError(f"{target}: no such run directory, checkpoint or config file")

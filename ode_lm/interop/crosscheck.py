@@ -95,8 +95,8 @@ def float64_model(cfg: Config, settings: CrossCheckSettings, model: ODELanguageM
     model = build_model(cfg.model, settings.vocab, jax.random.key(settings.seed), jnp.float64)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(settings.seed + 1), len(leaves))
-    noisy = [x + cfg.model.init_std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    rng = np.random.default_rng(settings.seed + 1)
+    noisy = [x + cfg.model.init_std * jnp.asarray(rng.standard_normal(x.shape), x.dtype) for x in leaves]
     return eqx.combine(jax.tree.unflatten(treedef, noisy), static)
 
 

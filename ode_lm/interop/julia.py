@@ -15,14 +15,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 
-from ode_lm.config import ODEConfig
 from ode_lm.errors import UserError
-from ode_lm.interop.crosscheck import (JaxSolve, Row, adaptive_ode, adaptive_solvers, compare, fixed_ode,
-                                       forward_rows, jax_grads)
-from ode_lm.interop.export import export_model, save_export
 from ode_lm.interop.settings import CrossCheckSettings
 
 ALLOW_DOWNLOADS_ENV = "ODE_LM_JULIA_ALLOW_DOWNLOADS"
@@ -104,9 +99,15 @@ def _c_order(flat, shape) -> np.ndarray:
     return np.asarray(flat, np.float64).reshape(shape)
 
 
-def check_julia(model, ode: ODEConfig, tokens, targets, settings: CrossCheckSettings,
-                progress=lambda _: None) -> list[Row]:
-    """Forward solves and gradients from the Julia project against diffrax."""
+def check_julia(model, ode, tokens, targets, settings: CrossCheckSettings, progress=lambda _: None) -> list:
+    """Forward solves and gradients from the Julia project against diffrax (float64)."""
+    # JAX comes in here, not at import: finding Julia must stay cheap and JAX-free.
+    import jax.numpy as jnp
+
+    from ode_lm.interop.crosscheck import (JaxSolve, adaptive_ode, adaptive_solvers, compare, fixed_ode,
+                                           forward_rows, jax_grads)
+    from ode_lm.interop.export import export_model, save_export
+
     jl = load_julia()
     exported = export_model(model)
     fixed = [s for s in settings.solvers if s in JULIA_SOLVERS]
@@ -123,7 +124,7 @@ def check_julia(model, ode: ODEConfig, tokens, targets, settings: CrossCheckSett
     b, s = tokens.shape
     state_shape = (b, s, exported.params["embedding.tokens"].shape[1])
     logits_shape = (b, s, exported.params["embedding.tokens"].shape[0])
-    rows: list[Row] = []
+    rows = []
     for solver in fixed:
         progress(f"diffrax fixed-step {solver}")
         jx = JaxSolve.run(model, tokens, targets, fixed_ode(ode, solver))
