@@ -4,8 +4,8 @@ Everything runs in float64. For each solver the diffrax solve and the other back
 start from the same parameters and tokens; we compare the final state ``x(1)``, the logits
 and the loss. Fixed-step solves use the same grid, so they agree to round-off; adaptive
 solves both run at tight tolerances and agree to about those tolerances. Gradients of the
-loss (diffrax, through the exact discrete sensitivities) are compared with central finite
-differences of the reference loss.
+loss (diffrax, through the exact discrete sensitivities) are compared with fourth-order
+central finite differences of the reference loss.
 
 A row's ``max_abs`` is ``max |a - b|``; ``max_rel`` is ``max |a - b| / max |b|`` (relative to
 the largest magnitude, so near-zero entries do not dominate). ``measure`` says which of the
@@ -31,6 +31,7 @@ from ode_lm.interop.settings import CrossCheckSettings
 from ode_lm.models import ODELanguageModel, build_model
 from ode_lm.ode import SOLVER_SPECS
 from ode_lm.train.precision import cast_floating
+
 
 @dataclass(frozen=True)
 class Row:
