@@ -117,11 +117,15 @@ function linear(θ, m::Model, name::String, X, gate=nothing)
     return Y .+ param(θ, m.layout, name * ".bias")
 end
 
+"""Column sums as a product with a row of ones: matrix products are what every AD backend
+(ReverseDiff included) differentiates natively, unlike reductions with `dims`."""
+colsum(X) = ones(1, size(X, 1)) * X
+
 """LayerNorm over features (dimension 1), biased variance, as ode-lm's `LayerNorm`."""
 function layer_norm(θ, m::Model, name::String, X)
-    mu = mean(X; dims=1)
-    centred = X .- mu
-    var = mean(centred .^ 2; dims=1)
+    n = size(X, 1)
+    centred = X .- colsum(X) ./ n
+    var = colsum(centred .^ 2) ./ n
     return centred ./ sqrt.(var .+ m.eps) .* param(θ, m.layout, name * ".weight") .+
            param(θ, m.layout, name * ".bias")
 end
@@ -140,10 +144,10 @@ function gates(θ, m::Model, t)
 end
 
 """Column softmax (over keys). No max shift: scores stay far below exp's overflow here,
-and the shift's `maximum` is the one reduction ReverseDiff would trace element by element."""
+and the shift's `maximum` is a reduction ReverseDiff would trace element by element."""
 function softmax_keys(scores)
     e = exp.(scores)
-    return e ./ sum(e; dims=1)
+    return e ./ colsum(e)
 end
 
 """Causal multi-head attention on features-first `Xn` (dim, seq*batch)."""
@@ -194,7 +198,7 @@ end
 function cross_entropy(logits, onehot)
     z = logits .- maximum(logits; dims=1)
     logp = z .- log.(sum(exp.(z); dims=1))
-    return -sum(logp .* onehot) / size(logits, 2)
+    return -mean(sum(logp .* onehot; dims=1))
 end
 
 # ------------------------------------------------------------------------------ the solves
