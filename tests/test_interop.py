@@ -304,6 +304,54 @@ def test_import_ode_lm_does_not_import_juliacall():
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr
 
 
+class FakeJulia:
+    """Stands in for juliacall's ``Main``: answers ``ODELMCrossCheck.crosscheck`` with the NumPy
+    reference, laid out as the Julia code lays its results out (``vec`` of the features-first
+    arrays), so the bridge's decoding is tested without Julia."""
+
+    def __init__(self, model, transposed_state=True):
+        self.ODELMCrossCheck, self.model, self.transposed_state = self, model, transposed_state
+
+    def crosscheck(self, path, tokens, targets, steps, fixed, adaptive, tol, grad_solver, discrete, continuous):
+        from ode_lm.interop.crosscheck import fixed_ode, jax_grads
+
+        ref, out = ReferenceModel(load_export(path)), {}
+        for name in fixed.split(","):
+            x1, _ = solve_fixed(ref.field, ref.embed(tokens), name, steps)
+            logits = ref.readout(x1)
+            b, s, v = logits.shape
+            # Julia's X[d, s, b] and L[v, s + S b], flattened column-major by vec().
+            out[f"fixed/{name}/state"] = (x1.transpose(2, 1, 0) if self.transposed_state else x1).ravel(order="F")
+            out[f"fixed/{name}/logits"] = logits.reshape(b * s, v).T.ravel(order="F")
+            out[f"fixed/{name}/loss"] = ref.loss(logits, targets)
+        assert adaptive == "" and continuous == ""
+        grads = export_model(jax_grads(self.model, jnp.asarray(tokens), jnp.asarray(targets),
+                                       fixed_ode(tiny_cfg().ode, grad_solver, "checkpoint"))).params
+        for alg in discrete.split(","):
+            out.update({f"grad/{alg}/{n}": g.ravel() for n, g in grads.items()})  # Julia's c_order()
+        return out
+
+
+@pytest.mark.parametrize("transposed_state", [True, False])
+def test_julia_bridge_decodes_the_julia_layout(reference_rows, monkeypatch, transposed_state):
+    from ode_lm.interop import julia as julia_mod
+
+    _, model, tokens, targets, _ = reference_rows
+    monkeypatch.setattr(julia_mod, "load_julia", lambda: FakeJulia(model, transposed_state))
+    monkeypatch.setattr(julia_mod, "CONTINUOUS_SENSEALGS", ())
+    settings = dataclasses.replace(SETTINGS, solvers=("euler", "midpoint"))
+    with jax.enable_x64(True):
+        rows = julia_mod.check_julia(model, tiny_cfg().ode, tokens, targets, settings)
+    assert [r.check for r in rows] == [f"julia {s} fixed {STEPS} steps {w}" for s in ("euler", "midpoint")
+                                       for w in ("state x(1)", "logits", "loss")] + \
+        ["julia grad ReverseDiffAdjoint euler fixed (all parameters)"]
+    states = [r for r in rows if r.check.endswith("state x(1)")]
+    if transposed_state:
+        assert all(r.passed for r in rows), rows
+    else:  # a layout slip on the Julia side is caught, not averaged away
+        assert not any(r.passed for r in states)
+
+
 @pytest.mark.julia
 @pytest.mark.skipif(shutil.which("julia") is None and not os.environ.get("PYTHON_JULIAPKG_EXE")
                     and not os.environ.get("PYTHON_JULIACALL_EXE"),

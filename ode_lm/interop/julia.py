@@ -142,15 +142,19 @@ def check_julia(model, ode, tokens, targets, settings: CrossCheckSettings, progr
                              _c_order(results[f"{key}/logits"], logits_shape),
                              float(results[f"{key}/loss"]), "abs", settings.adaptive_tol, "")
     tok, tgt = jnp.asarray(tokens), jnp.asarray(targets)
-    progress("diffrax gradients")
-    discrete = export_model(jax_grads(model, tok, tgt, fixed_ode(ode, grad_solver, "checkpoint"))).params
-    continuous = export_model(jax_grads(model, tok, tgt, adaptive_ode(ode, "tsit5", settings, "checkpoint"))).params
-    for sensealgs, want, tol, where in ((DISCRETE_SENSEALGS, discrete, settings.julia_discrete_grad_tol, f"{grad_solver} fixed"),
-                                        (CONTINUOUS_SENSEALGS, continuous, settings.julia_continuous_grad_tol, "tsit5 adaptive")):
+    groups = ((DISCRETE_SENSEALGS, fixed_ode(ode, grad_solver, "checkpoint"), settings.julia_discrete_grad_tol,
+               f"{grad_solver} fixed"),
+              (CONTINUOUS_SENSEALGS, adaptive_ode(ode, "tsit5", settings, "checkpoint"),
+               settings.julia_continuous_grad_tol, "tsit5 adaptive"))
+    for sensealgs, diffrax_ode, tol, where in groups:
+        if not sensealgs:
+            continue
+        progress(f"diffrax gradients, {where}")
+        want = export_model(jax_grads(model, tok, tgt, diffrax_ode)).params
+        flat_want = np.concatenate([a.ravel() for a in want.values()])
         for alg in sensealgs:
-            got = {name: _c_order(results[f"grad/{alg}/{name}"], a.shape) for name, a in want.items()}
-            flat_got = np.concatenate([got[n].ravel() for n in want])
-            flat_want = np.concatenate([want[n].ravel() for n in want])
+            flat_got = np.concatenate([_c_order(results[f"grad/{alg}/{name}"], a.shape).ravel()
+                                       for name, a in want.items()])
             rows.append(compare(f"julia grad {alg} {where} (all parameters)", flat_got, flat_want, "rel", tol,
                                 "vs diffrax checkpoint"))
     return rows
