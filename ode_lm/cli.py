@@ -1,4 +1,4 @@
-"""``ode-lm train | generate | info``: the command line.
+"""``ode-lm train | generate | info | crosscheck``: the command line.
 
 User errors (config, paths, checkpoints, prompts, data) print one line and exit with
 status 2; a training failure prints one line and exits with status 1.
@@ -72,6 +72,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crosscheck(args: argparse.Namespace) -> int:
+    from ode_lm.interop.command import run_crosscheck
+    from ode_lm.interop.settings import from_arguments
+
+    return run_crosscheck(args.target, args.overrides, args.backend, from_arguments(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ode-lm", description="Continuous-depth transformer LMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -97,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="TOML config file, e.g. configs/time_indexed.toml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=_info)
+
+    from ode_lm.interop.settings import BACKENDS, add_arguments
+
+    p = sub.add_parser("crosscheck", help="check solves and gradients against an independent float64 "
+                       "implementation (docs/interop.md)")
+    p.add_argument("target", help="run directory or checkpoint (trained weights), or a TOML config "
+                   "(random-init model, no data needed)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (config target)")
+    p.add_argument("--backend", choices=BACKENDS, default="reference",
+                   help="reference: float64 NumPy/SciPy (always available); julia: OrdinaryDiffEq + "
+                   "SciMLSensitivity through juliacall")
+    add_arguments(p)
+    p.set_defaults(func=_crosscheck)
     return parser
 
 

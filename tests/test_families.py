@@ -239,3 +239,11 @@ def test_standard_family_trains_and_notes_that_ode_settings_are_ignored(tiny):
     assert len(losses) == 30 and np.isfinite(losses).all()
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3
     assert result.evaluation.nfe == 2
+
+
+@pytest.mark.parametrize("family", ["standard", "hypernetwork", "time_indexed_ssm", "constant"])
+def test_float64_export_refuses_families_it_does_not_implement(family):
+    from ode_lm.interop.export import ExportError, export_model
+
+    with pytest.raises(ExportError, match="time_indexed family only"):
+        export_model(small_model(family))
