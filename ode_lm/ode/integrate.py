@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import diffrax
-import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float
 
 from ode_lm.config import ODEConfig
 from ode_lm.ode.field import VectorField
+from ode_lm.ode.reversible import integrate_reversible
 from ode_lm.ode.sensitivities import SENSITIVITIES
 from ode_lm.ode.solvers import SOLVER_SPECS
+from ode_lm.ode.stepping import T0, T1, TERM, SolveStats, fixed_grid, step_control
 
-T0, T1 = 0.0, 1.0
-
-
-class SolveStats(NamedTuple):
-    nfe: Int[Array, ""]  # vector-field evaluations of the forward solve
-    steps: Int[Array, ""]  # steps taken (accepted + rejected)
-    failed: Bool[Array, ""]  # an adaptive solve that hit ode.max_steps before t = 1
-
-
-def _evaluate(t, x, field: VectorField):
-    return field(t, x)
-
-
-def fixed_grid(steps: int, dtype=jnp.float32) -> Float[Array, " steps+1"]:
-    """The depth-times ``0 = t_0 < ... < t_N = 1`` of a fixed-step solve."""
-    return jnp.linspace(T0, T1, steps + 1, dtype=dtype)
+__all__ = ["T0", "T1", "SolveStats", "fixed_grid", "integrate"]
 
 
 def integrate(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
@@ -37,22 +21,22 @@ def integrate(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
 
     Fixed steps use the grid ``t_n = n / steps``; adaptive solves start at
     ``dt0 = 1/steps`` under a PID controller and may take up to ``ode.max_steps`` steps.
+    ``ode.adjoint = "reversible"`` solves with the reversible scheme of ``reversible.py``.
     """
+    if ode.reversible and ode.adjoint != "reversible":
+        raise ValueError(f"ODEConfig(reversible=True) conflicts with adjoint={ode.adjoint!r}; "
+                         "pass adjoint='reversible' (config loading resolves the alias)")
+    if ode.adjoint == "reversible":
+        return integrate_reversible(field, x0, ode)
     if ode.adjoint not in SENSITIVITIES:
-        raise ValueError(f"unknown sensitivity {ode.adjoint!r}; choose one of {', '.join(SENSITIVITIES)}")
+        raise ValueError(f"unknown sensitivity {ode.adjoint!r}; choose one of "
+                         f"{', '.join([*SENSITIVITIES, 'reversible'])}")
     spec = SOLVER_SPECS[ode.solver]
-    if ode.adaptive:
-        controller = diffrax.PIDController(rtol=ode.rtol, atol=ode.atol, pcoeff=ode.pcoeff,
-                                           icoeff=ode.icoeff, dcoeff=ode.dcoeff)
-        dt0, max_steps = (T1 - T0) / ode.steps, ode.max_steps
-    else:
-        # ConstantStepSize rather than StepTo: the backsolve adjoint must run the grid backwards.
-        controller = diffrax.ConstantStepSize()
-        dt0, max_steps = (T1 - T0) / ode.steps, ode.steps
+    control = step_control(ode)
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_evaluate), spec.make(), t0=T0, t1=T1, dt0=dt0, y0=x0, args=field,
-        saveat=diffrax.SaveAt(t1=True), stepsize_controller=controller,
-        adjoint=SENSITIVITIES[ode.adjoint](), max_steps=max_steps, throw=False)
+        TERM, spec.make(), t0=T0, t1=T1, dt0=control.dt0, y0=x0, args=field,
+        saveat=diffrax.SaveAt(t1=True), stepsize_controller=control.controller,
+        adjoint=SENSITIVITIES[ode.adjoint](), max_steps=control.max_steps, throw=False)
     steps = sol.stats["num_steps"]
     failed = sol.result != diffrax.RESULTS.successful
     return sol.ys[-1], SolveStats(spec.nfe(steps), steps, failed)
