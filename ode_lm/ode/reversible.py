@@ -102,12 +102,6 @@ class Reversible(diffrax.AbstractAdaptiveSolver):
         result = diffrax.RESULTS.where(result_f == diffrax.RESULTS.successful, result_b, result_f)
         return y1, y_error, dict(y0=y0, y1=y1), z1, result
 
-    def inverse(self, terms, t0, t1, y1, z1, args):
-        """``(y_n, z_n)`` from ``(y_{n+1}, z_{n+1})`` over the step ``[t0, t1]``."""
-        z0 = z1 + increment(self.solver, terms, t1, t0, y1, args)[0]
-        y0 = (y1 - (1 - self.coupling) * z0 - increment(self.solver, terms, t0, t1, z0, args)[0]) / self.coupling
-        return y0, z0
-
     def func(self, terms, t0, y0, args):
         return self.solver.func(terms, t0, y0, args)
 
@@ -151,18 +145,17 @@ def _solve_reversible_fwd(perturbed, field_x0, ode):
     return (y1, stats), (y1, z1, times, accepted)
 
 
-@_solve_reversible.def_bwd
-def _solve_reversible_bwd(residuals, grad_obj, perturbed, field_x0, ode):
-    y_end, z_end, times, accepted = residuals
-    field, _ = field_x0
-    ybar_end = grad_obj[0]
-    if ybar_end is None:
-        ybar_end = jnp.zeros_like(y_end)
+def _walk_back(field: VectorField, ode: ODEConfig, y_end, z_end, times, accepted, ybar_end):
+    """Steps ``N-1 .. 0`` backwards: reconstruct ``(y_n, z_n)`` and pull cotangents through.
+
+    Returns ``(y_0, z_0, ybar_0, zbar_0, thetabar)``; ``thetabar`` has the structure of
+    ``field`` with ``None`` at leaves that are not floating-point arrays.
+    """
     params, static = eqx.partition(field, eqx.is_inexact_array)
-    solver, lam = reversible_solver(ode), ode.reversible_coupling
+    base, lam = reversible_solver(ode).solver, ode.reversible_coupling
 
     def psi(p, t0, t1, x):
-        return increment(solver.solver, TERM, t0, t1, x, eqx.combine(p, static))[0]
+        return increment(base, TERM, t0, t1, x, eqx.combine(p, static))[0]
 
     def back_step(i, carry):
         y1, z1, ybar, zbar, pbar = carry
@@ -179,10 +172,27 @@ def _solve_reversible_bwd(residuals, grad_obj, perturbed, field_x0, ode):
         pbar = jax.tree.map(lambda acc, f, b: acc + f - b, pbar, pbar_f, pbar_b)
         return y0, z0, lam * a, zbar + (1 - lam) * a + zbar_f, pbar
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    carry = (y_end, z_end, ybar_end, jnp.zeros_like(z_end), zeros)
-    _, _, ybar0, zbar0, pbar = jax.lax.fori_loop(0, accepted, back_step, carry)
-    return pbar, ybar0 + zbar0
+    carry = (y_end, z_end, ybar_end, jnp.zeros_like(z_end), jax.tree.map(jnp.zeros_like, params))
+    return jax.lax.fori_loop(0, accepted, back_step, carry)
+
+
+@_solve_reversible.def_bwd
+def _solve_reversible_bwd(residuals, grad_obj, perturbed, field_x0, ode):
+    y_end, z_end, times, accepted = residuals
+    ybar_end = grad_obj[0] if grad_obj[0] is not None else jnp.zeros_like(y_end)
+    _, _, ybar0, zbar0, pbar = _walk_back(field_x0[0], ode, y_end, z_end, times, accepted, ybar_end)
+    return pbar, ybar0 + zbar0  # y_0 = z_0 = x(0)
+
+
+def reconstruct(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
+                ) -> tuple[Float[Array, "*state"], Float[Array, "*state"]]:
+    """Solve forwards, then walk back as the backward pass does: ``(y_0, z_0)``, both ~ ``x0``.
+
+    Their distance from ``x0`` is the reconstruction error that enters reversible gradients.
+    """
+    y_end, z_end, times, accepted, _ = _solve(field, x0, ode, diffrax.RecursiveCheckpointAdjoint())
+    y0, z0, _, _, _ = _walk_back(field, ode, y_end, z_end, times, accepted, jnp.zeros_like(y_end))
+    return y0, z0
 
 
 def integrate_reversible(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig, *,
