@@ -198,7 +198,8 @@ def reconstruct(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
 def integrate_reversible(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig, *,
                          gradient: Literal["reversible", "direct"] = "reversible"
                          ) -> tuple[Float[Array, "*state"], SolveStats]:
-    """Solve with the reversible scheme; ``x(1)`` and stats as :func:`ode_lm.ode.integrate`.
+    """Solve with the reversible scheme; ``x(1)`` and stats as :func:`ode_lm.ode.integrate`
+    (this is its ``reversible`` sensitivity).
 
     ``gradient="reversible"`` backpropagates by reconstructing states (O(1) memory in the
     steps); ``"direct"`` backpropagates through every stored operation of the same scheme

@@ -1,5 +1,8 @@
 """Sensitivities (how gradients flow through a solve), by name.
 
+Each entry is a solve ``(field, x0, ode) -> (x(1), SolveStats)`` whose gradient is the
+sensitivity's:
+
 - ``checkpoint``: backpropagate through the solver's operations, recomputing from
   O(sqrt(steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``). Exact discrete gradient.
 - ``direct``: backpropagate through every operation, storing everything (diffrax
@@ -10,17 +13,43 @@
 - ``reversible``: solve with an algebraically reversible scheme built on the chosen explicit
   Runge--Kutta solver and backpropagate by reconstructing its states step by step
   (``reversible.py``). Exact gradient of that scheme; O(1) memory in the number of steps.
-  Not a diffrax adjoint, so it is not in the registry below; ``integrate`` dispatches on it.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import diffrax
+from jaxtyping import Array, Float
 
-SENSITIVITIES: dict[str, Callable[[], diffrax.AbstractAdjoint]] = {
-    "checkpoint": diffrax.RecursiveCheckpointAdjoint,
-    "direct": diffrax.DirectAdjoint,
-    "backsolve": diffrax.BacksolveAdjoint,
+from ode_lm.config import ODEConfig
+from ode_lm.ode.field import VectorField
+from ode_lm.ode.reversible import integrate_reversible
+from ode_lm.ode.solvers import SOLVER_SPECS
+from ode_lm.ode.stepping import T0, T1, TERM, SolveStats, step_control
+
+Solve = Callable[[VectorField, Float[Array, "*state"], ODEConfig], tuple[Float[Array, "*state"], SolveStats]]
+
+
+def solve_with_adjoint(adjoint: Callable[[], diffrax.AbstractAdjoint], field: VectorField,
+                       x0: Float[Array, "*state"], ode: ODEConfig
+                       ) -> tuple[Float[Array, "*state"], SolveStats]:
+    """``ode.solver`` under diffrax ``diffeqsolve``, differentiated by ``adjoint``."""
+    spec = SOLVER_SPECS[ode.solver]
+    control = step_control(ode)
+    sol = diffrax.diffeqsolve(
+        TERM, spec.make(), t0=T0, t1=T1, dt0=control.dt0, y0=x0, args=field,
+        saveat=diffrax.SaveAt(t1=True), stepsize_controller=control.controller,
+        adjoint=adjoint(), max_steps=control.max_steps, throw=False)
+    steps = sol.stats["num_steps"]
+    failed = sol.result != diffrax.RESULTS.successful
+    return sol.ys[-1], SolveStats(spec.nfe(steps), steps, failed)
+
+
+SENSITIVITIES: dict[str, Solve] = {
+    "checkpoint": functools.partial(solve_with_adjoint, diffrax.RecursiveCheckpointAdjoint),
+    "direct": functools.partial(solve_with_adjoint, diffrax.DirectAdjoint),
+    "backsolve": functools.partial(solve_with_adjoint, diffrax.BacksolveAdjoint),
+    "reversible": integrate_reversible,
 }
