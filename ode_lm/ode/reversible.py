@@ -202,12 +202,13 @@ def integrate_reversible(field: VectorField, x0: Float[Array, "*state"], ode: OD
     (this is its ``reversible`` sensitivity).
 
     ``gradient="reversible"`` backpropagates by reconstructing states (O(1) memory in the
-    steps); ``"direct"`` backpropagates through every stored operation of the same scheme
-    (diffrax ``DirectAdjoint``), the reference the reversible gradient must equal.
+    steps); ``"direct"`` backpropagates through the same scheme storing the state after every
+    step (the ``direct`` sensitivity's way), the reference the reversible gradient must equal.
     """
     if gradient == "reversible":
         return _solve_reversible((field, x0), ode)
     if gradient == "direct":
-        y1, _, _, _, stats = _solve(field, x0, ode, diffrax.DirectAdjoint())
+        adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=step_control(ode).max_steps)
+        y1, _, _, _, stats = _solve(field, x0, ode, adjoint)
         return y1, stats
     raise ValueError(f"unknown gradient {gradient!r}; choose reversible or direct")

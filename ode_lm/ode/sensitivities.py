@@ -5,8 +5,11 @@ sensitivity's:
 
 - ``checkpoint``: backpropagate through the solver's operations, recomputing from
   O(sqrt(steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``). Exact discrete gradient.
-- ``direct``: backpropagate through every operation, storing everything (diffrax
-  ``DirectAdjoint``). Exact discrete gradient; memory grows with steps.
+- ``direct``: backpropagate through every step, storing the state after each one (diffrax
+  ``RecursiveCheckpointAdjoint`` with one checkpoint per step, so nothing is recomputed
+  beyond the step being differentiated). Exact discrete gradient; memory grows linearly
+  with steps. (diffrax's ``DirectAdjoint`` runs a nested, checkpointed loop whose memory
+  is nearly flat in the steps, so it is not the store-everything reference.)
 - ``backsolve``: solve the continuous adjoint ODE backwards in time (diffrax
   ``BacksolveAdjoint``). O(1) memory; an approximation of the discrete gradient whose
   error shrinks with the solver's error.
@@ -32,24 +35,28 @@ from ode_lm.ode.stepping import T0, T1, TERM, SolveStats, step_control
 Solve = Callable[[VectorField, Float[Array, "*state"], ODEConfig], tuple[Float[Array, "*state"], SolveStats]]
 
 
-def solve_with_adjoint(adjoint: Callable[[], diffrax.AbstractAdjoint], field: VectorField,
+def store_every_step(max_steps: int) -> diffrax.AbstractAdjoint:
+    return diffrax.RecursiveCheckpointAdjoint(checkpoints=max_steps)
+
+
+def solve_with_adjoint(adjoint: Callable[[int], diffrax.AbstractAdjoint], field: VectorField,
                        x0: Float[Array, "*state"], ode: ODEConfig
                        ) -> tuple[Float[Array, "*state"], SolveStats]:
-    """``ode.solver`` under diffrax ``diffeqsolve``, differentiated by ``adjoint``."""
+    """``ode.solver`` under diffrax ``diffeqsolve``, differentiated by ``adjoint(max_steps)``."""
     spec = SOLVER_SPECS[ode.solver]
     control = step_control(ode)
     sol = diffrax.diffeqsolve(
         TERM, spec.make(), t0=T0, t1=T1, dt0=control.dt0, y0=x0, args=field,
         saveat=diffrax.SaveAt(t1=True), stepsize_controller=control.controller,
-        adjoint=adjoint(), max_steps=control.max_steps, throw=False)
+        adjoint=adjoint(control.max_steps), max_steps=control.max_steps, throw=False)
     steps = sol.stats["num_steps"]
     failed = sol.result != diffrax.RESULTS.successful
     return sol.ys[-1], SolveStats(spec.nfe(steps), steps, failed)
 
 
 SENSITIVITIES: dict[str, Solve] = {
-    "checkpoint": functools.partial(solve_with_adjoint, diffrax.RecursiveCheckpointAdjoint),
-    "direct": functools.partial(solve_with_adjoint, diffrax.DirectAdjoint),
-    "backsolve": functools.partial(solve_with_adjoint, diffrax.BacksolveAdjoint),
+    "checkpoint": functools.partial(solve_with_adjoint, lambda _: diffrax.RecursiveCheckpointAdjoint()),
+    "direct": functools.partial(solve_with_adjoint, store_every_step),
+    "backsolve": functools.partial(solve_with_adjoint, lambda _: diffrax.BacksolveAdjoint()),
     "reversible": integrate_reversible,
 }
