@@ -121,7 +121,7 @@ def test_memory_does_not_grow_with_steps():
 
     rev = [temp_bytes("reversible", n) for n in (4, 32)]
     assert rev[1] <= 1.2 * rev[0], rev
-    assert temp_bytes("direct", 32) >= 3 * rev[1]  # storing every step does cost memory
+    assert temp_bytes("direct", 32) >= 2 * rev[1]  # storing 32 states does cost memory
 
 
 def test_training_with_reversible_lowers_the_loss(tiny):
