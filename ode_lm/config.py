@@ -27,7 +27,10 @@ ODE_FAMILIES = tuple(f for f in FAMILIES if f != "standard")
 SOLVERS = ("euler", "heun", "midpoint", "rk4", "tsit5", "dopri5", "reversible_heun")
 # Solvers with an embedded error estimate, i.e. usable with adaptive step-size control.
 ADAPTIVE_SOLVERS = ("heun", "midpoint", "rk4", "tsit5", "dopri5", "reversible_heun")
-ADJOINTS = ("checkpoint", "direct", "backsolve")
+ADJOINTS = ("checkpoint", "direct", "backsolve", "reversible")
+# The reversible sensitivity wraps a one-step explicit Runge--Kutta method (reversible_heun
+# already carries a second state of its own, so it cannot be wrapped).
+REVERSIBLE_SOLVERS = ("euler", "heun", "midpoint", "rk4", "tsit5", "dopri5")
 SOURCES = ("python-stdlib", "text", "hf")
 TOKENIZERS = ("byte", "char")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
@@ -78,6 +81,10 @@ class ODEConfig:
     icoeff: float = knob(1.0, gt=0.0, doc="PID controller integral coefficient")
     dcoeff: float = knob(0.0, ge=0.0, doc="PID controller derivative coefficient")
     adjoint: str = knob("checkpoint", choices=ADJOINTS, doc="sensitivity (gradient) method")
+    reversible: bool = knob(False, doc="alias: true selects adjoint = \"reversible\"")
+    reversible_coupling: float = knob(0.999, gt=0.0, le=1.0,
+                                      doc="coupling lambda of the reversible scheme; < 1 damps its "
+                                      "parasitic mode, 1 is the undamped (least stable) scheme")
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,11 @@ class Config:
     def replace(self, **dotted: Any) -> "Config":
         """A copy with ``{"ode.solver": "rk4", ...}`` replaced, validated like an override."""
         raw = self.to_dict()
+        # ode.reversible aliases ode.adjoint: the one given here wins over the stored other.
+        if "ode.reversible" in dotted and "ode.adjoint" not in dotted:
+            raw["ode"].pop("adjoint")
+        if "ode.adjoint" in dotted and "ode.reversible" not in dotted:
+            raw["ode"].pop("reversible")
         for key, value in dotted.items():
             section, name = _split_key(key, "replace()")
             raw.setdefault(section, {})[name] = value
@@ -260,9 +272,21 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
                                   f"{', '.join(fields)}" + _suggest(name, fields))
             kwargs[name] = _check_value(source, section, fields[name], hints[name], value)
         sections[section] = cls(**kwargs)
+    if "ode" in sections:
+        sections["ode"] = _resolve_reversible(sections["ode"], raw["ode"].get("adjoint"), source)
     config = Config(**sections)
     _check_consistency(config, source)
     return config
+
+
+def _resolve_reversible(ode: ODEConfig, explicit_adjoint: Any, source: str) -> ODEConfig:
+    """``reversible = true`` is an alias of ``adjoint = "reversible"``; keep the two in step."""
+    if ode.reversible:
+        if explicit_adjoint not in (None, "reversible"):
+            raise ConfigError(f"{source}: [ode] reversible = true selects adjoint = \"reversible\", "
+                              f"but adjoint = \"{explicit_adjoint}\" is also given; drop one of the two")
+        return dataclasses.replace(ode, adjoint="reversible")
+    return dataclasses.replace(ode, reversible=ode.adjoint == "reversible")
 
 
 def _check_consistency(c: Config, source: str) -> None:
@@ -278,6 +302,10 @@ def _check_consistency(c: Config, source: str) -> None:
     if c.ode.adaptive and c.ode.solver not in ADAPTIVE_SOLVERS:
         raise ConfigError(f"{source}: [ode] solver = \"{c.ode.solver}\" has no error estimate, so "
                           f"adaptive = true is not possible; use one of {', '.join(ADAPTIVE_SOLVERS)}")
+    if c.ode.adjoint == "reversible" and c.ode.solver not in REVERSIBLE_SOLVERS:
+        raise ConfigError(f"{source}: [ode] adjoint = \"reversible\" wraps an explicit Runge-Kutta "
+                          f"solver; solver = \"{c.ode.solver}\" is not one; use one of "
+                          f"{', '.join(REVERSIBLE_SOLVERS)}")
     if c.data.source == "text" and not c.data.paths:
         raise ConfigError(f"{source}: [data] source = \"text\" needs paths = [\"file.txt\", ...] "
                           "(files, directories or globs)")

@@ -20,6 +20,11 @@ def compile_and_time(fn, *args, repeats: int = 10, warmup: int = 2) -> tuple[flo
     start = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     compile_s = time.perf_counter() - start
+    return compile_s, time_compiled(compiled, *args, repeats=repeats, warmup=warmup)
+
+
+def time_compiled(compiled, *args, repeats: int = 10, warmup: int = 2) -> float:
+    """Median seconds per synchronised call of an already compiled executable."""
     for _ in range(warmup):
         jax.block_until_ready(compiled(*args))
     times = []
@@ -27,7 +32,7 @@ def compile_and_time(fn, *args, repeats: int = 10, warmup: int = 2) -> tuple[flo
         start = time.perf_counter()
         jax.block_until_ready(compiled(*args))
         times.append(time.perf_counter() - start)
-    return compile_s, statistics.median(times)
+    return statistics.median(times)
 
 
 def machine() -> dict:

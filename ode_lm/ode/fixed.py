@@ -22,18 +22,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from ode_lm.ode.field import VectorField
+from ode_lm.ode.stepping import TERM, fixed_grid
 
-T0, T1 = 0.0, 1.0
 MEMORY_POLICIES = ("store", "recompute")
-
-
-def _evaluate(t, x, field: VectorField):
-    return field(t, x)
-
-
-def fixed_grid(steps: int, dtype=jnp.float32) -> Float[Array, " steps+1"]:
-    """The depth-times ``0 = t_0 < ... < t_N = 1`` of a fixed-step solve."""
-    return jnp.linspace(T0, T1, steps + 1, dtype=dtype)
 
 
 def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Array, "*state"],
@@ -41,7 +32,7 @@ def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Ar
     """``x(1)`` after ``steps`` steps of ``solver`` on the grid ``fixed_grid(steps)``."""
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"unknown memory policy {policy!r}; choose one of {', '.join(MEMORY_POLICIES)}")
-    term = diffrax.ODETerm(_evaluate)
+    term = TERM
     ts = fixed_grid(steps, jnp.promote_types(x0.dtype, jnp.float32))  # float64 times for float64 solves
     solver_state = solver.init(term, ts[0], ts[1], x0, field)
 

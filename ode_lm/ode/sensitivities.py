@@ -1,28 +1,80 @@
 """Sensitivities (how gradients flow through a solve), by name.
 
+Each entry is a solve ``(field, x0, ode) -> (x(1), SolveStats)`` whose gradient is the
+sensitivity's:
+
 - ``checkpoint``: backpropagate through the solver's operations, recomputing what is not
-  stored. Exact discrete gradient. Fixed steps store the ``N`` states and recompute each
-  step's intermediates once (``ode_lm.ode.fixed``, policy ``recompute``); adaptive solves
-  recompute from O(sqrt(max_steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``).
-- ``direct``: backpropagate through every operation, storing everything (fixed steps:
-  policy ``store``; adaptive: diffrax ``DirectAdjoint``). Exact discrete gradient; memory
-  grows with steps.
+  stored. Exact discrete gradient. Fixed steps keep the ``N`` states and recompute each
+  step's intermediates once (``fixed.py``, policy ``recompute``); adaptive solves recompute
+  from O(sqrt(max_steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``).
+- ``direct``: backpropagate through every step, storing everything (fixed steps: ``fixed.py``,
+  policy ``store``; adaptive: diffrax ``RecursiveCheckpointAdjoint`` with one checkpoint per
+  step). Exact discrete gradient; memory grows linearly with steps. (diffrax's
+  ``DirectAdjoint`` runs a nested, checkpointed loop whose memory is nearly flat in the
+  steps, so it is not the store-everything reference.)
 - ``backsolve``: solve the continuous adjoint ODE backwards in time (diffrax
   ``BacksolveAdjoint``). O(1) memory; an approximation of the discrete gradient whose
   error shrinks with the solver's error.
+- ``reversible``: solve with an algebraically reversible scheme built on the chosen explicit
+  Runge--Kutta solver and backpropagate by reconstructing its states step by step
+  (``reversible.py``). Exact gradient of that scheme; O(1) memory in the number of steps.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import diffrax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
 
-SENSITIVITIES: dict[str, Callable[[], diffrax.AbstractAdjoint]] = {
-    "checkpoint": diffrax.RecursiveCheckpointAdjoint,
-    "direct": diffrax.DirectAdjoint,
-    "backsolve": diffrax.BacksolveAdjoint,
+from ode_lm.config import ODEConfig
+from ode_lm.ode.field import VectorField
+from ode_lm.ode.fixed import solve_fixed
+from ode_lm.ode.reversible import integrate_reversible
+from ode_lm.ode.solvers import SOLVER_SPECS
+from ode_lm.ode.stepping import T0, T1, TERM, SolveStats, step_control
+
+Solve = Callable[[VectorField, Float[Array, "*state"], ODEConfig], tuple[Float[Array, "*state"], SolveStats]]
+
+
+def store_every_step(max_steps: int) -> diffrax.AbstractAdjoint:
+    return diffrax.RecursiveCheckpointAdjoint(checkpoints=max_steps)
+
+
+def solve_with_adjoint(adjoint: Callable[[int], diffrax.AbstractAdjoint], field: VectorField,
+                       x0: Float[Array, "*state"], ode: ODEConfig
+                       ) -> tuple[Float[Array, "*state"], SolveStats]:
+    """``ode.solver`` under diffrax ``diffeqsolve``, differentiated by ``adjoint(max_steps)``."""
+    spec = SOLVER_SPECS[ode.solver]
+    control = step_control(ode)
+    sol = diffrax.diffeqsolve(
+        TERM, spec.make(), t0=T0, t1=T1, dt0=control.dt0, y0=x0, args=field,
+        saveat=diffrax.SaveAt(t1=True), stepsize_controller=control.controller,
+        adjoint=adjoint(control.max_steps), max_steps=control.max_steps, throw=False)
+    steps = sol.stats["num_steps"]
+    failed = sol.result != diffrax.RESULTS.successful
+    return sol.ys[-1], SolveStats(spec.nfe(steps), steps, failed)
+
+
+def solve_by_backprop(policy: str, adjoint: Callable[[int], diffrax.AbstractAdjoint],
+                      field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
+                      ) -> tuple[Float[Array, "*state"], SolveStats]:
+    """Backpropagation through the solver: a scan with memory ``policy`` on fixed steps
+    (compiles once for any number of steps, no while-loop bookkeeping), else ``adjoint``."""
+    if ode.adaptive:
+        return solve_with_adjoint(adjoint, field, x0, ode)
+    spec = SOLVER_SPECS[ode.solver]
+    steps = jnp.asarray(ode.steps)
+    x1 = solve_fixed(spec.make(), field, x0, ode.steps, policy)
+    return x1, SolveStats(spec.nfe(steps), steps, jnp.asarray(False))
+
+
+SENSITIVITIES: dict[str, Solve] = {
+    "checkpoint": functools.partial(solve_by_backprop, "recompute",
+                                    lambda _: diffrax.RecursiveCheckpointAdjoint()),
+    "direct": functools.partial(solve_by_backprop, "store", store_every_step),
+    "backsolve": functools.partial(solve_with_adjoint, lambda _: diffrax.BacksolveAdjoint()),
+    "reversible": integrate_reversible,
 }
-
-# Fixed-step solves differentiated by backpropagation: the scan's memory policy per sensitivity.
-FIXED_STEP_POLICIES: dict[str, str] = {"checkpoint": "recompute", "direct": "store"}
