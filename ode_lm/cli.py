@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 
 from ode_lm.errors import UserError
@@ -28,7 +29,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         again = shlex.join(["ode-lm", "train", args.config, *args.overrides, "--resume"])
         print(f"interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; resume with: {again}",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # another one now ends the process outright,
+            signal.signal(signum, signal.SIG_DFL)  # not with a traceback from interpreter shutdown
         return e.exit_status
     e = result.evaluation
     print(f"done: {result.steps} steps, val loss {e.loss:.4f} nats/token, {e.bits_per_byte:.4f} "

@@ -120,16 +120,43 @@ def test_signal_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(ref,
             r for r in comparable(ref.metrics) if r["step"] <= step]
 
 
-def test_a_second_sigint_quits_at_once_and_leaves_readable_checkpoints(ref, tmp_path):
-    proc = launch(ref.config, tmp_path)
-    wait_for_step(proc, tmp_path / "tiny", 2)
+def wait_for_stderr(proc: subprocess.Popen, text: str) -> list[str]:
+    lines = []
+    while not lines or text not in lines[-1]:
+        lines.append(proc.stderr.readline())
+        assert lines[-1], f"no {text!r} in {''.join(lines)}"
+    return lines
+
+
+def test_a_second_sigint_quits_at_once_even_inside_a_long_step(tmp_path):
+    """The main thread sleeps through a 60 s "step" and never looks at the flag: only the
+    watcher thread can end the process, and it must do so on the second signal."""
+    script = ("import time\nfrom ode_lm.train.interrupts import InterruptGuard\n"
+              "InterruptGuard().install()\nprint('ready', file=__import__('sys').stderr, flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    wait_for_stderr(proc, "ready")
     proc.send_signal(signal.SIGINT)
-    time.sleep(0.002)
+    wait_for_stderr(proc, "received SIGINT: finishing the current step")
+    assert proc.poll() is None  # the first signal only asks
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130 and "quitting now" in err and time.monotonic() - t0 < 5
+
+
+def test_a_second_sigint_during_training_leaves_readable_checkpoints(ref, tmp_path):
+    proc = launch(ref.config, tmp_path)
+    wait_for_step(proc, tmp_path / "tiny", 4)  # past the first periodic checkpoint (step 3)
+    proc.send_signal(signal.SIGINT)
+    wait_for_stderr(proc, "received SIGINT")
     proc.send_signal(signal.SIGINT)
     rc, output = finish(proc)
-    assert rc == 130 and "quitting now" in output and "interrupted at step" not in output, output
-    for ckpt in list_checkpoints(tmp_path / "tiny"):
-        read_checkpoint(ckpt)  # raises if any visible checkpoint is torn
+    # Quit at once ("quitting now": 130), or the clean stop won the race and the second signal
+    # ended the exiting process (-SIGINT); either way no traceback and no torn checkpoint.
+    assert rc in (130, -signal.SIGINT) and "Traceback" not in output, output
+    found = latest_checkpoint(tmp_path / "tiny", warn=pytest.fail)
+    assert found is not None and all(read_checkpoint(p) for p in list_checkpoints(tmp_path / "tiny"))
 
 
 def sigkill_trials(ref: Reference, tmp_path: Path, trials: int) -> int:
@@ -147,7 +174,7 @@ def sigkill_trials(ref: Reference, tmp_path: Path, trials: int) -> int:
         if rng.random() < 0.25:
             time.sleep(rng.uniform(0.2, 3.0))
         else:
-            wait_for_step(proc, runs / "tiny", rng.randint(1, STEPS - 10))
+            wait_for_step(proc, runs / "tiny", rng.randint(1, STEPS - 20))
             time.sleep(rng.uniform(0.0, 0.03))
         proc.kill()
         rc, _ = finish(proc)

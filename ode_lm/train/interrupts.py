@@ -62,8 +62,8 @@ class InterruptGuard:
         writer.setblocking(False)
         self._previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._wakeup = (reader, writer)
-        self._watcher = threading.Thread(target=self._watch, args=(reader,), daemon=True,
-                                         name="ode-lm-interrupts")
+        self._watcher = threading.Thread(target=self._watch, args=(reader, set(self._previous)),
+                                         daemon=True, name="ode-lm-interrupts")
         self._watcher.start()
         return self
 
@@ -74,7 +74,7 @@ class InterruptGuard:
         if self._wakeup is not None:
             signal.set_wakeup_fd(self._previous_wakeup)
             reader, writer = self._wakeup
-            writer.close()  # the watcher reads end-of-file and returns
+            writer.close()  # the watcher handles what is pending (maybe a second signal), then returns
             self._watcher.join(timeout=5)
             reader.close()
             self._wakeup = self._watcher = None
@@ -82,7 +82,7 @@ class InterruptGuard:
     def _handle(self, signum: int, frame) -> None:
         self.requested = self.requested or signum
 
-    def _watch(self, reader: socket.socket) -> None:
+    def _watch(self, reader: socket.socket, caught: set[int]) -> None:
         seen = 0
         while True:
             try:
@@ -92,7 +92,7 @@ class InterruptGuard:
             if not data:
                 return
             for signum in data:
-                if signum not in self._previous:
+                if signum not in caught:
                     continue
                 seen += 1
                 name = signal.Signals(signum).name
