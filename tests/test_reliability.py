@@ -303,6 +303,7 @@ def test_on_nonfinite_skip_keeps_training_and_counts_skips(tiny):
     assert all(bool(jnp.isfinite(p).all()) for p in params)  # no NaN update ever applied
 
 
+@pytest.mark.slow  # compiles an adaptive train step; the failed flag itself is tested in test_ode
 def test_adaptive_solve_hitting_max_steps_names_the_option(tiny):
     cfg = tiny(**{"train.steps": 2, "ode.solver": "heun", "ode.adaptive": True, "ode.rtol": 1e-12,
                   "ode.atol": 1e-12, "ode.max_steps": 2})
