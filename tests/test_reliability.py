@@ -179,7 +179,9 @@ def sigkill_trials(ref: Reference, tmp_path: Path, trials: int) -> int:
         proc.kill()
         rc, _ = finish(proc)
         killed += rc == -signal.SIGKILL
-        resume(ref, runs)  # also fine when killed before the run directory existed
+        output = resume(ref, runs)  # also fine when killed before the run directory existed
+        print(f"kill trial {trial}: exit {rc}; " + next(
+            (ln for ln in output.splitlines() if ln.startswith("resume:")), "no resume line"))
     return killed
 
 
