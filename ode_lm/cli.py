@@ -1,13 +1,17 @@
 """``ode-lm train | generate | info | crosscheck``: the command line.
 
 User errors (config, paths, checkpoints, prompts, data) print one line and exit with
-status 2; a training failure prints one line and exits with status 1.
+status 2; a training failure prints one line and exits with status 1. Training stopped by
+Ctrl-C or SIGTERM saves a checkpoint, prints how to resume and exits with 130 / 143
+(128 + the signal number); a second signal ends the process at once, by the signal itself.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 
 from ode_lm.errors import UserError
@@ -17,8 +21,18 @@ def _train(args: argparse.Namespace) -> int:
     from ode_lm.config import load_config
     from ode_lm.train import train
 
+    from ode_lm.train.interrupts import TrainingInterrupted
+
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    try:
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+    except TrainingInterrupted as e:
+        again = shlex.join(["ode-lm", "train", args.config, *args.overrides, "--resume"])
+        print(f"interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; resume with: {again}",
+              file=sys.stderr, flush=True)
+        for signum in (signal.SIGINT, signal.SIGTERM):  # another one now ends the process outright,
+            signal.signal(signum, signal.SIG_DFL)  # not with a traceback from interpreter shutdown
+        return e.exit_status
     e = result.evaluation
     print(f"done: {result.steps} steps, val loss {e.loss:.4f} nats/token, {e.bits_per_byte:.4f} "
           f"bits/byte; run saved in {result.run_dir}")
@@ -140,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         print(f"ode-lm: training stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save
+        print("ode-lm: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

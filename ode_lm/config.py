@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ TOKENIZERS = ("byte", "char")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 SSM_SCANS = ("associative", "sequential")  # how the SSM runs along the sequence
+NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -108,7 +110,9 @@ class TrainConfig:
     runs_dir: str = knob("runs", doc="parent directory of run directories")
     steps: int = knob(1000, ge=1, doc="optimizer steps")
     batch_size: int = knob(32, ge=1, doc="sequences per step")
-    seed: int = knob(0, ge=0, doc="seed for init, data order and dropout")
+    seed: int = knob(0, ge=0, le=2**32 - 1, doc="seed for init, data order and dropout")
+    on_nonfinite: str = knob("stop", choices=NONFINITE_ACTIONS,
+                             doc="a non-finite loss or gradient norm: stop the run, or skip the update")
     dtype: str = knob("float32", choices=DTYPES,
                       doc="compute dtype; bfloat16 keeps float32 parameters, ODE state and loss")
     data_parallel: bool = knob(True, doc="shard the batch over all devices (params replicated)")
@@ -194,10 +198,19 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quotes, backslashes and controls escaped."""
+    if c in '"\\':
+        return "\\" + c
+    if ord(c) < 0x20 or ord(c) == 0x7F:
+        return f"\\u{ord(c):04x}"
+    return c
 
 
 def _suggest(word: str, allowed) -> str:
@@ -229,10 +242,17 @@ def _check_value(source: str, section: str, f: dataclasses.Field, tp: Any, value
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected {_type_name(tp)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected {_type_name(tp)}")
+    if not all(_is_utf8(v) for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, str)):
+        raise ConfigError(f"{where}: holds characters that cannot be written as UTF-8")
     meta = f.metadata
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ConfigError(f"{where} is not allowed; choose one of {', '.join(meta['choices'])}"
@@ -243,6 +263,15 @@ def _check_value(source: str, section: str, f: dataclasses.Field, tp: Any, value
         if b is not None and not ok(value, b):
             raise ConfigError(f"{where} is out of range; it must be {text} {b}")
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for lone surrogates, which TOML files (and run directories) cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _split_key(key: str, source: str) -> tuple[str, str]:
@@ -323,7 +352,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
     text = text.strip()
     try:
         value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = text
     return section, name, value
 
@@ -367,3 +396,5 @@ def _parse_toml(text: str, source: str) -> dict[str, Any]:
         if "at end of document" in message:  # tomllib gives no line for this case
             message = message.replace("at end of document", f"at line {text.count(chr(10)) + 1}, end of document")
         raise ConfigError(f"{source}: malformed TOML: {message}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays / tables
+        raise ConfigError(f"{source}: malformed TOML: arrays or tables nested too deeply") from None

@@ -80,8 +80,14 @@ def test_corrupted_checkpoints_give_a_clear_error(tiny, tmp_path):
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tiny):
     cfg = tiny(**{"train.steps": 30, "optim.lr": 1e8, "optim.warmup_steps": 0,
                   "optim.grad_clip": 1e12, "checkpoint.every": 1})
-    with pytest.raises(TrainingError, match=r"step \d+: non-finite loss.*Last good checkpoint: .*step_"):
+    with pytest.raises(TrainingError, match=r"step \d+: non-finite (loss|gradient norm).*Last good checkpoint: .*step_") as info:
         train(cfg, say=lambda m: None)
+    # on_nonfinite = "stop" (the default) writes nothing for the failing step.
+    failed = int(str(info.value).split()[1].rstrip(":"))
+    run_dir = cfg.train.runs_dir + "/tiny"
+    assert max(r["step"] for r in read_metrics(run_dir)) == failed - 1
+    assert list_checkpoints(run_dir)[-1].name == f"step_{failed - 1:08d}.ckpt"
+    assert str(list_checkpoints(run_dir)[-1]) in str(info.value)
 
 
 def test_train_step_compiles_once(tiny):

@@ -6,16 +6,17 @@ Layout of ``checkpoints/step_00000100.ckpt``::
 
 The header holds the step, the resolved config, the tokenizer and the payload's length and
 SHA-256; the payload is ``equinox.tree_serialise_leaves`` of ``(model, opt_state)``. A file
-is written to a temporary name, fsynced and renamed, so a reader only ever sees complete
-checkpoints; the hash catches truncation and corruption.
+is written to a temporary name, fsynced and renamed (``files.atomic_write``), so a reader only
+ever sees complete checkpoints, even after SIGKILL or a full disk; the hash catches truncation
+and corruption by anything else. Resuming takes the newest file that verifies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 import equinox as eqx
 
 from ode_lm.errors import CheckpointError
+from ode_lm.train.files import atomic_write, remove_stale_temporaries
 
 MAGIC = b"ODE-LM-CKPT1"
 _NAME = re.compile(r"^step_(\d{8})\.ckpt$")
@@ -57,33 +59,18 @@ def save_checkpoint(run_dir: Path, step: int, state: Any, config_toml: str, toke
                          "payload_bytes": len(payload),
                          "payload_sha256": hashlib.sha256(payload).hexdigest()}).encode()
     path = checkpoint_path(run_dir, step)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(header)) + header + payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        remove_stale_temporaries(path.parent, ".step_*.ckpt.tmp-*")
+        atomic_write(path, MAGIC + struct.pack("<Q", len(header)) + header + payload)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write checkpoint {path}: {e}; the previous "
-                              "checkpoint is kept") from None
+        previous = list_checkpoints(run_dir)
+        raise CheckpointError(f"could not write checkpoint {path}: {e}; the previous checkpoint "
+                              f"{previous[-1] if previous else '(none)'} is kept") from None
     for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # an extra old file is harmless
+            old.unlink()
     return path
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -125,13 +112,29 @@ def restore_state(path: Path, payload: bytes, template: Any) -> Any:
         raise CheckpointError(f"{path} does not fit the configured model: {e}") from None
 
 
-def latest_checkpoint(run_dir: Path, warn=print) -> tuple[Path, CheckpointHeader, bytes] | None:
-    """The newest complete checkpoint of a run (skipping broken ones, with a warning)."""
+def latest_checkpoint(run_dir: Path, warn=print, set_aside: bool = False
+                      ) -> tuple[Path, CheckpointHeader, bytes] | None:
+    """The newest complete checkpoint of a run, skipping broken ones with a warning.
+
+    With ``set_aside`` (a resuming trainer), a broken file newer than the one returned is
+    renamed to ``<name>.corrupt``: kept for inspection, but no longer counted among the
+    ``checkpoint.keep`` newest, where it would push good checkpoints out.
+    """
+    broken: list[tuple[Path, CheckpointError]] = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
             header, payload = read_checkpoint(path)
         except CheckpointError as e:
-            warn(f"skipping {e}")
+            broken.append((path, e))
             continue
+        for bad, e in broken:
+            note = ""
+            if set_aside:
+                with contextlib.suppress(OSError):
+                    bad.rename(bad.with_name(bad.name + ".corrupt"))
+                    note = f" (renamed to {bad.name}.corrupt)"
+            warn(f"skipping {e}{note}")
         return path, header, payload
+    for _, e in broken:
+        warn(f"skipping {e}")
     return None

@@ -1,10 +1,17 @@
 """Run logs: ``metrics.jsonl`` (one JSON object per record, the source of truth for
-comparisons and resume checks) and TensorBoard events through tensorboardX."""
+comparisons and resume checks) and TensorBoard events through tensorboardX.
+
+A process killed while appending can leave a torn last line; readers skip lines that do not
+parse, and a resumed run rewrites the file (atomically) without them.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ode_lm.errors import RunDirError
+from ode_lm.train.files import atomic_write
 
 
 class MetricsLog:
@@ -20,13 +27,18 @@ class MetricsLog:
         """Drop records past ``step``: after a resume from ``step`` they are written again."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [json.dumps(row) for row in _parse(self.path) if row["step"] <= step]
+        try:
+            atomic_write(self.path, "".join(line + "\n" for line in keep).encode())
+        except OSError as e:
+            raise RunDirError(f"cannot rewrite {self.path}: {e}") from None
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
+        except OSError as e:
+            raise RunDirError(f"cannot write {self.path}: {e}") from None
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(f"{kind}/{name}", value, step)
@@ -40,5 +52,16 @@ def read_metrics(run_dir: Path, kind: str | None = None) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r["kind"] == kind]
+    return [r for r in _parse(path) if kind is None or r["kind"] == kind]
+
+
+def _parse(path: Path) -> list[dict]:
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line torn by a killed process
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and "kind" in row:
+            rows.append(row)
+    return rows

@@ -32,6 +32,10 @@ class TrainStep:
 
     Compiled once per (optimizer, ode config); ``traces`` counts compilations so tests and
     the trainer can assert that the step never retraces.
+
+    A step whose loss or gradient norm is non-finite, or whose adaptive solve failed, returns
+    the model and optimizer state unchanged (a select inside the compiled step, so skipping
+    costs no recompilation); ``metrics["finite"]`` tells the trainer which happened.
     """
 
     def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig, dtype=None):
@@ -43,11 +47,19 @@ class TrainStep:
         (loss, stats), grads = eqx.filter_value_and_grad(cross_entropy, has_aux=True)(
             model, inputs, targets, self.ode, key, self.dtype)
         params = eqx.filter(model, eqx.is_inexact_array)
-        updates, opt_state = self.optimizer.update(eqx.filter(grads, eqx.is_inexact_array),
-                                                   opt_state, params)
-        model = eqx.apply_updates(model, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree_utils.tree_norm(grads), "nfe": stats.nfe,
-                   "solve_failed": stats.failed}
+        updates, new_opt_state = self.optimizer.update(eqx.filter(grads, eqx.is_inexact_array),
+                                                       opt_state, params)
+        grad_norm = optax.tree_utils.tree_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        apply = finite & ~stats.failed
+
+        def select(new, old):
+            return jnp.where(apply, new, old) if eqx.is_array(new) else new
+
+        model, opt_state = jax.tree.map(select, (eqx.apply_updates(model, updates), new_opt_state),
+                                        (model, opt_state))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "nfe": stats.nfe,
+                   "solve_failed": stats.failed, "finite": finite}
         return model, opt_state, metrics
 
     def __call__(self, model, opt_state, inputs, targets, key):

@@ -6,12 +6,16 @@
 Everything a step depends on is a function of ``(config, step)``: the batch is drawn from
 ``(seed, step)`` and the dropout key is ``fold_in(seed, step)``. A checkpoint therefore only
 needs the model, the optimizer state and the step to continue the exact loss curve.
+
+Ctrl-C / SIGTERM finish the step, checkpoint and raise TrainingInterrupted (interrupts.py);
+a non-finite loss or gradient norm stops the run or skips the update (``train.on_nonfinite``).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,8 @@ from ode_lm.errors import CheckpointError, RunDirError
 from ode_lm.generate import generate_recompute
 from ode_lm.models import LanguageModel, build_model, count_parameters
 from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
+from ode_lm.train.files import atomic_write
+from ode_lm.train.interrupts import InterruptGuard, TrainingInterrupted
 from ode_lm.train.logging import MetricsLog
 from ode_lm.train.optim import build_optimizer, learning_rate_schedule
 from ode_lm.train.parallel import DataParallel, maybe_initialize_distributed
@@ -55,6 +61,7 @@ class TrainResult:
     final_train_loss: float
     evaluation: Evaluation
     sample: str
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite = "skip")
 
 
 def init_state(cfg: Config, vocab: int):
@@ -120,7 +127,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     start = 0
     if resume:
-        found = latest_checkpoint(run_dir, warn=say)
+        existing = list_checkpoints(run_dir)
+        found = latest_checkpoint(run_dir, warn=say, set_aside=True)
+        if found is None and existing:
+            raise CheckpointError(f"none of the {len(existing)} checkpoints in {existing[0].parent} "
+                                  "is readable (see above); move them away to start again from "
+                                  "step 0, or pass --overwrite")
         if found is None:
             say(f"resume: no checkpoint in {run_dir}, starting from step 0")
         else:
@@ -130,7 +142,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             model, opt_state = restore_state(path, payload, (model, opt_state))
             start = header.step
             say(f"resume: continuing from {path} (step {start})")
-    (run_dir / "config.toml").write_text(cfg.to_toml())
+    try:
+        atomic_write(run_dir / "config.toml", cfg.to_toml().encode())
+    except OSError as e:
+        raise RunDirError(f"cannot write to the run directory {run_dir}: {e}") from None
     n_params = count_parameters(model)
     say(f"model: {cfg.model.family}, {n_params:,} parameters; ode: {cfg.ode.solver}, "
         f"{'adaptive' if cfg.ode.adaptive else f'{cfg.ode.steps} steps'}, {cfg.ode.adjoint}")
@@ -147,17 +162,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     base_key = jax.random.key(cfg.train.seed + 1)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     last_good = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+    saved_step, skipped = start, 0
 
-    def checkpoint(step: int) -> None:
-        nonlocal last_good
+    def checkpoint(step: int) -> Path:
+        nonlocal last_good, saved_step
         last_good = save_checkpoint(run_dir, step, (model, opt_state), cfg.to_toml(),
                                     corpus.tokenizer.state(), cfg.checkpoint.keep)
+        saved_step = step
+        return last_good
 
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.log.progress,
                desc=cfg.train.run_name, unit="step", dynamic_ncols=True)
     loss = float("nan")
     evaluation = None
     window_start, window_tokens = None, 0
+    interrupts = InterruptGuard().install()
     try:
         for step in range(start, cfg.train.steps):
             inputs, targets = map(parallel.batch, sampler.train_batch(step))
@@ -168,18 +187,28 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             if bool(metrics["solve_failed"]):
                 raise TrainingError(f"step {done}: the adaptive solve reached ode.max_steps = "
                                     f"{cfg.ode.max_steps} before t = 1; raise ode.max_steps or loosen "
-                                    f"ode.rtol/ode.atol. Last good checkpoint: {last_good or 'none'}")
-            if not math.isfinite(loss) or not math.isfinite(float(metrics["grad_norm"])):
-                raise TrainingError(f"step {done}: non-finite loss {loss} (grad norm "
-                                    f"{float(metrics['grad_norm'])}); lower optim.lr or check the "
-                                    f"data. Last good checkpoint: {last_good or 'none'}")
+                                    f"ode.rtol = {cfg.ode.rtol} / ode.atol = {cfg.ode.atol}. "
+                                    f"Last good checkpoint: {last_good or 'none'}")
+            if not bool(metrics["finite"]):
+                # The jitted step has already left the model and optimizer state unchanged.
+                what = (f"loss {loss}" if not math.isfinite(loss)
+                        else f"gradient norm {float(metrics['grad_norm'])}")
+                if cfg.train.on_nonfinite == "stop":
+                    raise TrainingError(f"step {done}: non-finite {what}; nothing written for this "
+                                        "step. Lower optim.lr, check the data, or set "
+                                        "train.on_nonfinite = \"skip\". Last good checkpoint: "
+                                        f"{last_good or 'none'}")
+                skipped += 1
+                bar.write(f"warning: step {done}: non-finite {what}; update skipped "
+                          f"({skipped} so far)", file=sys.stderr)
             # Throughput excludes the first step of a session, which includes compilation.
             if window_start is None:
                 window_start = time.perf_counter()
             else:
                 window_tokens += tokens_per_step
             tok_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-            log.write("train", done, {"loss": loss})
+            log.write("train", done, {"loss": loss, **({"skipped_steps": skipped}
+                                                       if not bool(metrics["finite"]) else {})})
             if done % cfg.log.every == 0 or done == cfg.train.steps:
                 log.write("train", done, {"lr": float(schedule(step)),
                                           "grad_norm": float(metrics["grad_norm"]),
@@ -195,7 +224,11 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
                           f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
                 checkpoint(done)
+            if interrupts.requested:
+                saved = last_good if saved_step == done else checkpoint(done)
+                raise TrainingInterrupted(interrupts.requested, done, saved)
     finally:
+        interrupts.restore()
         bar.close()
         log.close()
     if train_step.traces > 1:
@@ -207,7 +240,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     if sample:
         say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
             f"{cfg.train.sample_prompt}{sample}")
-    return TrainResult(run_dir, cfg.train.steps, loss, evaluation, sample)
+    return TrainResult(run_dir, cfg.train.steps, loss, evaluation, sample, skipped)
 
 
 def end_of_training_sample(model: LanguageModel, cfg: Config, corpus: TokenizedCorpus) -> str:

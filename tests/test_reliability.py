@@ -1,0 +1,421 @@
+"""Faults, interruptions and bad input, with real processes where it matters.
+
+The subprocess tests run ``python -m ode_lm.cli train`` on one tiny config and compare every
+interrupted-then-resumed run's ``metrics.jsonl`` with one uninterrupted reference run (made
+once per module). The processes share a JAX compilation cache so that each one costs a few
+seconds of start-up rather than a full compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from ode_lm.config import SECTIONS, Config, ConfigError, config_from_dict, config_from_toml, load_config
+from ode_lm.errors import RunDirError
+from ode_lm.train import TrainingError, train
+from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
+from ode_lm.train.logging import read_metrics
+from tests.conftest import REPO, tiny_config
+
+STEPS = 60
+TIMEOUT = 240  # seconds any one process may take on a loaded 2-core machine
+
+
+@dataclasses.dataclass
+class Reference:
+    config: Path  # the TOML file every process trains from
+    root: Path
+    run_dir: Path
+    metrics: list[dict]
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Metrics rows without wall-clock throughput, the one field that may differ."""
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+
+def launch(cfg_path: Path, runs_dir: Path, *extra: str, preexec_fn=None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "JAX_COMPILATION_CACHE_DIR": str(cfg_path.parent / "jax-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return subprocess.Popen([sys.executable, "-m", "ode_lm.cli", "train", str(cfg_path),
+                             f"train.runs_dir={runs_dir}", *extra],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=preexec_fn)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str]:
+    out, err = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out + err
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
+    """Block until ``metrics.jsonl`` shows ``step`` (the loop is running)."""
+    deadline = time.monotonic() + TIMEOUT
+    while not any(r["step"] >= step for r in read_metrics(run_dir)):
+        assert proc.poll() is None, f"exited early: {finish(proc)[1]}"
+        assert time.monotonic() < deadline, "no training progress"
+        time.sleep(0.01)
+
+
+def resume(ref: Reference, runs_dir: Path) -> str:
+    rc, output = finish(launch(ref.config, runs_dir, "--resume"))
+    assert rc == 0, output
+    assert comparable(read_metrics(runs_dir / "tiny")) == comparable(ref.metrics)
+    assert not list((runs_dir / "tiny" / "checkpoints").glob(".*.tmp-*"))
+    return output
+
+
+@pytest.fixture(scope="module")
+def ref(tmp_path_factory) -> Reference:
+    root = tmp_path_factory.mktemp("reliability")
+    cfg = tiny_config(root, **{"train.steps": STEPS, "train.eval_every": 20, "train.eval_batches": 1,
+                               "train.sample_tokens": 0, "checkpoint.every": 3, "model.dropout": 0.1})
+    path = root / "tiny.toml"
+    path.write_text(cfg.to_toml())
+    runs = root / "reference"
+    rc, output = finish(launch(path, runs))
+    assert rc == 0, output
+    return Reference(path, root, runs / "tiny", read_metrics(runs / "tiny"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_saves_a_checkpoint_and_resume_matches_the_uninterrupted_run(ref, sig, tmp_path):
+    proc = launch(ref.config, tmp_path)
+    wait_for_step(proc, tmp_path / "tiny", 4)
+    proc.send_signal(sig)
+    rc, output = finish(proc)
+    assert rc == 128 + sig, output
+    line = [ln for ln in output.splitlines() if ln.startswith("interrupted at step")]
+    assert len(line) == 1 and "--resume" in line[0] and "Traceback" not in output, output
+    step = int(line[0].split()[3].rstrip(";"))
+    assert 4 <= step < STEPS
+    ckpt = list_checkpoints(tmp_path / "tiny")[-1]
+    assert f"checkpoint saved to {ckpt}" in line[0]
+    assert read_checkpoint(ckpt)[0].step == step
+    if sig == signal.SIGINT:  # one resume suffices: both signals take the same path
+        assert f"continuing from {ckpt} (step {step})" in resume(ref, tmp_path)
+    else:
+        assert comparable(read_metrics(tmp_path / "tiny")) == [
+            r for r in comparable(ref.metrics) if r["step"] <= step]
+
+
+def wait_for_stderr(proc: subprocess.Popen, text: str) -> list[str]:
+    lines = []
+    while not lines or text not in lines[-1]:
+        lines.append(proc.stderr.readline())
+        assert lines[-1], f"no {text!r} in {''.join(lines)}"
+    return lines
+
+
+def test_a_second_sigint_quits_at_once_even_inside_a_long_step(tmp_path):
+    """The main thread sleeps through a 60 s "step" and never looks at the flag: only the
+    watcher thread can end the process, and it must do so on the second signal."""
+    script = ("import time\nfrom ode_lm.train.interrupts import InterruptGuard\n"
+              "InterruptGuard().install()\nprint('ready', file=__import__('sys').stderr, flush=True)\n"
+              "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    wait_for_stderr(proc, "ready")
+    proc.send_signal(signal.SIGINT)
+    wait_for_stderr(proc, "received SIGINT: finishing the current step")
+    assert proc.poll() is None  # the first signal only asks
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130 and "quitting now" in err and time.monotonic() - t0 < 5
+
+
+def test_a_second_sigint_during_training_leaves_readable_checkpoints(ref, tmp_path):
+    proc = launch(ref.config, tmp_path)
+    wait_for_step(proc, tmp_path / "tiny", 4)  # past the first periodic checkpoint (step 3)
+    proc.send_signal(signal.SIGINT)
+    wait_for_stderr(proc, "received SIGINT")
+    proc.send_signal(signal.SIGINT)
+    rc, output = finish(proc)
+    # Quit at once ("quitting now": 130), or the clean stop won the race and the second signal
+    # ended the exiting process (-SIGINT); either way no traceback and no torn checkpoint.
+    assert rc in (130, -signal.SIGINT) and "Traceback" not in output, output
+    found = latest_checkpoint(tmp_path / "tiny", warn=pytest.fail)
+    assert found is not None and all(read_checkpoint(p) for p in list_checkpoints(tmp_path / "tiny"))
+
+
+def sigkill_trials(ref: Reference, tmp_path: Path, trials: int) -> int:
+    """SIGKILL at a random moment, then resume; returns how many kills landed before the end.
+
+    The moment: one trial in four during start-up (a random delay after launch), the others
+    a random 0-30 ms after a random training step was logged, which lands in a step, an
+    evaluation, a log write or a checkpoint write (every third step writes one).
+    """
+    rng = random.Random(trials)
+    killed = 0
+    for trial in range(trials):
+        runs = tmp_path / f"trial{trial}"
+        proc = launch(ref.config, runs)
+        if rng.random() < 0.25:
+            time.sleep(rng.uniform(0.2, 3.0))
+        else:
+            wait_for_step(proc, runs / "tiny", rng.randint(1, STEPS - 20))
+            time.sleep(rng.uniform(0.0, 0.03))
+        proc.kill()
+        rc, _ = finish(proc)
+        killed += rc == -signal.SIGKILL
+        output = resume(ref, runs)  # also fine when killed before the run directory existed
+        print(f"kill trial {trial}: exit {rc}; " + next(
+            (ln for ln in output.splitlines() if ln.startswith("resume:")), "no resume line"))
+    return killed
+
+
+def test_sigkill_at_random_moments_then_resume(ref, tmp_path):
+    assert sigkill_trials(ref, tmp_path, 2) == 2
+
+
+@pytest.mark.slow
+def test_sigkill_ten_trials(ref, tmp_path):
+    assert sigkill_trials(ref, tmp_path, 10) == 10
+
+
+def test_kill_mid_write_leftovers_are_ignored_and_cleaned(ref, tmp_path):
+    """What SIGKILL during a checkpoint or log write leaves: a temporary file, a torn file
+    under a final name (only possible outside ode-lm's own writes), a torn log line."""
+    run = tmp_path / "tiny"
+    shutil.copytree(ref.run_dir, run)
+    newest, older = list_checkpoints(run)[-1], list_checkpoints(run)[-2]
+    data = newest.read_bytes()
+    (run / "checkpoints" / f".{newest.name}.tmp-999999").write_bytes(data[:1000])
+    newest.write_bytes(data[: len(data) // 2])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 99')
+    notes = []
+    path, header, _ = latest_checkpoint(run, warn=notes.append, set_aside=True)
+    assert path == older and "truncated or corrupted" in notes[0] and ".corrupt" in notes[0]
+    assert (run / "checkpoints" / (newest.name + ".corrupt")).exists()
+    assert read_metrics(run) == ref.metrics  # the torn line is skipped
+    from ode_lm.train.logging import MetricsLog
+
+    MetricsLog(run, False).truncate_after(header.step)
+    assert read_metrics(run) == [r for r in ref.metrics if r["step"] <= header.step]
+
+
+def test_full_disk_during_a_checkpoint_fails_loudly_and_keeps_the_previous_one(ref, tmp_path):
+    run = tmp_path / "tiny"
+    shutil.copytree(ref.run_dir, run)
+    list_checkpoints(run)[-1].unlink()
+    previous = list_checkpoints(run)[-1]
+    before = previous.read_bytes()
+    size = len(before)
+
+    def small_disk():  # files may not grow past half a checkpoint: writes fail with EFBIG
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    rc, output = finish(launch(ref.config, tmp_path, "--resume", preexec_fn=small_disk))
+    assert rc == 2 and "Traceback" not in output, output
+    assert "could not write checkpoint" in output and f"{previous} is kept" in output
+    assert list_checkpoints(run) == [previous] and previous.read_bytes() == before
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [previous.name]  # no temp files
+
+
+def test_unreadable_checkpoints_refuse_to_resume_with_exit_2(ref, tmp_path):
+    run = tmp_path / "tiny"
+    shutil.copytree(ref.run_dir, run)
+    newest, older = list_checkpoints(run)[-1], list_checkpoints(run)[-2]
+    newest.write_bytes(newest.read_bytes()[:-100])
+    older.write_bytes(np.random.default_rng(0).bytes(5000))
+    rc, output = finish(launch(ref.config, tmp_path, "--resume"))
+    assert rc == 2 and "Traceback" not in output, output
+    assert "truncated or corrupted" in output and "not an ode-lm checkpoint" in output
+    assert "none of the 2 checkpoints" in output
+    assert list_checkpoints(run) == [older, newest]  # nothing renamed or deleted
+
+
+def test_unwritable_run_directory_is_a_clear_error(tiny, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RunDirError, match="cannot create run directory"):
+        train(tiny(**{"train.runs_dir": str(blocker)}), say=lambda m: None)
+    if os.geteuid() != 0:  # root ignores permission bits
+        runs = tmp_path / "ro"
+        runs.mkdir()
+        runs.chmod(0o500)
+        try:
+            with pytest.raises(RunDirError, match="run directory"):
+                train(tiny(**{"train.runs_dir": str(runs)}), say=lambda m: None)
+        finally:
+            runs.chmod(0o700)
+
+
+# ---- numerical faults ----------------------------------------------------------------------
+
+
+def test_a_non_finite_step_leaves_model_and_optimizer_unchanged(tiny):
+    from ode_lm.data import BatchSampler, load_corpus
+    from ode_lm.train.steps import TrainStep
+    from ode_lm.train.trainer import init_state
+
+    cfg = tiny()
+    batch = BatchSampler(load_corpus(cfg.data), 16, 4, 0).train_batch(0)
+    model, optimizer, opt_state = init_state(cfg, 256)
+    step = TrainStep(optimizer, cfg.ode)
+    leaves, treedef = jax.tree.flatten(model)
+    first = next(i for i, leaf in enumerate(leaves) if eqx.is_inexact_array(leaf))
+    leaves[first] = leaves[first].at[0].set(jnp.nan)  # one NaN weight: NaN loss and gradients
+    poisoned = jax.tree.unflatten(treedef, leaves)
+    for m, finite in ((model, True), (poisoned, False)):
+        new_model, new_opt, metrics = step(m, opt_state, *batch, jax.random.key(0))
+        assert bool(metrics["finite"]) is finite
+        same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b, equal_nan=True)),
+                            eqx.filter((new_model, new_opt), eqx.is_array),
+                            eqx.filter((m, opt_state), eqx.is_array))
+        assert all(jax.tree.leaves(same)) is not finite
+    assert step.traces == 1
+
+
+def test_on_nonfinite_skip_keeps_training_and_counts_skips(tiny):
+    cfg = tiny(**{"train.steps": 12, "optim.lr": 1e8, "optim.warmup_steps": 0, "optim.grad_clip": 1e12,
+                  "train.on_nonfinite": "skip", "checkpoint.every": 4, "train.sample_tokens": 0})
+    notes = []
+    result = train(cfg, say=notes.append)
+    rows = [r for r in read_metrics(result.run_dir, "train") if "lr" not in r]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    skipped = [r for r in rows if "skipped_steps" in r]
+    assert 0 < result.skipped_steps == len(skipped) == skipped[-1]["skipped_steps"]
+    from ode_lm.train.run import load_run
+
+    params = jax.tree.leaves(eqx.filter(load_run(result.run_dir).model, eqx.is_inexact_array))
+    assert all(bool(jnp.isfinite(p).all()) for p in params)  # no NaN update ever applied
+
+
+@pytest.mark.slow  # compiles an adaptive train step; the failed flag itself is tested in test_ode
+def test_adaptive_solve_hitting_max_steps_names_the_option(tiny):
+    cfg = tiny(**{"train.steps": 2, "ode.solver": "heun", "ode.adaptive": True, "ode.rtol": 1e-12,
+                  "ode.atol": 1e-12, "ode.max_steps": 2})
+    with pytest.raises(TrainingError, match=r"step 1: .*ode.max_steps = 2.*ode.rtol = 1e-12"):
+        train(cfg, say=lambda m: None)
+
+
+# ---- config loader fuzzing -----------------------------------------------------------------
+
+KEYS = {name: [f.name for f in dataclasses.fields(cls)] for name, cls in SECTIONS.items()}
+VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-2**80, 2**80), st.floats(),
+                   st.text(max_size=12), st.lists(st.text(max_size=6), max_size=3), st.dates(),
+                   st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+NAMES = st.one_of(st.sampled_from(sorted({k for ks in KEYS.values() for k in ks})), st.text(max_size=8))
+SECTION_NAMES = st.one_of(st.sampled_from(list(SECTIONS)), st.text(max_size=8))
+DEFAULTS = Config().to_dict()
+
+
+@st.composite
+def near_valid(draw):
+    """The default config with a few values replaced: reaches the range and consistency checks."""
+    raw = {s: dict(v) for s, v in DEFAULTS.items()}
+    for _ in range(draw(st.integers(1, 3))):
+        section = draw(st.sampled_from(list(KEYS)))
+        key = draw(st.sampled_from(KEYS[section]))
+        raw[section][key] = draw(same_type(DEFAULTS[section][key]) if draw(st.integers(0, 3)) else VALUES)
+    return raw
+
+
+def same_type(like):
+    if isinstance(like, bool):
+        return st.booleans()
+    if isinstance(like, int):
+        return st.integers(-2, 600)
+    if isinstance(like, float):
+        return st.floats(-0.5, 2)
+    if isinstance(like, tuple):
+        return st.lists(st.text(max_size=6), max_size=2)
+    return st.text(max_size=8)
+
+
+RAW = st.one_of(near_valid(), st.dictionaries(SECTION_NAMES, st.one_of(st.dictionaries(NAMES, VALUES, max_size=6),
+                                                                      VALUES), max_size=5))
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _toml_scalar(v) -> str:
+    if isinstance(v, str):
+        return json.dumps(v)  # JSON string escapes are mostly valid TOML; the rest must fail cleanly
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_scalar(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_scalar(x)}" for k, x in v.items()) + "}"
+    return "nan" if v != v else str(v)
+
+
+TOML_DOCS = st.one_of(
+    st.text(max_size=200),
+    near_valid().map(lambda raw: "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {_toml_scalar(v)}" for k, v in kv.items())
+                                          for s, kv in raw.items())),
+    st.lists(st.tuples(SECTION_NAMES, NAMES, VALUES), max_size=8).map(
+        lambda items: "\n".join(f"[{json.dumps(s)}]\n{json.dumps(k)} = {_toml_scalar(v)}"
+                                for s, k, v in items)),
+    st.lists(st.tuples(st.sampled_from(list(SECTIONS)), NAMES, VALUES), max_size=6).map(
+        lambda items: "\n".join(f"{s}.{k} = {_toml_scalar(v)}" for s, k, v in items)),
+)
+
+
+def _config_or_config_error(load) -> Config | None:
+    try:
+        config = load()
+    except ConfigError:
+        event("ConfigError")
+        return None
+    event("Config")
+    assert isinstance(config, Config)
+    assert config_from_toml(config.to_toml(), "round trip") == config  # what runs write back
+    return config
+
+
+@FUZZ
+@given(RAW)
+def test_fuzz_config_from_any_dict(raw):
+    _config_or_config_error(lambda: config_from_dict(raw, "fuzz"))
+
+
+@FUZZ
+@given(TOML_DOCS)
+def test_fuzz_config_from_any_toml_text(text):
+    _config_or_config_error(lambda: config_from_toml(text, "fuzz.toml"))
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=40), st.sampled_from(list(KEYS)).flatmap(
+    lambda s: st.tuples(st.just(s), st.sampled_from(KEYS[s]), st.one_of(st.text(max_size=10), VALUES)))
+    .map(lambda t: f"{t[0]}.{t[1]}={t[2] if isinstance(t[2], str) else _toml_scalar(t[2])}")))
+def test_fuzz_command_line_overrides(item):
+    _config_or_config_error(lambda: load_config(None, [item]))
+
+
+def test_loader_fixes_found_by_fuzzing(tmp_path):
+    for raw, needle in (({"optim": {"lr": 10**400}}, "finite"), ({"optim": {"lr": float("inf")}}, "finite"),
+                        ({"train": {"seed": 2**64}}, "<= 4294967295"),
+                        ({"train": {"run_name": "\ud800"}}, "UTF-8")):
+        with pytest.raises(ConfigError, match=needle):
+            config_from_dict(raw)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        config_from_toml("a = " + "[" * 50_000, "deep.toml")
+    cfg = config_from_dict({"train": {"run_name": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
+    assert config_from_toml(cfg.to_toml(), "rt") == cfg
+    assert tomllib.loads(cfg.to_toml())["train"]["run_name"] == 'a\x01\t"\\\x7fz'
