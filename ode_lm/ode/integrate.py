@@ -56,3 +56,22 @@ def integrate(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
     steps = sol.stats["num_steps"]
     failed = sol.result != diffrax.RESULTS.successful
     return sol.ys[-1], SolveStats(spec.nfe(steps), steps, failed)
+
+
+def accepted_grid(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
+                  ) -> tuple[Float[Array, " max_steps+1"], Int[Array, ""]]:
+    """The step grid an adaptive solve of ``x0`` accepts: ``(times, accepted_steps)``.
+
+    ``times[:accepted_steps + 1]`` runs from 0 to 1; the rest is padding (``inf``). A
+    fixed-step ``ode`` gives ``fixed_grid(ode.steps)``.
+    """
+    if not ode.adaptive:
+        return fixed_grid(ode.steps, jnp.result_type(float)), jnp.asarray(ode.steps)
+    controller = diffrax.PIDController(rtol=ode.rtol, atol=ode.atol, pcoeff=ode.pcoeff,
+                                       icoeff=ode.icoeff, dcoeff=ode.dcoeff)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_evaluate), SOLVER_SPECS[ode.solver].make(), t0=T0, t1=T1,
+        dt0=(T1 - T0) / ode.steps, y0=x0, args=field, saveat=diffrax.SaveAt(steps=True),
+        stepsize_controller=controller, max_steps=ode.max_steps, throw=False)
+    times = jnp.concatenate([jnp.asarray([T0], sol.ts.dtype), sol.ts])
+    return times, sol.stats["num_accepted_steps"]
