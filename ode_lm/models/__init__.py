@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from ode_lm.config import FAMILIES, ModelConfig
-from ode_lm.models.base import Embedding, LanguageModel, ODELanguageModel, Readout
+from ode_lm.models.base import CachedField, Embedding, LanguageModel, ODECache, ODELanguageModel, Readout
 from ode_lm.models.time_indexed import TimeIndexedField, build_time_indexed
 
 MODEL_FAMILIES: dict[str, Callable[..., LanguageModel]] = {
@@ -28,5 +28,5 @@ def build_model(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float
     return MODEL_FAMILIES[cfg.family](cfg, vocab, key, dtype)
 
 
-__all__ = ["MODEL_FAMILIES", "build_model", "count_parameters", "Embedding", "LanguageModel", "ODELanguageModel",
+__all__ = ["MODEL_FAMILIES", "build_model", "count_parameters", "CachedField", "ODECache", "Embedding", "LanguageModel", "ODELanguageModel",
            "Readout", "TimeIndexedField"]
