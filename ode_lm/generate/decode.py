@@ -55,7 +55,7 @@ def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Arr
             seen, key, s: Sampling):
     TRACES["decode"] += 1
     logits, cache = model.decode_step(token, position, cache)
-    return (*_choose(logits, seen, key, s), cache)
+    return (*_choose(logits, seen, key, s), cache, position + 1)
 
 
 @eqx.filter_jit
@@ -74,11 +74,12 @@ class _Cached:
         context = jnp.asarray(context)
         self.cache = self.model.init_cache(context, self.ode, self.max_len)
         token, seen, key, self.cache = _prefill(self.model, context, self.cache, seen, key, s)
+        self.position = jnp.asarray(context.shape[1], jnp.int32)  # on device: no transfer per token
         return token, seen, key
 
     def advance(self, token, n, seen, key, s):
-        token, seen, key, self.cache = _decode(self.model, token, jnp.asarray(n, jnp.int32),
-                                               self.cache, seen, key, s)
+        token, seen, key, self.cache, self.position = _decode(self.model, token, self.position,
+                                                              self.cache, seen, key, s)
         return token, seen, key
 
 

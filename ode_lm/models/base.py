@@ -167,7 +167,9 @@ class ODELanguageModel(LanguageModel):
             dx, slots = self.field.extend(t, x.astype(dtype), slots, slot, start)
             return dx.astype(state_dtype), slots
 
-        x1, slots = cache.scheme.solve(evaluate, cache.grid, x0.astype(state_dtype), cache.slots)
+        # One new token: unroll the steps (no device loop, which costs a sync per step on GPU).
+        x1, slots = cache.scheme.solve(evaluate, cache.grid, x0.astype(state_dtype), cache.slots,
+                                       unroll=tokens.shape[1] == 1)
         logits = self.readout(x1.astype(dtype), self.embedding)
         return logits, ODECache(slots, cache.grid, cache.scheme)
 

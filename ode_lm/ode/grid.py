@@ -62,9 +62,13 @@ class GridScheme(eqx.Module):
         return self.initial_evals + steps * self.evals_per_step
 
     @abc.abstractmethod
-    def solve(self, evaluate: Evaluate, grid: Float[Array, " steps+1"], x0: State, carry: Carry
-              ) -> tuple[State, Carry]:
-        """Integrate from ``x(grid[0]) = x0`` to ``grid[-1]``; ``carry`` threads per-slot state."""
+    def solve(self, evaluate: Evaluate, grid: Float[Array, " steps+1"], x0: State, carry: Carry,
+              unroll: bool = False) -> tuple[State, Carry]:
+        """Integrate from ``x(grid[0]) = x0`` to ``grid[-1]``; ``carry`` threads per-slot state.
+
+        ``unroll`` unrolls the loop over steps (no device loop: faster for one-token decode
+        steps on GPU, slower to compile).
+        """
 
 
 class RungeKuttaScheme(GridScheme):
@@ -94,7 +98,7 @@ class RungeKuttaScheme(GridScheme):
             c, a, b = c[:-1], a[:-1], b[:-1]
         return cls(c, a, b)
 
-    def solve(self, evaluate, grid, x0, carry):
+    def solve(self, evaluate, grid, x0, carry, unroll=False):
         stages = len(self.b)
 
         def step(state, n):
@@ -106,7 +110,7 @@ class RungeKuttaScheme(GridScheme):
                 ks.append(k)
             return (_axpy(x, h, self.b, ks), carry), None
 
-        (x, carry), _ = jax.lax.scan(step, (x0, carry), jnp.arange(grid.shape[0] - 1))
+        (x, carry), _ = jax.lax.scan(step, (x0, carry), jnp.arange(grid.shape[0] - 1), unroll=unroll)
         return x, carry
 
 
@@ -122,7 +126,7 @@ class ReversibleHeunScheme(GridScheme):
     def __init__(self):
         self.evals_per_step, self.initial_evals = 1, 1
 
-    def solve(self, evaluate, grid, x0, carry):
+    def solve(self, evaluate, grid, x0, carry, unroll=False):
         v0, carry = evaluate(jnp.asarray(0), grid[0], x0, carry)
 
         def step(state, n):
@@ -133,7 +137,8 @@ class ReversibleHeunScheme(GridScheme):
             x = jax.tree.map(lambda xl, a, b: xl + 0.5 * h * (a + b), x, v, v_next)
             return (x, xhat, v_next, carry), None
 
-        (x, _, _, carry), _ = jax.lax.scan(step, (x0, x0, v0, carry), jnp.arange(grid.shape[0] - 1))
+        (x, _, _, carry), _ = jax.lax.scan(step, (x0, x0, v0, carry), jnp.arange(grid.shape[0] - 1),
+                                           unroll=unroll)
         return x, carry
 
 
