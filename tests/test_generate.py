@@ -89,12 +89,16 @@ def test_generate_cached_equals_recompute_and_compiles_once(model):
     ode = ODEConfig(solver="midpoint", steps=2)
     kw = dict(max_new_tokens=DECODED, temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.2)
     before = TRACES.copy()
-    cached = generate(model, np.arange(5), ode, seed=3, **kw)
+    streamed = []
+    cached = generate(model, np.arange(5), ode, seed=3, on_token=streamed.append, **kw)
+    np.testing.assert_array_equal(np.stack(streamed, 1), cached)
     np.testing.assert_array_equal(cached, generate(model, np.arange(5), ode, seed=3, cache=False, **kw))
+    np.testing.assert_array_equal(cached, generate(model, np.arange(5), ode, seed=3, **kw))  # device loop
+    generate(model, np.arange(5), ode, seed=4, on_token=lambda t: None, **kw)
     generate(model, np.arange(5), ode, seed=4, **kw)
-    grown = {k: TRACES[k] - before[k] for k in ("prefill", "decode", "recompute")}
-    # One compile for the whole generation (position is traced); none for a new seed.
-    assert grown == {"prefill": 1, "decode": 1, "recompute": 1}, grown
+    grown = {k: TRACES[k] - before[k] for k in ("prefill", "decode", "decode_many", "recompute")}
+    # One compile for a whole generation (the position is traced), none for a new seed.
+    assert grown == {"prefill": 1, "decode": 1, "decode_many": 1, "recompute": 1}, grown
 
 
 @pytest.mark.parametrize("rtol, bound", [pytest.param(1e-3, 0.5, marks=pytest.mark.slow), (1e-6, 1e-3)])

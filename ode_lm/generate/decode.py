@@ -6,7 +6,9 @@ equal tokens. The loop keeps one invariant: the context holds ``n`` tokens at po
 
 - cached: ``prefill`` runs the context once, filling every evaluation's cache slot; each
   later token costs one ``decode_step`` (one position through the whole solve). Buffers
-  have a fixed size and the position is a traced scalar, so the step compiles once.
+  have a fixed size and the position is a traced scalar, so the step compiles once. When
+  nobody watches tokens arrive (no ``on_token``), the steps up to the next window slide run
+  as one device loop; streaming calls one jitted step per token.
 - recompute (``cache = false``): every token re-runs the model on the whole context, padded
   to a multiple of ``bucket`` positions so it compiles once per bucket; causality makes the
   padding irrelevant. Adaptive solves see exactly the context (no padding), because padding
@@ -50,12 +52,32 @@ def _prefill(model: LanguageModel, context: Int[Array, "batch n"], cache, seen, 
     return (*_choose(logits[:, -1], seen, key, s), cache)
 
 
+def _decode_body(model, token, position, cache, seen, key, s):
+    logits, cache = model.decode_step(token, position, cache)
+    return (*_choose(logits, seen, key, s), cache, position + 1)
+
+
 @eqx.filter_jit
 def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
             seen, key, s: Sampling):
+    """One token (the streaming path: the host sees every token as soon as it exists)."""
     TRACES["decode"] += 1
-    logits, cache = model.decode_step(token, position, cache)
-    return (*_choose(logits, seen, key, s), cache, position + 1)
+    return _decode_body(model, token, position, cache, seen, key, s)
+
+
+@eqx.filter_jit
+def _decode_many(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
+                 seen, key, s: Sampling, count: int):
+    """``count`` tokens in one device loop (no host round trip per token)."""
+    TRACES["decode_many"] += 1
+
+    def body(carry, _):
+        token, seen, key, cache, position = carry
+        carry = _decode_body(model, token, position, cache, seen, key, s)
+        return carry, carry[0]
+    (_, seen, key, cache, position), tokens = jax.lax.scan(
+        body, (token, seen, key, cache, position), None, length=count)
+    return tokens, seen, key, cache, position
 
 
 @eqx.filter_jit
@@ -77,10 +99,15 @@ class _Cached:
         self.position = jnp.asarray(context.shape[1], jnp.int32)  # on device: no transfer per token
         return token, seen, key
 
-    def advance(self, token, n, seen, key, s):
-        token, seen, key, self.cache, self.position = _decode(self.model, token, self.position,
-                                                              self.cache, seen, key, s)
-        return token, seen, key
+    def advance(self, token, n, count, seen, key, s):
+        """``count`` tokens after ``token``, placed at ``n``: ``([count, batch], seen, key)``."""
+        if count == 1:
+            token, seen, key, self.cache, self.position = _decode(self.model, token, self.position,
+                                                                  self.cache, seen, key, s)
+            return token[None], seen, key
+        tokens, seen, key, self.cache, self.position = _decode_many(
+            self.model, token, self.position, self.cache, seen, key, s, count)
+        return tokens, seen, key
 
 
 class _Recompute:
@@ -97,9 +124,13 @@ class _Recompute:
         self.buffer = jnp.zeros((context.shape[0], self.max_len), jnp.int32).at[:, :context.shape[1]].set(context)
         return self._run(context.shape[1], seen, key, s)
 
-    def advance(self, token, n, seen, key, s):
-        self.buffer = self.buffer.at[:, n].set(token)
-        return self._run(n + 1, seen, key, s)
+    def advance(self, token, n, count, seen, key, s):
+        tokens = []
+        for i in range(count):
+            self.buffer = self.buffer.at[:, n + i].set(token)
+            token, seen, key = self._run(n + i + 1, seen, key, s)
+            tokens.append(token)
+        return jnp.stack(tokens), seen, key
 
 
 def check_settings(settings: GenerateConfig | None = None, **overrides) -> GenerateConfig:
@@ -144,20 +175,27 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
     seen = jnp.zeros((s.num_samples, vocab), bool).at[:, prompt].set(True)
     key = jax.random.key(s.seed)
     context = sequence if sequence.shape[1] <= limit else sequence[:, -(limit - s.window):]
-    new: list[Array] = []
-    for i in range(s.max_new_tokens):
-        if i == 0:
-            n = context.shape[1]
-            token, seen, key = runner.restart(context, seen, key, sampling)
-        elif n == limit:  # no position left for ``token``: slide the window
-            sequence = np.concatenate([sequence[:, :prompt.size], np.asarray(jnp.stack(new, 1))], 1)
+    n = context.shape[1]
+    token, seen, key = runner.restart(context, seen, key, sampling)
+    new = [token[None]]  # chunks of [count, batch] tokens
+    produced = 1
+    while True:
+        if on_token is not None:
+            for row in np.asarray(new[-1]):
+                on_token(row)
+        if produced == s.max_new_tokens:
+            break
+        if n == limit:  # no position left for ``token``: slide the window
+            sequence = np.concatenate([sequence[:, :prompt.size], np.asarray(jnp.concatenate(new).T)], 1)
             context = sequence[:, -(limit - s.window):]
             n = context.shape[1]
             token, seen, key = runner.restart(context, seen, key, sampling)
+            chunk = token[None]
         else:
-            token, seen, key = runner.advance(token, n, seen, key, sampling)
-            n += 1
-        new.append(token)
-        if on_token is not None:
-            on_token(np.asarray(token))
-    return np.asarray(jnp.stack(new, axis=1))
+            # Streaming: one token per call. Otherwise everything up to the next slide at once.
+            count = 1 if on_token is not None else min(s.max_new_tokens - produced, limit - n)
+            chunk, seen, key = runner.advance(token, n, count, seen, key, sampling)
+            token, n = chunk[-1], n + count
+        new.append(chunk)
+        produced += chunk.shape[0]
+    return np.asarray(jnp.concatenate(new).T)
