@@ -45,7 +45,9 @@ def _choose(logits, seen, key, s: Sampling):
     return token, seen.at[jnp.arange(token.shape[0]), token].set(True), key
 
 
-@eqx.filter_jit
+# The decode functions donate their inputs (all but the model), so the cache is updated in
+# place instead of copied for every token.
+@eqx.filter_jit(donate="all-except-first")
 def _prefill(model: LanguageModel, context: Int[Array, "batch n"], cache, seen, key, s: Sampling):
     TRACES["prefill"] += 1
     logits, cache = model.prefill(context, cache)
@@ -57,7 +59,7 @@ def _decode_body(model, token, position, cache, seen, key, s):
     return (*_choose(logits, seen, key, s), cache, position + 1)
 
 
-@eqx.filter_jit
+@eqx.filter_jit(donate="all-except-first")
 def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
             seen, key, s: Sampling):
     """One token (the streaming path: the host sees every token as soon as it exists)."""
@@ -65,7 +67,7 @@ def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Arr
     return _decode_body(model, token, position, cache, seen, key, s)
 
 
-@eqx.filter_jit
+@eqx.filter_jit(donate="all-except-first")
 def _decode_many(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
                  seen, key, s: Sampling, count: int):
     """``count`` tokens in one device loop (no host round trip per token)."""
