@@ -109,6 +109,9 @@ class ODECache(eqx.Module):
     slots: PyTree  # the field's per-evaluation state (keys/values, SSM states), stacked over slots
     grid: Float[Array, " steps+1"]
     scheme: GridScheme
+    # Unroll the step loop of one-token decode solves (no device loop, which costs a host
+    # round trip per step on GPU). Fixed grids only: an adaptive one may have max_steps steps.
+    unroll: bool = eqx.field(static=True)
 
 
 class ODELanguageModel(LanguageModel):
@@ -156,7 +159,7 @@ class ODELanguageModel(LanguageModel):
             grid = jnp.linspace(0.0, 1.0, ode.steps + 1, dtype=jnp.float32)
         scheme = grid_scheme(ode.solver)
         slots = self.field.init_cache(scheme.slots(grid.shape[0] - 1), prompt.shape[0], max_len)
-        return ODECache(slots, grid, scheme)
+        return ODECache(slots, grid, scheme, unroll=not ode.adaptive)
 
     def extend(self, tokens, start, cache: ODECache):
         x0 = self.embedding(tokens, start)
@@ -167,11 +170,10 @@ class ODELanguageModel(LanguageModel):
             dx, slots = self.field.extend(t, x.astype(dtype), slots, slot, start)
             return dx.astype(state_dtype), slots
 
-        # One new token: unroll the steps (no device loop, which costs a sync per step on GPU).
         x1, slots = cache.scheme.solve(evaluate, cache.grid, x0.astype(state_dtype), cache.slots,
-                                       unroll=tokens.shape[1] == 1)
+                                       unroll=cache.unroll and tokens.shape[1] == 1)
         logits = self.readout(x1.astype(dtype), self.embedding)
-        return logits, ODECache(slots, cache.grid, cache.scheme)
+        return logits, eqx.tree_at(lambda c: c.slots, cache, slots)
 
 
 @eqx.filter_jit
