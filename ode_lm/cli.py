@@ -64,6 +64,13 @@ GENERATE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition
 WINDOW_AUTO = -1  # bare ``--window``: drop max_positions // 4 tokens per slide
 
 
+def _crosscheck(args: argparse.Namespace) -> int:
+    from ode_lm.interop.command import run_crosscheck
+    from ode_lm.interop.settings import from_arguments
+
+    return run_crosscheck(args.target, args.overrides, args.backend, from_arguments(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ode-lm", description="Continuous-depth transformer LMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -95,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="slide a window past max_positions, dropping N tokens each time "
                         "(default N: max_positions // 4)")
     p.set_defaults(func=_generate)
+
+    from ode_lm.interop.settings import BACKENDS, add_arguments
+
+    p = sub.add_parser("crosscheck", help="check solves and gradients against an independent float64 "
+                       "implementation (docs/interop.md)")
+    p.add_argument("target", help="run directory or checkpoint (trained weights), or a TOML config "
+                   "(random-init model, no data needed)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (config target)")
+    p.add_argument("--backend", choices=BACKENDS, default="reference",
+                   help="reference: float64 NumPy/SciPy (always available); julia: OrdinaryDiffEq + "
+                   "SciMLSensitivity through juliacall")
+    add_arguments(p)
+    p.set_defaults(func=_crosscheck)
     return parser
 
 

@@ -56,6 +56,20 @@ class DropoutMasks(eqx.Module):
         return cls(mask(ka), mask(km))
 
 
+def causal_attention_exact(q: Float[Array, "batch seq heads hd"], k: Float[Array, "batch seq heads hd"],
+                           v: Float[Array, "batch seq heads hd"]) -> Float[Array, "batch seq heads hd"]:
+    """``softmax(q k^T / sqrt(hd), causal) v`` entirely in the inputs' dtype.
+
+    ``jax.nn.dot_product_attention`` always takes its softmax in float32, which would cap a
+    float64 model (the cross-checks in ode_lm.interop) at float32 accuracy.
+    """
+    seq = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Attention(eqx.Module):
     """Causal multi-head self-attention."""
 
@@ -81,10 +95,13 @@ class Attention(eqx.Module):
 
     def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates) -> Float[Array, "batch seq dim"]:
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x, gates.qkv), 3, axis=-1)
+        q, k, v = self.qkv.split_call(x, gates.qkv, 3)
         shape = (b, t, self.heads, d // self.heads)
-        out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                           is_causal=True, implementation=self.kernel(x.dtype))
+        if x.dtype == jnp.float64:
+            out = causal_attention_exact(q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        else:
+            out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                               is_causal=True, implementation=self.kernel(x.dtype))
         return self.proj(out.reshape(b, t, d), gates.proj)
 
     def empty_cache(self, slots: int, batch: int, max_len: int) -> KVCache:
@@ -99,12 +116,13 @@ class Attention(eqx.Module):
         positions ``<= start + i`` (the tail of the buffer is masked).
         """
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x, gates.qkv), 3, axis=-1)
+        q, k, v = self.qkv.split_call(x, gates.qkv, 3)
         shape = (b, t, self.heads, d // self.heads)
         cache = cache.write(slot, start, k.reshape(shape), v.reshape(shape))
         keys, values = cache.read(slot)
-        scores = jnp.einsum("bthd,bhld->bhtl", q.reshape(shape), keys).astype(jnp.float32)
-        scores = scores / jnp.sqrt(jnp.float32(shape[-1]))
+        wide = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= float32 (float64 stays)
+        scores = jnp.einsum("bthd,bhld->bhtl", q.reshape(shape), keys).astype(wide)
+        scores = scores / jnp.sqrt(jnp.asarray(shape[-1], wide))
         visible = jnp.arange(cache.max_len)[None, :] <= start + jnp.arange(t)[:, None]
         probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(values.dtype)
         out = jnp.einsum("bhtl,bhld->bthd", probs, values)
