@@ -40,28 +40,35 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import jax
-
-    from ode_lm.errors import UserError as Bad
-    from ode_lm.generate import generate_recompute
+    from ode_lm.config import config_from_dict
+    from ode_lm.errors import GenerationError
+    from ode_lm.generate import TextStream, check_settings, generate
     from ode_lm.train import load_run
 
-    if args.temperature < 0:
-        raise Bad(f"--temperature {args.temperature}: must be >= 0 (0 is greedy)")
-    if args.max_new_tokens < 1:
-        raise Bad(f"--max-new-tokens {args.max_new_tokens}: must be >= 1")
+    flags = {name: getattr(args, name) for name in GENERATE_FLAGS if getattr(args, name) is not None}
+    for name, value in flags.items():  # name the flag in the message, before loading anything
+        if name != "window" or value != WINDOW_AUTO:
+            config_from_dict({"generate": {name: value}}, f"--{name.replace('_', '-')} {value}")
     if not args.prompt:
-        raise Bad("--prompt is empty; give at least one character of text to continue")
+        raise GenerationError("--prompt is empty; give at least one character of text to continue")
     run = load_run(args.run, args.checkpoint, warn=lambda m: print(m, file=sys.stderr))
-    prompt = run.tokenizer.encode(args.prompt)
     limit = run.config.model.max_positions
-    if len(prompt) + args.max_new_tokens > limit:
-        raise Bad(f"prompt ({len(prompt)} tokens) + --max-new-tokens {args.max_new_tokens} exceeds "
-                  f"the model's max_positions = {limit}")
-    ids = generate_recompute(run.model, prompt, args.max_new_tokens, run.config.ode,
-                             key=jax.random.key(args.seed), temperature=args.temperature,
-                             max_positions=limit)
-    print(args.prompt + run.tokenizer.decode(ids))
+    if flags.get("window") == WINDOW_AUTO:
+        flags["window"] = max(1, limit // 4)
+    settings = check_settings(run.config.generate, **flags)
+    prompt = run.tokenizer.encode(args.prompt)
+    if settings.num_samples == 1:
+        stream = TextStream(run.tokenizer)
+        out = [args.prompt]  # printed with the first token, after generate() has checked its input
+
+        def show(tokens):
+            print(*out, stream.push(int(tokens[0])), sep="", end="", flush=True)
+            out.clear()
+        generate(run.model, prompt, run.config.ode, settings, on_token=show)
+        print(stream.flush())
+        return 0
+    for i, ids in enumerate(generate(run.model, prompt, run.config.ode, settings)):
+        print(f"--- sample {i + 1} of {settings.num_samples} ---\n{args.prompt}{run.tokenizer.decode(ids)}")
     return 0
 
 
@@ -86,6 +93,12 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``ode-lm generate`` flags that override the run's [generate] config (same names).
+GENERATE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "greedy",
+                  "cache", "num_samples", "seed", "window")
+WINDOW_AUTO = -1  # bare ``--window``: drop max_positions // 4 tokens per slide
+
+
 def _crosscheck(args: argparse.Namespace) -> int:
     from ode_lm.interop.command import run_crosscheck
     from ode_lm.interop.settings import from_arguments
@@ -105,13 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("generate", help="generate text from a trained run")
+    p = sub.add_parser("generate", help="generate text from a trained run (streams to the terminal)")
     p.add_argument("run", help="run directory (runs/<name>) or checkpoint file")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", default=None, help="checkpoint file name inside the run")
+    # Unset flags fall back to the run's [generate] config (see ode_lm/config.py).
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 is greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1] (1: all)")
+    p.add_argument("--repetition-penalty", type=float, help="> 1 discourages repeats (1: off)")
+    p.add_argument("--greedy", action="store_const", const=True, help="always take the most likely token")
+    p.add_argument("--no-cache", dest="cache", action="store_const", const=False,
+                   help="recompute the whole sequence for every token (for comparison)")
+    p.add_argument("--num-samples", type=int, help="independent samples of the prompt")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--window", type=int, nargs="?", const=WINDOW_AUTO, metavar="N",
+                   help="slide a window past max_positions, dropping N tokens each time "
+                        "(default N: max_positions // 4)")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("info", help="parameters per component, FLOPs per token and memory of a config's model")

@@ -152,6 +152,24 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    """Text generation (``ode-lm generate`` flags of the same names override these)."""
+
+    max_new_tokens: int = knob(200, ge=1, doc="tokens to generate")
+    temperature: float = knob(0.8, ge=0.0, doc="softmax temperature; 0 is greedy")
+    top_k: int = knob(0, ge=0, doc="sample among the k most likely tokens (0: all)")
+    top_p: float = knob(1.0, gt=0.0, le=1.0, doc="nucleus: smallest set with this probability (1: all)")
+    repetition_penalty: float = knob(1.0, gt=0.0, doc="divide positive / multiply negative logits "
+                                     "of tokens already present (1: off)")
+    greedy: bool = knob(False, doc="always take the most likely token")
+    cache: bool = knob(True, doc="KV-cached decoding; false recomputes the whole sequence per token")
+    num_samples: int = knob(1, ge=1, doc="independent samples of the same prompt (one batch)")
+    seed: int = knob(0, ge=0, doc="sampling seed")
+    window: int = knob(0, ge=0, doc="sliding window: tokens dropped from the front when the context "
+                       "exceeds max_positions (0: off, exceeding max_positions is an error)")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     ode: ODEConfig = field(default_factory=ODEConfig)
@@ -160,6 +178,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_toml(self) -> str:
         """The fully resolved config as TOML; ``load_config`` reads it back unchanged."""

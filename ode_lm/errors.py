@@ -23,3 +23,7 @@ class CheckpointError(UserError):
 
 class RunDirError(UserError):
     """A run directory that exists when it should not, or cannot be written."""
+
+
+class GenerationError(UserError):
+    """A prompt or generation setting that cannot be used (empty, too long, out of range)."""

@@ -1,5 +1,7 @@
-"""Text generation."""
+"""Text generation: KV-cached decoding (ODE solves included), sampling, streaming."""
 
-from ode_lm.generate.sampling import generate_recompute, sample_logits
+from ode_lm.generate.decode import TRACES, check_settings, generate
+from ode_lm.generate.sampling import Sampling, sample
+from ode_lm.generate.stream import TextStream
 
-__all__ = ["generate_recompute", "sample_logits"]
+__all__ = ["TRACES", "check_settings", "generate", "Sampling", "sample", "TextStream"]

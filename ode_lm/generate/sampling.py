@@ -1,46 +1,73 @@
-"""Sampling next tokens from logits, and a simple full-recompute generation loop."""
+"""Choosing the next token from logits: repetition penalty, temperature, top-k, top-p, greedy.
+
+The steps, in order (each a no-op at its neutral value)::
+
+    penalty   l_v <- l_v / r  if l_v > 0 else l_v * r,  for tokens v already present
+    greedy    argmax_v l_v    (greedy = true, or temperature = 0)
+    scale     l <- l / temperature
+    top-k     keep the k largest logits
+    top-p     keep the smallest set of most likely tokens whose probability is >= p
+    sample    v ~ softmax(l)
+"""
 
 from __future__ import annotations
 
-import equinox as eqx
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from ode_lm.config import ODEConfig
-from ode_lm.models import LanguageModel
+from ode_lm.config import GenerateConfig
 
 
-def sample_logits(logits: Float[Array, " vocab"], key: PRNGKeyArray, temperature: float
-                  ) -> Int[Array, ""]:
-    """Draw from ``softmax(logits / temperature)``; ``temperature = 0`` is greedy."""
-    if temperature == 0:
-        return jnp.argmax(logits)
-    return jax.random.categorical(key, logits.astype(jnp.float32) / temperature)
+class Sampling(NamedTuple):
+    """The sampling knobs of a ``GenerateConfig``; hashable, so jitted code can take it static."""
+
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    greedy: bool
+
+    @classmethod
+    def of(cls, cfg: GenerateConfig) -> "Sampling":
+        return cls(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
+                   cfg.greedy or cfg.temperature == 0)
 
 
-@eqx.filter_jit
-def _next_logits(model: LanguageModel, buffer: Int[Array, "1 length"], position: Int[Array, ""],
-                 ode: ODEConfig) -> Float[Array, " vocab"]:
-    logits, _ = model(buffer, ode)
-    return logits[0, position - 1]
+def penalize(logits: Float[Array, "batch vocab"], seen: Bool[Array, "batch vocab"], penalty: float
+             ) -> Float[Array, "batch vocab"]:
+    """The repetition penalty of Keskar et al. (2019) on the tokens ``seen`` so far."""
+    if penalty == 1.0:
+        return logits
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def generate_recompute(model: LanguageModel, prompt: np.ndarray, max_new_tokens: int, ode: ODEConfig,
-                       *, key: PRNGKeyArray, temperature: float = 1.0, max_positions: int) -> np.ndarray:
-    """Generate by re-running the whole sequence for every new token (no cache).
+def top_k_filter(logits: Float[Array, "batch vocab"], k: int) -> Float[Array, "batch vocab"]:
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
 
-    The sequence lives in a fixed buffer of ``len(prompt) + max_new_tokens`` tokens, so the
-    forward pass compiles once; causality makes the unfilled tail irrelevant.
-    """
-    length = len(prompt) + max_new_tokens
-    if length > max_positions:
-        raise ValueError(f"prompt + new tokens = {length} exceeds max_positions = {max_positions}")
-    buffer = np.zeros((1, length), np.int32)
-    buffer[0, :len(prompt)] = prompt
-    for position in range(len(prompt), length):
-        key, sub = jax.random.split(key)
-        logits = _next_logits(model, jnp.asarray(buffer), jnp.asarray(position), ode)
-        buffer[0, position] = int(sample_logits(logits, sub, temperature))
-    return buffer[0, len(prompt):]
+
+def top_p_filter(logits: Float[Array, "batch vocab"], p: float) -> Float[Array, "batch vocab"]:
+    """Keep tokens while the probability of the strictly more likely ones is still < p."""
+    if p >= 1.0:
+        return logits
+    ordered = jnp.sort(logits, axis=-1)[..., ::-1]
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.sum(before < p, axis=-1, keepdims=True)  # >= 1: the top token always stays
+    threshold = jnp.take_along_axis(ordered, kept - 1, axis=-1)
+    return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample(logits: Float[Array, "batch vocab"], seen: Bool[Array, "batch vocab"], key: PRNGKeyArray,
+           s: Sampling) -> Int[Array, " batch"]:
+    """One next token per row (see the module docstring for the order of the steps)."""
+    logits = penalize(logits.astype(jnp.float32), seen, s.repetition_penalty)
+    if s.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = top_p_filter(top_k_filter(logits / s.temperature, s.top_k), s.top_p)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from ode_lm.config import FAMILIES, ModelConfig
-from ode_lm.models.base import Embedding, LanguageModel, ODELanguageModel, Readout
+from ode_lm.models.base import CachedField, Embedding, LanguageModel, ODECache, ODELanguageModel, Readout
 from ode_lm.models.constant import build_constant
 from ode_lm.models.hypernetwork import HypernetworkField, build_hypernetwork
 from ode_lm.models.standard import StandardLanguageModel, build_standard
@@ -36,5 +36,6 @@ def build_model(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float
     return MODEL_FAMILIES[cfg.family](cfg, vocab, key, dtype)
 
 
-__all__ = ["MODEL_FAMILIES", "build_model", "count_parameters", "Embedding", "HypernetworkField", "LanguageModel",
-           "ODELanguageModel", "Readout", "StandardLanguageModel", "TimeIndexedField", "TimeIndexedSSMField"]
+__all__ = ["MODEL_FAMILIES", "build_model", "count_parameters", "CachedField", "Embedding", "HypernetworkField",
+           "LanguageModel", "ODECache", "ODELanguageModel", "Readout", "StandardLanguageModel", "TimeIndexedField",
+           "TimeIndexedSSMField"]

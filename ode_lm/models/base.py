@@ -5,6 +5,11 @@ An ODE family's forward pass::
     x(0)   = embed(tokens)                  # [batch, seq, dim]
     dx/dt  = f(t, x)                        # the family's VectorField, t in [0, 1]
     logits = head(LN(x(1)))
+
+Cached decoding (``init_cache`` / ``prefill`` / ``decode_step``) runs the same maths on a
+chunk of new positions at a time: every attention evaluation keeps its keys and values in a
+fixed-size cache slot, so a new token costs one position's worth of work (see
+docs/generation.md).
 """
 
 from __future__ import annotations
@@ -14,11 +19,12 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ode_lm.config import ModelConfig, ODEConfig
+from ode_lm.errors import GenerationError
 from ode_lm.nn import DropoutMasks, LayerNorm
-from ode_lm.ode import CastField, SolveStats, VectorField, integrate
+from ode_lm.ode import CastField, GridScheme, SolveStats, VectorField, accepted_grid, grid_scheme, integrate
 
 
 class Embedding(eqx.Module):
@@ -62,6 +68,51 @@ class LanguageModel(eqx.Module):
                  key: PRNGKeyArray | None = None) -> tuple[Float[Array, "batch seq vocab"], SolveStats]:
         """``key`` turns dropout on (training); ``None`` is the deterministic eval mode."""
 
+    @abc.abstractmethod
+    def init_cache(self, prompt: Int[Array, "batch seq"], ode: ODEConfig, max_len: int) -> PyTree:
+        """An empty decoding cache for sequences of up to ``max_len`` positions.
+
+        The prompt matters only to adaptive ODE solves, whose step grid it fixes.
+        """
+
+    @abc.abstractmethod
+    def extend(self, tokens: Int[Array, "batch chunk"], start: Int[Array, ""] | int, cache: PyTree
+               ) -> tuple[Float[Array, "batch chunk vocab"], PyTree]:
+        """Logits of tokens at positions ``start ...``, given the cache of positions ``< start``."""
+
+    def prefill(self, prompt: Int[Array, "batch seq"], cache: PyTree
+                ) -> tuple[Float[Array, "batch seq vocab"], PyTree]:
+        return self.extend(prompt, 0, cache)
+
+    def decode_step(self, token: Int[Array, " batch"], position: Int[Array, ""], cache: PyTree
+                    ) -> tuple[Float[Array, "batch vocab"], PyTree]:
+        logits, cache = self.extend(token[:, None], position, cache)
+        return logits[:, 0], cache
+
+
+class CachedField(VectorField):
+    """A vector field that can also evaluate new positions against per-evaluation caches."""
+
+    @abc.abstractmethod
+    def init_cache(self, slots: int, batch: int, max_len: int) -> PyTree:
+        """Empty per-evaluation state, stacked over ``slots`` evaluations."""
+
+    @abc.abstractmethod
+    def extend(self, t: Float[Array, ""], x: Float[Array, "batch chunk dim"], cache: PyTree,
+               slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], PyTree]:
+        """``f(t, x)`` of a chunk at positions ``start ...``, evaluation number ``slot``."""
+
+
+class ODECache(eqx.Module):
+    """A frozen solve to continue: per-evaluation state and the step grid it belongs to."""
+
+    slots: PyTree  # the field's per-evaluation state (keys/values, SSM states), stacked over slots
+    grid: Float[Array, " steps+1"]
+    scheme: GridScheme
+    # Unroll the step loop of one-token decode solves (no device loop, which costs a host
+    # round trip per step on GPU). Fixed grids only: an adaptive one may have max_steps steps.
+    unroll: bool = eqx.field(static=True)
+
 
 class ODELanguageModel(LanguageModel):
     """An ODE family: the family supplies only ``field``, the vector field over depth-time."""
@@ -89,6 +140,46 @@ class ODELanguageModel(LanguageModel):
     def __call__(self, tokens, ode, *, key=None):
         x1, stats = self.hidden_final(tokens, ode, key=key)
         return self.readout(x1.astype(self.embedding.tokens.dtype), self.embedding), stats
+
+    def init_cache(self, prompt, ode, max_len):
+        """Cache slots for every evaluation of the solve on the decoding grid.
+
+        Fixed steps: the grid ``n / steps``. Adaptive: the grid the solver accepts for the
+        prompt, frozen for the rest of the generation (an approximation; docs/generation.md).
+        """
+        if ode.adaptive:
+            times, accepted = _accepted_grid(self, prompt, ode)
+            accepted = int(accepted)
+            if not float(times[accepted]) == 1.0:
+                raise GenerationError(f"the adaptive solve of the prompt did not reach t = 1 within "
+                                      f"ode.max_steps = {ode.max_steps} steps; raise ode.max_steps or "
+                                      "loosen ode.rtol / ode.atol")
+            grid = times[:accepted + 1]
+        else:
+            grid = jnp.linspace(0.0, 1.0, ode.steps + 1, dtype=jnp.float32)
+        scheme = grid_scheme(ode.solver)
+        slots = self.field.init_cache(scheme.slots(grid.shape[0] - 1), prompt.shape[0], max_len)
+        return ODECache(slots, grid, scheme, unroll=not ode.adaptive)
+
+    def extend(self, tokens, start, cache: ODECache):
+        x0 = self.embedding(tokens, start)
+        dtype = x0.dtype
+        state_dtype = jnp.promote_types(dtype, jnp.float32)
+
+        def evaluate(slot, t, x, slots):
+            dx, slots = self.field.extend(t, x.astype(dtype), slots, slot, start)
+            return dx.astype(state_dtype), slots
+
+        x1, slots = cache.scheme.solve(evaluate, cache.grid, x0.astype(state_dtype), cache.slots,
+                                       unroll=cache.unroll and tokens.shape[1] == 1)
+        logits = self.readout(x1.astype(dtype), self.embedding)
+        return logits, eqx.tree_at(lambda c: c.slots, cache, slots)
+
+
+@eqx.filter_jit
+def _accepted_grid(model: ODELanguageModel, prompt, ode):
+    x0 = model.embedding(prompt)
+    return accepted_grid(model.field, x0.astype(jnp.promote_types(x0.dtype, jnp.float32)), ode)
 
 
 def build_shared(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype) -> tuple[Embedding, Readout]:

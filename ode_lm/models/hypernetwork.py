@@ -17,12 +17,11 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from ode_lm.config import ModelConfig
-from ode_lm.models.base import ODELanguageModel, build_shared
+from ode_lm.models.base import CachedField, ODELanguageModel, build_shared
 from ode_lm.nn import Block, BlockGates, DropoutMasks, HyperNetwork
-from ode_lm.ode import VectorField
 
 
-class HypernetworkField(VectorField):
+class HypernetworkField(CachedField):
     block: Block  # the base weights (M_0, v_0)
     hypernetwork: HyperNetwork
     dropout: DropoutMasks | None = None
@@ -34,6 +33,13 @@ class HypernetworkField(VectorField):
     def __call__(self, t, x):
         block, gates = self.block_at(t)
         return block(x, gates, self.dropout)
+
+    def init_cache(self, slots, batch, max_len):
+        return self.block.attn.empty_cache(slots, batch, max_len)
+
+    def extend(self, t, x, cache, slot, start):
+        block, gates = self.block_at(t)
+        return block.extend(x, gates, cache, slot, start)
 
 
 def build_hypernetwork(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32) -> ODELanguageModel:

@@ -5,7 +5,8 @@
     logits   = head(LN(x_N))
 
 It is not an ODE: ``[ode]`` settings are ignored and the "solve" always reports
-``nfe = steps = model.layers``. Dropout masks are drawn afresh for every layer.
+``nfe = steps = model.layers``. Dropout masks are drawn afresh for every layer. Cached
+decoding keeps one key/value slot per layer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.config import ModelConfig, ODEConfig
 from ode_lm.models.base import Embedding, LanguageModel, Readout, build_shared
-from ode_lm.nn import Block, DropoutMasks
+from ode_lm.nn import Block, BlockGates, DropoutMasks, KVCache
 from ode_lm.ode import SolveStats
 
 
@@ -47,6 +48,19 @@ class StandardLanguageModel(LanguageModel):
     def __call__(self, tokens, ode=None, *, key=None):
         x, stats = self.hidden_final(tokens, ode, key=key)
         return self.readout(x.astype(self.embedding.tokens.dtype), self.embedding), stats
+
+
+    def init_cache(self, prompt, ode, max_len) -> KVCache:
+        return self.layers[0].attn.empty_cache(len(self.layers), prompt.shape[0], max_len)
+
+    def extend(self, tokens, start, cache: KVCache):
+        x = self.embedding(tokens, start)
+        compute = x.dtype
+        x = x.astype(jnp.promote_types(compute, jnp.float32))
+        for slot, block in enumerate(self.layers):
+            dx, cache = block.extend(x.astype(compute), BlockGates(), cache, slot, start)
+            x = x + dx.astype(x.dtype)
+        return self.readout(x.astype(compute), self.embedding), cache
 
 
 def build_standard(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32) -> StandardLanguageModel:

@@ -15,12 +15,11 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.config import ModelConfig
-from ode_lm.models.base import ODELanguageModel, build_shared
-from ode_lm.nn import Block, BlockGates, DropoutMasks, Modulation, sinusoidal
-from ode_lm.ode import VectorField
+from ode_lm.models.base import CachedField, ODELanguageModel, build_shared
+from ode_lm.nn import Block, BlockGates, DropoutMasks, KVCache, Modulation, sinusoidal
 
 
-class TimeIndexedField(VectorField):
+class TimeIndexedField(CachedField):
     """``f(t, x) = block(x; gates(t))``.
 
     ``constant`` replaces ``sinusoidal(t)`` as the modulation's input when set: that is the
@@ -49,6 +48,12 @@ class TimeIndexedField(VectorField):
 
     def __call__(self, t, x):
         return self.block(x, self.gates(t), self.dropout)
+
+    def init_cache(self, slots, batch, max_len):
+        return self.block.attn.empty_cache(slots, batch, max_len)
+
+    def extend(self, t, x, cache, slot, start):
+        return self.block.extend(x, self.gates(t), cache, slot, start)
 
 
 def time_indexed_field(cfg: ModelConfig, key: PRNGKeyArray, dtype,

@@ -7,22 +7,31 @@
 ``g_ssm`` (``ode_lm.nn.ssm``) scans along the sequence with stable, depth-time-dependent
 dynamics; it adds a recurrent path beside attention. Dropout masks apply to the block's
 attention and MLP outputs, as in the time-indexed family; the SSM term is not dropped.
+Cached decoding keeps, per evaluation, the attention keys/values and the SSM's recurrent
+state after the last cached position, so a new token advances the recurrence by one step.
 """
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.config import ModelConfig
-from ode_lm.models.base import ODELanguageModel, build_shared
+from ode_lm.models.base import CachedField, ODELanguageModel, build_shared
 from ode_lm.models.time_indexed import TimeIndexedField, time_indexed_field
-from ode_lm.nn import Block, BlockGates, DropoutMasks, SelectiveSSM
-from ode_lm.ode import VectorField
+from ode_lm.nn import Block, BlockGates, DropoutMasks, KVCache, SelectiveSSM
 
 
-class TimeIndexedSSMField(VectorField):
+class SSMFieldCache(eqx.Module):
+    """Per-evaluation attention keys/values and SSM states (after the last cached position)."""
+
+    kv: KVCache
+    ssm: Float[Array, "slots batch dim state"]
+
+
+class TimeIndexedSSMField(CachedField):
     time_indexed: TimeIndexedField
     ssm: SelectiveSSM
     dropout: DropoutMasks | None = None
@@ -34,6 +43,18 @@ class TimeIndexedSSMField(VectorField):
     def __call__(self, t, x):
         block, gates = self.time_indexed.block_at(t)
         return block(x, gates, self.dropout) + self.ssm(x, t)
+
+    def init_cache(self, slots, batch, max_len):
+        state = self.ssm.init_state(batch)
+        return SSMFieldCache(self.time_indexed.init_cache(slots, batch, max_len),
+                             jnp.zeros((slots, *state.shape), state.dtype))
+
+    def extend(self, t, x, cache: SSMFieldCache, slot, start):
+        a, kv = self.time_indexed.extend(t, x, cache.kv, slot, start)
+        state = jax.lax.dynamic_index_in_dim(cache.ssm, slot, keepdims=False)
+        state, g = self.ssm.extend(state, x, t)
+        states = jax.lax.dynamic_update_index_in_dim(cache.ssm, state, slot, 0)
+        return a + g, SSMFieldCache(kv, states)
 
 
 def build_time_indexed_ssm(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32

@@ -12,8 +12,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from ode_lm.nn.cache import KVCache
 from ode_lm.nn.layers import LayerNorm, Linear
 
 
@@ -103,6 +104,30 @@ class Attention(eqx.Module):
                                                is_causal=True, implementation=self.kernel(x.dtype))
         return self.proj(out.reshape(b, t, d), gates.proj)
 
+    def empty_cache(self, slots: int, batch: int, max_len: int) -> KVCache:
+        dim = self.proj.weight.shape[1]
+        return KVCache.empty(slots, batch, self.heads, max_len, dim // self.heads, self.proj.weight.dtype)
+
+    def extend(self, x: Float[Array, "batch chunk dim"], gates: BlockGates, cache: KVCache,
+               slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
+        """Attention of a chunk at positions ``start ...`` to itself and the cached prefix.
+
+        Writes the chunk's keys/values into ``slot``; query ``start + i`` attends to cached
+        positions ``<= start + i`` (the tail of the buffer is masked).
+        """
+        b, t, d = x.shape
+        q, k, v = self.qkv.split_call(x, gates.qkv, 3)
+        shape = (b, t, self.heads, d // self.heads)
+        cache = cache.write(slot, start, k.reshape(shape), v.reshape(shape))
+        keys, values = cache.read(slot)
+        wide = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= float32 (float64 stays)
+        scores = jnp.einsum("bthd,bhld->bhtl", q.reshape(shape), keys).astype(wide)
+        scores = scores / jnp.sqrt(jnp.asarray(shape[-1], wide))
+        visible = jnp.arange(cache.max_len)[None, :] <= start + jnp.arange(t)[:, None]
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(values.dtype)
+        out = jnp.einsum("bhtl,bhld->bthd", probs, values)
+        return self.proj(out.reshape(b, t, d), gates.proj), cache
+
 
 class MLP(eqx.Module):
     fc1: Linear
@@ -140,3 +165,9 @@ class Block(eqx.Module):
         if dropout is not None:
             a, m = a * dropout.attn, m * dropout.mlp
         return a + m
+
+    def extend(self, x: Float[Array, "batch chunk dim"], gates: BlockGates, cache: KVCache,
+               slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
+        """``f`` of a chunk of new positions, attending through ``cache`` slot ``slot``."""
+        a, cache = self.attn.extend(self.ln_attn(x), gates, cache, slot, start)
+        return a + self.mlp(self.ln_mlp(x), gates), cache

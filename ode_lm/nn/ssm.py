@@ -25,6 +25,7 @@ The recurrence ``h_k = a_k h_{k-1} + b_k`` is a scan under the associative opera
 ``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``. ``associative`` evaluates it with
 ``jax.lax.associative_scan`` (O(log T) depth, but every level reads and writes
 ``batch x seq x dim x N`` floats); ``step`` advances it by one token (for decoding) and
+``extend`` continues it from a carried state over a chunk (cached decoding);
 ``sequential`` loops ``step`` over the sequence (the test oracle, and on CPU the faster
 of the two). ``__call__`` uses the one named by ``model.ssm_scan``.
 """
@@ -136,6 +137,15 @@ class SelectiveSSM(eqx.Module):
         p = self.discretise(x_t, t)
         state = p.decay * state + p.drive
         return state, self._output(state, p, x_t.dtype)
+
+    def extend(self, state: Float[Array, "batch dim state"], x: Float[Array, "batch chunk dim"],
+               t: Float[Array, ""]) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch chunk dim"]]:
+        """Continue the recurrence from ``state`` (``h`` before the chunk) over a chunk:
+        ``h_k = (prod_{j<=k} decay_j) h_0 + scan_k``; returns the chunk's last ``h`` and ``g``."""
+        p = self.discretise(x, t)
+        decay, h = jax.lax.associative_scan(_combine, (p.decay, p.drive), axis=1)
+        h = h + decay * state[:, None].astype(h.dtype)
+        return h[:, -1], self._output(h, p, x.dtype)
 
     def sequential(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` one position at a time with ``step`` (the reference recurrence)."""

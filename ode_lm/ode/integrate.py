@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from jaxtyping import Array, Float
+import diffrax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
 
 from ode_lm.config import ODEConfig
 from ode_lm.ode.field import VectorField
 from ode_lm.ode.sensitivities import SENSITIVITIES
-from ode_lm.ode.stepping import T0, T1, SolveStats, fixed_grid
+from ode_lm.ode.solvers import SOLVER_SPECS
+from ode_lm.ode.stepping import T0, T1, TERM, SolveStats, fixed_grid, step_control
 
-__all__ = ["T0", "T1", "SolveStats", "fixed_grid", "integrate"]
+__all__ = ["T0", "T1", "SolveStats", "accepted_grid", "fixed_grid", "integrate"]
 
 
 def integrate(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
@@ -26,3 +29,21 @@ def integrate(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
         raise ValueError(f"ODEConfig(reversible=True) conflicts with adjoint={ode.adjoint!r}; "
                          "pass adjoint='reversible' (config loading resolves the alias)")
     return SENSITIVITIES[ode.adjoint](field, x0, ode)
+
+
+def accepted_grid(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
+                  ) -> tuple[Float[Array, " max_steps+1"], Int[Array, ""]]:
+    """The step grid an adaptive solve of ``x0`` accepts: ``(times, accepted_steps)``.
+
+    ``times[:accepted_steps + 1]`` runs from 0 to 1; the rest is padding (``inf``). A
+    fixed-step ``ode`` gives ``fixed_grid(ode.steps)``.
+    """
+    if not ode.adaptive:
+        return fixed_grid(ode.steps, jnp.result_type(float)), jnp.asarray(ode.steps)
+    control = step_control(ode)
+    sol = diffrax.diffeqsolve(
+        TERM, SOLVER_SPECS[ode.solver].make(), t0=T0, t1=T1, dt0=control.dt0, y0=x0, args=field,
+        saveat=diffrax.SaveAt(steps=True), stepsize_controller=control.controller,
+        max_steps=control.max_steps, throw=False)
+    times = jnp.concatenate([jnp.asarray([T0], sol.ts.dtype), sol.ts])
+    return times, sol.stats["num_accepted_steps"]

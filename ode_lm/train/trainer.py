@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from ode_lm.config import ODE_FAMILIES, Config, config_from_toml
 from ode_lm.data import BatchSampler, TokenizedCorpus, load_corpus
 from ode_lm.errors import CheckpointError, RunDirError
-from ode_lm.generate import generate_recompute
+from ode_lm.generate import generate
 from ode_lm.models import LanguageModel, build_model, count_parameters
 from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
 from ode_lm.train.files import atomic_write
@@ -248,7 +248,6 @@ def end_of_training_sample(model: LanguageModel, cfg: Config, corpus: TokenizedC
     n = min(cfg.train.sample_tokens, cfg.model.max_positions - len(prompt))
     if n <= 0 or len(prompt) == 0:
         return ""
-    ids = generate_recompute(model, prompt, n, cfg.ode, key=jax.random.key(cfg.train.seed),
-                             temperature=cfg.train.sample_temperature,
-                             max_positions=cfg.model.max_positions)
-    return corpus.tokenizer.decode(ids)
+    ids = generate(model, prompt, cfg.ode, max_new_tokens=n, temperature=cfg.train.sample_temperature,
+                   seed=cfg.train.seed)
+    return corpus.tokenizer.decode(ids[0])

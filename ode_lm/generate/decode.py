@@ -1,0 +1,203 @@
+"""``generate``: continue a prompt, with the KV cache (default) or by full recomputation.
+
+Both paths run the same loop and the same jitted sampling, so with equal logits they pick
+equal tokens. The loop keeps one invariant: the context holds ``n`` tokens at positions
+``0 .. n-1`` and ``token`` is the next one, to be placed at position ``n``.
+
+- cached: ``prefill`` runs the context once, filling every evaluation's cache slot; each
+  later token costs one ``decode_step`` (one position through the whole solve). Buffers
+  have a fixed size and the position is a traced scalar, so the step compiles once. When
+  nobody watches tokens arrive (no ``on_token``), the steps up to the next window slide run
+  as one device loop; streaming calls one jitted step per token.
+- recompute (``cache = false``): every token re-runs the model on the whole context, padded
+  to a multiple of ``bucket`` positions so it compiles once per bucket; causality makes the
+  padding irrelevant. Adaptive solves see exactly the context (no padding), because padding
+  would change the step sizes the controller picks.
+- sliding window (``window = w > 0``): when ``token`` has no position left (``n`` =
+  max_positions), the context becomes the last ``max_positions - w`` tokens and is run again
+  from position 0 (learned absolute positions: every state moves, so the cache cannot roll).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int, PRNGKeyArray
+
+from ode_lm.config import GenerateConfig, ODEConfig, config_from_dict
+from ode_lm.errors import ConfigError, GenerationError
+from ode_lm.generate.sampling import Sampling, sample
+from ode_lm.models import LanguageModel
+
+# How many times each jitted function below was traced (a compile-once check for tests).
+TRACES: collections.Counter[str] = collections.Counter()
+
+
+def _choose(logits, seen, key, s: Sampling):
+    key, sub = jax.random.split(key)
+    token = sample(logits, seen, sub, s)
+    return token, seen.at[jnp.arange(token.shape[0]), token].set(True), key
+
+
+# The decode functions donate their inputs (all but the model), so the cache is updated in
+# place instead of copied for every token.
+@eqx.filter_jit(donate="all-except-first")
+def _prefill(model: LanguageModel, context: Int[Array, "batch n"], cache, seen, key, s: Sampling):
+    TRACES["prefill"] += 1
+    logits, cache = model.prefill(context, cache)
+    return (*_choose(logits[:, -1], seen, key, s), cache)
+
+
+def _decode_body(model, token, position, cache, seen, key, s):
+    logits, cache = model.decode_step(token, position, cache)
+    return (*_choose(logits, seen, key, s), cache, position + 1)
+
+
+@eqx.filter_jit(donate="all-except-first")
+def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
+            seen, key, s: Sampling):
+    """One token (the streaming path: the host sees every token as soon as it exists)."""
+    TRACES["decode"] += 1
+    return _decode_body(model, token, position, cache, seen, key, s)
+
+
+@eqx.filter_jit(donate="all-except-first")
+def _decode_many(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
+                 seen, key, s: Sampling, count: int):
+    """``count`` tokens in one device loop (no host round trip per token)."""
+    TRACES["decode_many"] += 1
+
+    def body(carry, _):
+        token, seen, key, cache, position = carry
+        carry = _decode_body(model, token, position, cache, seen, key, s)
+        return carry, carry[0]
+    (_, seen, key, cache, position), tokens = jax.lax.scan(
+        body, (token, seen, key, cache, position), None, length=count)
+    return tokens, seen, key, cache, position
+
+
+@eqx.filter_jit
+def _recompute(model: LanguageModel, window: Int[Array, "batch length"], read: Int[Array, ""],
+               seen, key, s: Sampling, ode: ODEConfig):
+    TRACES["recompute"] += 1
+    logits, _ = model(window, ode)
+    return _choose(jax.lax.dynamic_index_in_dim(logits, read, axis=1, keepdims=False), seen, key, s)
+
+
+class _Cached:
+    def __init__(self, model, ode, max_len):
+        self.model, self.ode, self.max_len = model, ode, max_len
+
+    def restart(self, context, seen, key, s):
+        context = jnp.asarray(context)
+        self.cache = self.model.init_cache(context, self.ode, self.max_len)
+        token, seen, key, self.cache = _prefill(self.model, context, self.cache, seen, key, s)
+        self.position = jnp.asarray(context.shape[1], jnp.int32)  # on device: no transfer per token
+        return token, seen, key
+
+    def advance(self, token, n, count, seen, key, s):
+        """``count`` tokens after ``token``, placed at ``n``: ``([count, batch], seen, key)``."""
+        if count == 1:
+            token, seen, key, self.cache, self.position = _decode(self.model, token, self.position,
+                                                                  self.cache, seen, key, s)
+            return token[None], seen, key
+        tokens, seen, key, self.cache, self.position = _decode_many(
+            self.model, token, self.position, self.cache, seen, key, s, count)
+        return tokens, seen, key
+
+
+class _Recompute:
+    def __init__(self, model, ode, max_len, bucket):
+        self.model, self.ode, self.max_len = model, ode, max_len
+        self.bucket = 1 if ode.adaptive else bucket
+
+    def _run(self, length, seen, key, s):
+        padded = min(self.max_len, -(-length // self.bucket) * self.bucket)
+        return _recompute(self.model, self.buffer[:, :padded], jnp.asarray(length - 1, jnp.int32),
+                          seen, key, s, self.ode)
+
+    def restart(self, context, seen, key, s):
+        self.buffer = jnp.zeros((context.shape[0], self.max_len), jnp.int32).at[:, :context.shape[1]].set(context)
+        return self._run(context.shape[1], seen, key, s)
+
+    def advance(self, token, n, count, seen, key, s):
+        tokens = []
+        for i in range(count):
+            self.buffer = self.buffer.at[:, n + i].set(token)
+            token, seen, key = self._run(n + i + 1, seen, key, s)
+            tokens.append(token)
+        return jnp.stack(tokens), seen, key
+
+
+def check_settings(settings: GenerateConfig | None = None, **overrides) -> GenerateConfig:
+    """``settings`` with ``overrides`` applied, validated like a config file's [generate]."""
+    base = dataclasses.asdict(settings or GenerateConfig())
+    unknown = set(overrides) - set(base)
+    if unknown:
+        raise ConfigError(f"unknown generation setting(s) {', '.join(sorted(unknown))}; allowed are "
+                          f"{', '.join(base)}")
+    return config_from_dict({"generate": {**base, **overrides}}, "generation settings").generate
+
+
+def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: GenerateConfig | None = None, *,
+             on_token: Callable[[np.ndarray], None] | None = None, bucket: int = 128,
+             **overrides) -> np.ndarray:
+    """Continue ``prompt_ids``; return the new tokens, ``[num_samples, max_new_tokens]``.
+
+    ``settings`` (default ``GenerateConfig()``) and keyword ``overrides`` such as
+    ``temperature=0.5, top_k=40, cache=False`` choose the sampling; ``on_token`` receives each
+    step's tokens (one per sample) as they are chosen, for streaming. ``bucket`` is the
+    padding granularity of full recomputation.
+    """
+    s = check_settings(settings, **overrides)
+    prompt = np.asarray(prompt_ids).reshape(-1)
+    vocab, limit = model.embedding.tokens.shape[0], model.embedding.positions.shape[0]
+    if prompt.size == 0:
+        raise GenerationError("the prompt is empty; give at least one token to continue")
+    if not np.issubdtype(prompt.dtype, np.integer) or prompt.min() < 0 or prompt.max() >= vocab:
+        raise GenerationError(f"prompt token ids must be integers in [0, {vocab}); got "
+                              f"{prompt.dtype} values in [{prompt.min()}, {prompt.max()}]")
+    if s.window >= limit:
+        raise GenerationError(f"window = {s.window} must be below max_positions = {limit}")
+    if not s.window and prompt.size + s.max_new_tokens > limit:
+        raise GenerationError(f"prompt ({prompt.size} tokens) + max_new_tokens ({s.max_new_tokens}) = "
+                              f"{prompt.size + s.max_new_tokens} exceeds the model's max_positions = "
+                              f"{limit}; shorten them or slide a window (--window)")
+    max_len = limit if s.window else prompt.size + s.max_new_tokens
+    runner = _Cached(model, ode, max_len) if s.cache else _Recompute(model, ode, max_len, bucket)
+    sampling = Sampling.of(s)
+
+    sequence = np.tile(prompt.astype(np.int32), (s.num_samples, 1))
+    seen = jnp.zeros((s.num_samples, vocab), bool).at[:, prompt].set(True)
+    key = jax.random.key(s.seed)
+    context = sequence if sequence.shape[1] <= limit else sequence[:, -(limit - s.window):]
+    n = context.shape[1]
+    token, seen, key = runner.restart(context, seen, key, sampling)
+    new = [token[None]]  # chunks of [count, batch] tokens
+    produced = 1
+    while True:
+        if on_token is not None:
+            for row in np.asarray(new[-1]):
+                on_token(row)
+        if produced == s.max_new_tokens:
+            break
+        if n == limit:  # no position left for ``token``: slide the window
+            sequence = np.concatenate([sequence[:, :prompt.size], np.asarray(jnp.concatenate(new).T)], 1)
+            context = sequence[:, -(limit - s.window):]
+            n = context.shape[1]
+            token, seen, key = runner.restart(context, seen, key, sampling)
+            chunk = token[None]
+        else:
+            # Streaming: one token per call. Otherwise everything up to the next slide at once.
+            count = 1 if on_token is not None else min(s.max_new_tokens - produced, limit - n)
+            chunk, seen, key = runner.advance(token, n, count, seen, key, sampling)
+            token, n = chunk[-1], n + count
+        new.append(chunk)
+        produced += chunk.shape[0]
+    return np.asarray(jnp.concatenate(new).T)

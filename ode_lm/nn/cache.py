@@ -1,0 +1,45 @@
+"""Key/value caches: one slot per attention evaluation, fixed size so decoding compiles once."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+
+class KVCache(eqx.Module):
+    """Keys and values of ``slots`` attention evaluations over ``max_len`` positions.
+
+    A slot is one evaluation of an attention layer: a layer of a discrete stack, or one
+    (step, stage) vector-field evaluation of an ODE solve. Positions not yet written hold
+    zeros and are masked out by the reader.
+    """
+
+    keys: Float[Array, "slots batch heads max_len head_dim"]
+    values: Float[Array, "slots batch heads max_len head_dim"]
+
+    @classmethod
+    def empty(cls, slots: int, batch: int, heads: int, max_len: int, head_dim: int, dtype) -> "KVCache":
+        shape = (slots, batch, heads, max_len, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.keys.shape[3]
+
+    def write(self, slot: Int[Array, ""] | int, start: Int[Array, ""] | int,
+              k: Float[Array, "batch chunk heads head_dim"], v: Float[Array, "batch chunk heads head_dim"]
+              ) -> "KVCache":
+        """Store a chunk's keys and values at positions ``start, start + 1, ...`` of ``slot``."""
+        def put(buffer, new):
+            new = jnp.swapaxes(new, 1, 2)[None].astype(buffer.dtype)
+            zero = jnp.zeros((), jnp.int32)
+            return jax.lax.dynamic_update_slice(buffer, new, (jnp.asarray(slot, jnp.int32), zero, zero,
+                                                              jnp.asarray(start, jnp.int32), zero))
+        return KVCache(put(self.keys, k), put(self.values, v))
+
+    def read(self, slot: Int[Array, ""] | int) -> tuple[Float[Array, "batch heads max_len head_dim"],
+                                                         Float[Array, "batch heads max_len head_dim"]]:
+        return (jax.lax.dynamic_index_in_dim(self.keys, slot, keepdims=False),
+                jax.lax.dynamic_index_in_dim(self.values, slot, keepdims=False))

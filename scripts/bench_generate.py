@@ -1,0 +1,129 @@
+"""Generation speed: KV-cached decoding vs full recomputation (``--no-cache``), in one run.
+
+The time-indexed model at reference size (dim 256, 4 heads, Euler with 6 steps), randomly
+initialised (speed does not depend on the weights), batch 1, greedy. Compilation is kept out
+of the clock: every padded length ``--no-cache`` meets is compiled up front, and the cached
+generation runs once before it is timed. ``generate`` returns host arrays, so the clock
+stops after the device has finished. Tokens/s counts new tokens over the whole call
+(prefill included).
+
+Also measures how far adaptive decoding on the frozen prompt grid drifts from a full
+adaptive recomputation (docs/generation.md).
+
+    python scripts/bench_generate.py                      # 128, 512, 1024 new tokens
+    python scripts/bench_generate.py --new-tokens 128 512 # a subset
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _timing import machine, print_table, write_json  # noqa: E402
+
+from ode_lm.config import ModelConfig, ODEConfig  # noqa: E402
+from ode_lm.generate import generate  # noqa: E402
+from ode_lm.models import build_model  # noqa: E402
+
+
+def timed(fn) -> float:
+    """Seconds of ``fn()``; generate() returns host arrays, so the device work is done."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def adaptive_deviation(model, prompt, new_tokens: int, rtol: float) -> dict:
+    """Cached greedy decoding on the prompt's frozen adaptive grid vs an adaptive solve of
+    the whole sequence (which picks its own grid)."""
+    ode = ODEConfig(solver="tsit5", adaptive=True, rtol=rtol, atol=rtol * 1e-3)
+    p = prompt.shape[1]
+    cache = model.init_cache(prompt, ode, p + new_tokens)
+
+    @eqx.filter_jit
+    def decode(model, cache):
+        first, cache = model.prefill(prompt, cache)
+
+        def step(carry, position):
+            cache, logits = carry
+            token = jnp.argmax(logits, axis=-1)
+            logits, cache = model.decode_step(token, position, cache)
+            return (cache, logits), (token, logits)
+        _, (new, logits) = jax.lax.scan(step, (cache, first[:, -1]), jnp.arange(p, p + new_tokens))
+        return jnp.swapaxes(new, 0, 1), jnp.swapaxes(logits, 0, 1)
+
+    new, cached = decode(model, cache)
+    full, stats = eqx.filter_jit(model)(jnp.concatenate([prompt, new], axis=1), ode)
+    full = full[:, p:]
+    return {"solver": "tsit5", "rtol": rtol, "new_tokens": new_tokens,
+            "prompt_grid_steps": int(cache.grid.shape[0] - 1), "full_sequence_steps": int(stats.steps),
+            "max_abs_logit_deviation": float(jnp.abs(cached - full).max()),
+            "greedy_agreement": float(jnp.mean(jnp.argmax(full[:, :-1], -1) == new[:, 1:]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512, 1024])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--solver", default="euler")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--bucket", type=int, default=128, help="padding granularity of --no-cache")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="adaptive-deviation tolerance")
+    parser.add_argument("--out", default=None, help="JSON path (default docs/results/generate_<backend>.json)")
+    args = parser.parse_args()
+
+    longest = args.prompt_len + max(args.new_tokens)
+    cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=longest, dropout=0.0)
+    model = build_model(cfg, 256, jax.random.key(0))
+    ode = ODEConfig(solver=args.solver, steps=args.steps)
+    prompt = np.asarray(jax.random.randint(jax.random.key(1), (args.prompt_len,), 0, 256))
+    print(f"time_indexed dim {args.dim}, {args.heads} heads, {args.solver} x {args.steps} steps, "
+          f"prompt {args.prompt_len}, batch 1, on {machine()['device']}")
+
+    # Compile every padded length --no-cache will meet (one new token from a prompt that long).
+    for length in range(args.bucket, longest + args.bucket, args.bucket):
+        length = min(length, longest - 1)
+        generate(model, np.resize(prompt, length), ode, greedy=True, max_new_tokens=1, cache=False,
+                 bucket=args.bucket)
+
+    rows, results = [], []
+    for n in args.new_tokens:
+        run = {c: (lambda c=c: generate(model, prompt, ode, greedy=True, max_new_tokens=n, cache=c,
+                                        bucket=args.bucket)) for c in (True, False)}
+        run[True]()  # compile the cached path (--no-cache's lengths are compiled above)
+        tokens, seconds = {}, {}
+        for c in (True, False):
+            seconds[c] = timed(lambda c=c: tokens.__setitem__(c, run[c]()))
+        agree = float(np.mean(tokens[True] == tokens[False]))
+        rate = {c: n / seconds[c] for c in (True, False)}
+        rows.append([n, round(rate[True], 1), round(rate[False], 1), round(rate[True] / rate[False], 1),
+                     round(seconds[True], 3), round(seconds[False], 3), agree])
+        results.append({"new_tokens": n, "cached_tokens_per_s": rate[True],
+                        "recompute_tokens_per_s": rate[False], "speedup": rate[True] / rate[False],
+                        "cached_s": seconds[True], "recompute_s": seconds[False],
+                        "greedy_token_agreement": agree})
+    print_table(["new tokens", "cached tok/s", "no-cache tok/s", "speedup", "cached s", "no-cache s",
+                 "greedy agree"], rows)
+
+    deviation = adaptive_deviation(model, jnp.asarray(prompt)[None], min(64, max(args.new_tokens)), args.rtol)
+    print(f"adaptive tsit5 rtol {args.rtol}: prompt grid {deviation['prompt_grid_steps']} steps, "
+          f"full-sequence solve {deviation['full_sequence_steps']} steps; max |logit deviation| "
+          f"{deviation['max_abs_logit_deviation']:.3g}, greedy agreement {deviation['greedy_agreement']:.3f}")
+    out = args.out or f"docs/results/generate_{jax.default_backend()}.json"
+    write_json(out, {"machine": machine(), "config": vars(args), "results": results,
+                     "adaptive_deviation": deviation})
+
+
+if __name__ == "__main__":
+    main()
