@@ -24,6 +24,11 @@ class MetricsLog:
                 if line.strip() and json.loads(line)["step"] <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
 
+    def last_value(self, name: str, default: float) -> float:
+        """The newest logged value of ``name`` (e.g. ``wall_s`` when resuming)."""
+        rows = [r for r in read_metrics(self.path.parent) if name in r]
+        return rows[-1][name] if rows else default
+
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")
