@@ -26,15 +26,17 @@ typo in the last cell fails in a second rather than after hours of training.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import re
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ode_lm.config import SECTIONS, Config, _suggest, config_from_dict, load_config
+from ode_lm.config import SECTIONS, Config, _check_value, _suggest, load_config
 from ode_lm.errors import ConfigError
 
 SEED_KEY = "train.seed"
@@ -52,15 +54,13 @@ def format_value(value: Any) -> str:
 
 
 def with_values(config: Config, dotted: dict[str, Any], source: str) -> Config:
-    """``config`` with ``{"ode.solver": "rk4", ...}`` set, validated; errors name ``source``."""
-    raw: dict[str, Any] = config.to_dict()
-    for key, value in dotted.items():
-        section, dot, name = key.partition(".")
-        if not dot or not name:
-            raise ConfigError(f"{source}: '{key}' is not a dotted key; write \"section.key\" with "
-                              f"section one of {', '.join(SECTIONS)}")
-        raw.setdefault(section, {})[name] = value
-    return config_from_dict(raw, source)
+    """``config.replace(...)`` (its validation and aliases), with errors naming ``source``."""
+    try:
+        return config.replace(**dotted)
+    except ConfigError as e:
+        message = str(e)
+        raise ConfigError(source + message[len("replace()"):] if message.startswith("replace()")
+                          else message) from None
 
 
 def config_sha(config: Config) -> str:
@@ -182,10 +182,27 @@ def _check_grid(table: dict[str, Any], base: Config, path: Path) -> dict[str, tu
             raise ConfigError(f"{source}: the list of values is empty; give at least one value")
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"{source}: values repeat in {values!r}; list each value once")
-        for value in values:  # validates the key (with a suggestion) and every value
-            with_values(base, {key: value}, source)
-        grid[key] = tuple(values)
+        grid[key] = tuple(_check_key_value(key, v, source) for v in values)
     return grid
+
+
+def _check_key_value(key: str, value: Any, source: str) -> Any:
+    """The key exists and the value has its type and range; rules spanning several keys are
+    checked later, on every grid point's whole config."""
+    section, dot, name = key.partition(".")
+    if not dot or not name:
+        raise ConfigError(f"{source}: not a dotted key; write \"section.key\" with section one of "
+                          f"{', '.join(SECTIONS)}")
+    if section not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section [{section}]; allowed sections are "
+                          f"{', '.join(SECTIONS)}" + _suggest(section, SECTIONS))
+    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+    if name not in fields:
+        raise ConfigError(f"{source}: unknown key '{name}' in [{section}]; allowed keys are "
+                          f"{', '.join(fields)}" + _suggest(name, fields))
+    hint = typing.get_type_hints(SECTIONS[section])[name]
+    _check_value(source, section, fields[name], hint, value)
+    return value
 
 
 def _check_baseline(table: Any, grid: dict[str, tuple], path: Path) -> dict[str, Any]:

@@ -56,7 +56,8 @@ def plot_curves(curves: dict[str, list[list[dict]]], x: str, xlabel: str, path: 
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     return _save(fig, path)
 
 
@@ -83,7 +84,8 @@ def plot_series(series: dict[str, Sequence[tuple[float, float, float, str]]], pa
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize="small")
     return _save(fig, path)
 
 
