@@ -232,12 +232,16 @@ def test_a_crashed_run_is_retried_once_then_recorded_as_failed(tmp_path, monkeyp
     report = ablate.write_report(spec, rows, hardware="test machine").read_text()
     assert "## Failed runs" in report and broken in report
     assert "| steps=4 | 1 | 1.1000 ± — | — | — |" in report  # the one finished seed of the cell
-    # A restart runs nothing (the failed point is recorded) unless asked to retry failures.
+    # A restart runs nothing (the failed point is recorded) unless asked to retry failures;
+    # a ledger line cut short by a kill is ignored.
+    with open(spec.out / "results.jsonl", "a") as f:
+        f.write('{"name": "steps-2__seed-0", "sta')
     calls.clear()
     ablate.run_ablation(spec, say=lambda m: None, progress=False)
     assert calls == []
-    ablate.run_ablation(spec, retry_failed=True, say=lambda m: None, progress=False)
-    assert calls == [broken, broken]
+    rows = ablate.run_ablation(spec, retry_failed=True, say=lambda m: None, progress=False)
+    assert calls == [broken, broken] and len(runner.read_results(spec.out)) == 4
+    assert rows[broken]["status"] == "failed"
     # Bad input is not a crash: it stops the grid.
     def bad(cfg, **kw):
         raise UserError("data: corpus not found")

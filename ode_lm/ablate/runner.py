@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -30,20 +31,27 @@ def results_path(out: Path) -> Path:
 
 
 def read_results(out: Path) -> dict[str, dict]:
-    """The newest row of every point name in ``<out>/results.jsonl``."""
+    """The newest row of every point name in ``<out>/results.jsonl``; a line cut short by a
+    killed process is not a row (its point runs again)."""
     path = results_path(out)
     rows: dict[str, dict] = {}
     if path.exists():
         for line in path.read_text().splitlines():
-            if line.strip():
+            try:
                 row = json.loads(line)
-                rows[row["name"]] = row
+            except json.JSONDecodeError:
+                continue
+            rows[row["name"]] = row
     return rows
 
 
 def _append(out: Path, row: dict) -> None:
-    with open(results_path(out), "a") as f:
-        f.write(json.dumps(row) + "\n")
+    path = results_path(out)
+    cut = path.exists() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+    with open(path, "a") as f:
+        f.write(("\n" if cut else "") + json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def enable_compilation_cache(directory: Path) -> None:
