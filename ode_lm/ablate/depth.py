@@ -110,7 +110,7 @@ def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | 
     for r in rows:
         if r["status"] != "ok":
             continue
-        label = ", ".join(f"{names[k]}={format_value(r['values'][k])}" for k in group_keys) or "all"
+        label = ", ".join(f"{names[k]}={format_value(r['values'][k])}" for k in group_keys) or "all settings"
         note = f"{names[ODE_STEPS]}={r['values'][ODE_STEPS]}" if ODE_STEPS in grid else ""
         series.setdefault(label, []).append((r["nfe"], r["val_loss"], math.nan, note))
     plot = plot_series(series, out / "loss_vs_nfe.png", xlabel="NFE per forward pass",

@@ -129,7 +129,7 @@ def _groups(ablation: Ablation, cells: list[CellResult]) -> dict[str, list[CellR
     names = short_names(ablation.cell_keys)
     groups: dict[str, list[CellResult]] = {}
     for c in cells:
-        label = ", ".join(f"{names[k]}={format_value(v)}" for k, v in c.cell if k in keys) or "all"
+        label = ", ".join(f"{names[k]}={format_value(v)}" for k, v in c.cell if k in keys) or "all cells"
         groups.setdefault(label, []).append(c)
     return groups
 
