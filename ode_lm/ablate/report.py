@@ -218,7 +218,8 @@ def write_report(ablation: Ablation, rows: dict[str, dict], hardware: str | None
                          f"{_fmt(s.std, m.digits)} | {ci} | {_p(c.p_values[m.key])} |")
         lines.append("")
     if plots:
-        lines += ["## Figures", "", "Curves: mean over seeds, band from the lowest to the highest seed.", ""]
+        lines += ["## Figures", "", "Curves: mean over seeds, band from the lowest to the highest "
+                  "seed. Points (loss vs NFE, memory): mean over seeds, error bars ± std.", ""]
         lines += [f"![{title}]({p.name})" for title, p in plots.items()]
         lines.append("")
     failed = [r for c in cells for r in c.failed]
