@@ -79,6 +79,13 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _crosscheck(args: argparse.Namespace) -> int:
+    from ode_lm.interop.command import run_crosscheck
+    from ode_lm.interop.settings import from_arguments
+
+    return run_crosscheck(args.target, args.overrides, args.backend, from_arguments(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ode-lm", description="Continuous-depth transformer LMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -115,6 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None,
                    help="with --eval-only: held-out batches per setting (default: train.eval_batches)")
     p.set_defaults(func=_ablate)
+
+
+    from ode_lm.interop.settings import BACKENDS, add_arguments
+
+    p = sub.add_parser("crosscheck", help="check solves and gradients against an independent float64 "
+                       "implementation (docs/interop.md)")
+    p.add_argument("target", help="run directory or checkpoint (trained weights), or a TOML config "
+                   "(random-init model, no data needed)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (config target)")
+    p.add_argument("--backend", choices=BACKENDS, default="reference",
+                   help="reference: float64 NumPy/SciPy (always available); julia: OrdinaryDiffEq + "
+                   "SciMLSensitivity through juliacall")
+    add_arguments(p)
+    p.set_defaults(func=_crosscheck)
     return parser
 
 

@@ -55,6 +55,20 @@ class DropoutMasks(eqx.Module):
         return cls(mask(ka), mask(km))
 
 
+def causal_attention_exact(q: Float[Array, "batch seq heads hd"], k: Float[Array, "batch seq heads hd"],
+                           v: Float[Array, "batch seq heads hd"]) -> Float[Array, "batch seq heads hd"]:
+    """``softmax(q k^T / sqrt(hd), causal) v`` entirely in the inputs' dtype.
+
+    ``jax.nn.dot_product_attention`` always takes its softmax in float32, which would cap a
+    float64 model (the cross-checks in ode_lm.interop) at float32 accuracy.
+    """
+    seq = q.shape[1]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+    causal = jnp.tril(jnp.ones((seq, seq), bool))
+    probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Attention(eqx.Module):
     """Causal multi-head self-attention."""
 
@@ -80,10 +94,13 @@ class Attention(eqx.Module):
 
     def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates) -> Float[Array, "batch seq dim"]:
         b, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x, gates.qkv), 3, axis=-1)
+        q, k, v = self.qkv.split_call(x, gates.qkv, 3)
         shape = (b, t, self.heads, d // self.heads)
-        out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                           is_causal=True, implementation=self.kernel(x.dtype))
+        if x.dtype == jnp.float64:
+            out = causal_attention_exact(q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        else:
+            out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                               is_causal=True, implementation=self.kernel(x.dtype))
         return self.proj(out.reshape(b, t, d), gates.proj)
 
 

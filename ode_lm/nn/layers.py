@@ -9,11 +9,12 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 
 class Linear(eqx.Module):
-    """``y = (x W) * gate + b``.
+    """``y = x (W * gate) + b``.
 
-    ``gate`` scales output features. With ``gate = sigmoid(m(t))`` this is exactly the
-    time-modulated layer ``W_eff(t) = W * gate(t)`` (gate broadcast over the input axis),
-    computed without materialising ``W_eff``.
+    ``gate`` scales output features: with ``gate = sigmoid(m(t))`` this is the time-modulated
+    layer ``W_eff(t) = W * gate(t)`` (gate broadcast over the input axis). Gating the weight
+    (``fan_in x fan_out`` products) rather than the output (``tokens x fan_out``) keeps a
+    full pass over the activations out of every forward and backward evaluation.
     """
 
     weight: Float[Array, "fan_in fan_out"]
@@ -26,10 +27,23 @@ class Linear(eqx.Module):
 
     def __call__(self, x: Float[Array, "... fan_in"],
                  gate: Float[Array, " fan_out"] | None = None) -> Float[Array, "... fan_out"]:
-        y = x @ self.weight
-        if gate is not None:
-            y = y * gate
+        y = x @ self.effective_weight(gate)
         return y if self.bias is None else y + self.bias
+
+    def effective_weight(self, gate: Float[Array, " fan_out"] | None = None) -> Float[Array, "fan_in fan_out"]:
+        return self.weight if gate is None else self.weight * gate
+
+    def split_call(self, x: Float[Array, "... fan_in"], gate: Float[Array, " fan_out"] | None,
+                   parts: int) -> tuple[Float[Array, "... part"], ...]:
+        """``jnp.split(self(x, gate), parts, -1)``, computed as ``parts`` products.
+
+        Splitting the weight instead of the output avoids slicing the activations in the
+        forward pass and concatenating their gradients in the backward pass.
+        """
+        weights = jnp.split(self.effective_weight(gate), parts, axis=1)
+        if self.bias is None:
+            return tuple(x @ w for w in weights)
+        return tuple(x @ w + b for w, b in zip(weights, jnp.split(self.bias, parts)))
 
 
 class LayerNorm(eqx.Module):

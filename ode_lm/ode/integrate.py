@@ -10,10 +10,9 @@ from jaxtyping import Array, Bool, Float, Int
 
 from ode_lm.config import ODEConfig
 from ode_lm.ode.field import VectorField
-from ode_lm.ode.sensitivities import SENSITIVITIES
+from ode_lm.ode.fixed import T0, T1, _evaluate, fixed_grid, solve_fixed
+from ode_lm.ode.sensitivities import FIXED_STEP_POLICIES, SENSITIVITIES
 from ode_lm.ode.solvers import SOLVER_SPECS
-
-T0, T1 = 0.0, 1.0
 
 
 class SolveStats(NamedTuple):
@@ -22,25 +21,23 @@ class SolveStats(NamedTuple):
     failed: Bool[Array, ""]  # an adaptive solve that hit ode.max_steps before t = 1
 
 
-def _evaluate(t, x, field: VectorField):
-    return field(t, x)
-
-
-def fixed_grid(steps: int, dtype=jnp.float32) -> Float[Array, " steps+1"]:
-    """The depth-times ``0 = t_0 < ... < t_N = 1`` of a fixed-step solve."""
-    return jnp.linspace(T0, T1, steps + 1, dtype=dtype)
-
-
 def integrate(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
               ) -> tuple[Float[Array, "*state"], SolveStats]:
     """Solve ``dx/dt = field(t, x)`` from ``x(0) = x0`` to ``t = 1``; return ``x(1)`` and stats.
 
     Fixed steps use the grid ``t_n = n / steps``; adaptive solves start at
     ``dt0 = 1/steps`` under a PID controller and may take up to ``ode.max_steps`` steps.
+    Fixed-step solves whose gradient is backpropagation through the solver (``checkpoint``,
+    ``direct``) run as a scan over the solver's steps (``ode_lm.ode.fixed``); everything
+    else goes through ``diffrax.diffeqsolve``.
     """
     if ode.adjoint not in SENSITIVITIES:
         raise ValueError(f"unknown sensitivity {ode.adjoint!r}; choose one of {', '.join(SENSITIVITIES)}")
     spec = SOLVER_SPECS[ode.solver]
+    if not ode.adaptive and ode.adjoint in FIXED_STEP_POLICIES:
+        x1 = solve_fixed(spec.make(), field, x0, ode.steps, FIXED_STEP_POLICIES[ode.adjoint])
+        steps = jnp.asarray(ode.steps)
+        return x1, SolveStats(spec.nfe(steps), steps, jnp.asarray(False))
     if ode.adaptive:
         controller = diffrax.PIDController(rtol=ode.rtol, atol=ode.atol, pcoeff=ode.pcoeff,
                                            icoeff=ode.icoeff, dcoeff=ode.dcoeff)

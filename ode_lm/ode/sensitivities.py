@@ -1,9 +1,12 @@
 """Sensitivities (how gradients flow through a solve), by name.
 
-- ``checkpoint``: backpropagate through the solver's operations, recomputing from
-  O(sqrt(steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``). Exact discrete gradient.
-- ``direct``: backpropagate through every operation, storing everything (diffrax
-  ``DirectAdjoint``). Exact discrete gradient; memory grows with steps.
+- ``checkpoint``: backpropagate through the solver's operations, recomputing what is not
+  stored. Exact discrete gradient. Fixed steps store the ``N`` states and recompute each
+  step's intermediates once (``ode_lm.ode.fixed``, policy ``recompute``); adaptive solves
+  recompute from O(sqrt(max_steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``).
+- ``direct``: backpropagate through every operation, storing everything (fixed steps:
+  policy ``store``; adaptive: diffrax ``DirectAdjoint``). Exact discrete gradient; memory
+  grows with steps.
 - ``backsolve``: solve the continuous adjoint ODE backwards in time (diffrax
   ``BacksolveAdjoint``). O(1) memory; an approximation of the discrete gradient whose
   error shrinks with the solver's error.
@@ -20,3 +23,6 @@ SENSITIVITIES: dict[str, Callable[[], diffrax.AbstractAdjoint]] = {
     "direct": diffrax.DirectAdjoint,
     "backsolve": diffrax.BacksolveAdjoint,
 }
+
+# Fixed-step solves differentiated by backpropagation: the scan's memory policy per sensitivity.
+FIXED_STEP_POLICIES: dict[str, str] = {"checkpoint": "recompute", "direct": "store"}

@@ -1,0 +1,82 @@
+"""Where a training step's GPU time goes: kernel time per step, grouped into matmuls,
+attention and everything else (elementwise, reductions, copies).
+
+Runs ode-lm's real train step (time-indexed model, bf16, Euler) at a ``bench_gpu.py`` size
+under ``jax.profiler``, reads the Perfetto trace and sums GPU kernel durations.
+
+    python scripts/profile_gpu_step.py --size large --out docs/results/gpu_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from _timing import machine, print_table, write_json
+from bench_gpu import SIZES, VOCAB, make_train_step
+
+GROUPS = {"matmul": ("gemm", "nvjet", "cutlass", "cublas", "matmul"),
+          "attention": ("sdpa", "flash", "cudnn", "attention")}
+
+
+def group_of(kernel: str) -> str:
+    name = kernel.lower()
+    for group, needles in GROUPS.items():
+        if any(n in name for n in needles):
+            return group
+    return "other"
+
+
+def kernel_times(trace_dir: Path) -> collections.Counter:
+    """Total microseconds per GPU kernel name in the Perfetto trace under ``trace_dir``."""
+    trace = json.load(gzip.open(next(trace_dir.rglob("perfetto_trace.json.gz"))))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                and "/device:GPU" in e["args"].get("name", "")}
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
+            totals[e["name"]] += e.get("dur", 0)
+    return totals
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="large", choices=list(SIZES))
+    ap.add_argument("--steps-profiled", type=int, default=5)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--out", default="docs/results/gpu_profile.json")
+    args = ap.parse_args()
+
+    step = make_train_step(SIZES[args.size], "time_indexed")
+    for _ in range(3):
+        jax.block_until_ready(step())
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            for _ in range(args.steps_profiled):
+                jax.block_until_ready(step())
+        totals = kernel_times(Path(tmp))
+    per_step = {k: v / args.steps_profiled / 1e3 for k, v in totals.items()}  # ms
+    busy = sum(per_step.values())
+    groups = collections.Counter()
+    for k, ms in per_step.items():
+        groups[group_of(k)] += ms
+    print(f"{machine()['device']}: GPU busy {busy:.2f} ms per step ({args.size})")
+    print_table(["group", "ms/step", "share"], [[g, f"{ms:.2f}", f"{100 * ms / busy:.0f}%"]
+                                                 for g, ms in groups.most_common()])
+    top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
+    print_table(["kernel", "ms/step"], [[k[:90], f"{ms:.3f}"] for k, ms in top])
+    write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size,
+                          **SIZES[args.size], "busy_ms": busy, "groups_ms": dict(groups),
+                          "top_kernels_ms": dict(top)})
+
+
+if __name__ == "__main__":
+    main()
