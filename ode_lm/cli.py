@@ -1,4 +1,4 @@
-"""``ode-lm train | generate | ablate``: the command line.
+"""``ode-lm train | generate | ablate | crosscheck``: the command line.
 
 User errors (config, paths, checkpoints, prompts, data) print one line and exit with
 status 2; a training failure prints one line and exits with status 1.
@@ -122,7 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None,
                    help="with --eval-only: held-out batches per setting (default: train.eval_batches)")
     p.set_defaults(func=_ablate)
-
 
     from ode_lm.interop.settings import BACKENDS, add_arguments
 
