@@ -1,4 +1,4 @@
-"""``ode-lm train | generate | info | crosscheck``: the command line.
+"""``ode-lm train | generate | info | ablate | crosscheck``: the command line.
 
 User errors (config, paths, checkpoints, prompts, data) print one line and exit with
 status 2; a training failure prints one line and exits with status 1. Training stopped by
@@ -99,6 +99,35 @@ GENERATE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition
 WINDOW_AUTO = -1  # bare ``--window``: drop max_positions // 4 tokens per slide
 
 
+
+def _ablate(args: argparse.Namespace) -> int:
+    from ode_lm import ablate
+    from ode_lm.errors import UserError as Bad
+
+    if args.eval_only:
+        if args.ablation or args.overrides:
+            raise Bad("--eval-only takes a run and --grid, not an ablation file or overrides")
+        if not args.grid:
+            raise Bad("--eval-only needs --grid, e.g. --grid \"ode.solver=euler,rk4\" \"ode.steps=2,4,8\"")
+        report = ablate.eval_ablation(args.eval_only, ablate.parse_grid_args(args.grid), out=args.out,
+                                      batches=args.batches)
+        print(f"done: report in {report}")
+        return 0
+    if args.grid or args.batches is not None:
+        raise Bad("--grid and --batches belong to --eval-only; a training ablation takes its grid "
+                  "from the ablation file")
+    if not args.ablation:
+        raise Bad("give an ablation file (e.g. configs/ablations/solvers.toml) or --eval-only RUN")
+    spec = ablate.load_ablation(args.ablation, args.overrides, out=args.out)
+    if spec.compilation_cache:
+        ablate.enable_compilation_cache(spec.out / "jax_cache")
+    rows = ablate.run_ablation(spec, retry_failed=args.retry_failed)
+    report = ablate.write_report(spec, rows)
+    failed = sum(r["status"] != "ok" for r in rows.values())
+    print(f"done: {len(rows) - failed} runs finished, {failed} failed; report in {report}")
+    return 0
+
+
 def _crosscheck(args: argparse.Namespace) -> int:
     from ode_lm.interop.command import run_crosscheck
     from ode_lm.interop.settings import from_arguments
@@ -142,6 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="TOML config file, e.g. configs/time_indexed.toml")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     p.set_defaults(func=_info)
+
+    p = sub.add_parser("ablate", help="run a grid of training runs with statistics, or evaluate "
+                       "one run under other solvers and step counts (--eval-only)")
+    p.add_argument("ablation", nargs="?", help="ablation TOML, e.g. configs/ablations/solvers.toml")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="overrides of the base config, for every run (e.g. train.steps=300)")
+    p.add_argument("--out", default=None, help="ablation directory (default: from the file, or "
+                   "runs/ablations/<name>; with --eval-only: <run>/depth_ablation)")
+    p.add_argument("--retry-failed", action="store_true", help="run again the points recorded as failed")
+    p.add_argument("--eval-only", metavar="RUN", default=None,
+                   help="evaluate a trained run (runs/<name>) under --grid, without training")
+    p.add_argument("--grid", nargs="+", metavar="ode.key=v1,v2", default=None,
+                   help="with --eval-only: [ode] keys and values, e.g. ode.solver=euler,rk4 ode.steps=2,4,8")
+    p.add_argument("--batches", type=int, default=None,
+                   help="with --eval-only: held-out batches per setting (default: train.eval_batches)")
+    p.set_defaults(func=_ablate)
 
     from ode_lm.interop.settings import BACKENDS, add_arguments
 

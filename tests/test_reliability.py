@@ -49,8 +49,8 @@ class Reference:
 
 
 def comparable(rows: list[dict]) -> list[dict]:
-    """Metrics rows without wall-clock throughput, the one field that may differ."""
-    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+    """Metrics rows without the wall-clock fields (throughput, time in train steps)."""
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "train_s")} for r in rows]
 
 
 def launch(cfg_path: Path, runs_dir: Path, *extra: str, preexec_fn=None) -> subprocess.Popen:

@@ -33,6 +33,11 @@ class MetricsLog:
         except OSError as e:
             raise RunDirError(f"cannot rewrite {self.path}: {e}") from None
 
+    def last_value(self, name: str, default: float) -> float:
+        """The newest logged value of ``name`` (e.g. ``wall_s`` when resuming)."""
+        rows = [r for r in read_metrics(self.path.parent) if name in r]
+        return rows[-1][name] if rows else default
+
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
         try:
             with open(self.path, "a") as f:

@@ -65,6 +65,18 @@ class TrainStep:
     def __call__(self, model, opt_state, inputs, targets, key):
         return self._jitted(model, opt_state, inputs, targets, key)
 
+    def memory_bytes(self, model, opt_state, inputs, targets, key) -> int | None:
+        """Peak bytes of one step by XLA's analysis of the compiled program: arguments +
+        outputs + temporaries - aliased buffers. Reuses the compiled step (no retrace)."""
+        try:
+            m = self._jitted.lower(model, opt_state, inputs, targets, key).compile().compiled.memory_analysis()
+        except (AttributeError, NotImplementedError):  # a backend without the analysis
+            return None
+        if m is None:
+            return None
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+
 
 class EvalStep:
     """``(model, inputs, targets) -> (loss, nfe, failed)`` without dropout."""

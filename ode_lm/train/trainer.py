@@ -62,6 +62,12 @@ class TrainResult:
     evaluation: Evaluation
     sample: str
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite = "skip")
+    parameters: int = 0
+    wall_s: float = 0.0  # wall-clock of this session, compilation and evaluation included
+    ms_per_step: float = math.nan  # train steps only: no evaluation, no compiling first step
+    tokens_per_s: float = math.nan  # from ms_per_step
+    train_nfe: float = math.nan  # mean NFE of this session's training forward solves
+    step_memory_bytes: int | None = None  # XLA memory analysis of the compiled train step
 
 
 def init_state(cfg: Config, vocab: int):
@@ -154,6 +160,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 
     log = MetricsLog(run_dir, cfg.log.tensorboard)
     log.truncate_after(start)
+    train_s = log.last_value("train_s", 0.0)  # time in train steps, carried over a resume
     parallel = DataParallel(cfg)
     model, opt_state = parallel.replicate((model, opt_state))
     dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
@@ -177,12 +184,21 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     evaluation = None
     window_start, window_tokens = None, 0
     interrupts = InterruptGuard().install()
+    session_start = time.perf_counter()
+    step_seconds, timed_steps, nfe_sum, step_memory = 0.0, 0, 0, None
     try:
         for step in range(start, cfg.train.steps):
             inputs, targets = map(parallel.batch, sampler.train_batch(step))
-            model, opt_state, metrics = train_step(model, opt_state, inputs, targets,
-                                                   jax.random.fold_in(base_key, step))
+            key = jax.random.fold_in(base_key, step)
+            t = time.perf_counter()
+            model, opt_state, metrics = train_step(model, opt_state, inputs, targets, key)
             loss = float(metrics["loss"])
+            seconds = time.perf_counter() - t
+            if step > start:  # the session's first step compiles: it is not timed
+                step_seconds, timed_steps, train_s = step_seconds + seconds, timed_steps + 1, train_s + seconds
+            else:
+                step_memory = train_step.memory_bytes(model, opt_state, inputs, targets, key)
+            nfe_sum += int(metrics["nfe"])
             done = step + 1
             if bool(metrics["solve_failed"]):
                 raise TrainingError(f"step {done}: the adaptive solve reached ode.max_steps = "
@@ -212,14 +228,16 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
             if done % cfg.log.every == 0 or done == cfg.train.steps:
                 log.write("train", done, {"lr": float(schedule(step)),
                                           "grad_norm": float(metrics["grad_norm"]),
-                                          "nfe": int(metrics["nfe"]), "tokens_per_s": tok_s})
+                                          "nfe": int(metrics["nfe"]), "tokens_per_s": tok_s,
+                                          "train_s": train_s})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches,
                                       corpus.bytes_per_token, parallel.batch)
                 log.write("val", done, {"loss": evaluation.loss, "bits_per_byte": evaluation.bits_per_byte,
-                                        "perplexity": evaluation.perplexity, "nfe": evaluation.nfe})
+                                        "perplexity": evaluation.perplexity, "nfe": evaluation.nfe,
+                                        "train_s": train_s})
                 bar.write(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
                           f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
@@ -240,7 +258,12 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     if sample:
         say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
             f"{cfg.train.sample_prompt}{sample}")
-    return TrainResult(run_dir, cfg.train.steps, loss, evaluation, sample, skipped)
+    ms_per_step = 1000 * step_seconds / timed_steps if timed_steps else math.nan
+    return TrainResult(run_dir, cfg.train.steps, loss, evaluation, sample, skipped, parameters=n_params,
+                       wall_s=time.perf_counter() - session_start, ms_per_step=ms_per_step,
+                       tokens_per_s=tokens_per_step * 1000 / ms_per_step if timed_steps else math.nan,
+                       train_nfe=nfe_sum / (cfg.train.steps - start) if cfg.train.steps > start else math.nan,
+                       step_memory_bytes=step_memory)
 
 
 def end_of_training_sample(model: LanguageModel, cfg: Config, corpus: TokenizedCorpus) -> str:

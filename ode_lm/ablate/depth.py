@@ -1,0 +1,150 @@
+"""Inference-time depth ablation: one trained model under other solvers and step counts.
+
+A continuous-depth model is a vector field, not a stack of layers, so the same weights can
+be integrated at test time with another solver or another number of steps. This evaluates
+the held-out loss of one trained run under every combination of the ``[ode]`` values given
+(no retraining) and reports loss against NFE, the cost of a forward pass.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ode_lm.ablate.grid import _check_key_value, format_value, short_names, with_values
+from ode_lm.ablate.plots import plot_series
+from ode_lm.ablate.report import describe_hardware
+from ode_lm.config import ODE_FAMILIES, ODEConfig
+from ode_lm.data import BatchSampler, load_corpus
+from ode_lm.errors import ConfigError, UserError
+from ode_lm.train import load_run
+from ode_lm.train.precision import compute_dtype, param_dtype
+from ode_lm.train.steps import EvalStep
+
+ODE_STEPS = "ode.steps"
+
+
+def _check_keys(grid: dict[str, tuple]) -> None:
+    if not grid:
+        raise ConfigError("--grid is empty; give e.g. --grid \"ode.solver=euler,rk4\" \"ode.steps=2,4,8\"")
+    for key in grid:
+        if key.partition(".")[0] != "ode":
+            raise ConfigError(f"--grid {key}: only [ode] keys can change at evaluation time "
+                              f"(e.g. ode.solver, ode.steps, ode.adaptive, ode.rtol); the trained "
+                              f"weights fix everything else, so {key} needs a training ablation")
+        for value in grid[key]:
+            _check_key_value(key, value, f"--grid {key}")
+
+
+def _evaluate(model, sampler: BatchSampler, ode: ODEConfig, dtype, batches: int,
+              bytes_per_token: float) -> dict:
+    """Held-out loss over ``batches`` batches; the first batch compiles and is not timed."""
+    step = EvalStep(ode, dtype)
+    losses, nfes, seconds = [], [], []
+    for i in range(batches):
+        t = time.perf_counter()
+        loss, nfe, failed = step(model, *sampler.val_batch(i))
+        loss = float(loss)
+        if i:
+            seconds.append(time.perf_counter() - t)
+        if bool(failed):
+            return {"status": "failed", "error": f"the adaptive solve reached ode.max_steps = "
+                    f"{ode.max_steps} before t = 1 on batch {i}"}
+        losses.append(loss)
+        nfes.append(int(nfe))
+    loss = float(np.mean(losses))
+    return {"status": "ok", "error": None, "val_loss": loss,
+            "bits_per_byte": loss / math.log(2) / bytes_per_token,
+            "perplexity": math.exp(min(loss, 50.0)), "nfe": float(np.mean(nfes)),
+            "ms_per_batch": 1000 * float(np.mean(seconds)) if seconds else None}
+
+
+def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | None = None,
+                  batches: int | None = None, say: Callable[[str], None] = print,
+                  progress: bool = True) -> Path:
+    """Evaluate ``run`` under every combination of ``grid`` (``[ode]`` keys only); write
+    ``results.jsonl``, ``summary.csv``, ``loss_vs_nfe.png`` and ``report.md``; return the report."""
+    _check_keys(grid)
+    if batches is not None and batches < 1:
+        raise UserError(f"--batches {batches}: must be >= 1")
+    loaded = load_run(run, warn=say)
+    cfg = loaded.config
+    if cfg.model.family not in ODE_FAMILIES:
+        raise UserError(f"{run}: family '{cfg.model.family}' is not an ODE model, so it has no solver "
+                        f"or step count to change; the depth ablation needs one of {', '.join(ODE_FAMILIES)}")
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    names = short_names(list(grid))
+    # Validate every combination before evaluating any (e.g. adaptive needs an error estimate).
+    odes = [with_values(cfg, combo, "--grid " + ", ".join(f"{k}={format_value(v)}" for k, v in combo.items())).ode
+            for combo in combos]
+    run_dir = loaded.checkpoint.parent.parent
+    out = Path(out) if out is not None else run_dir / "depth_ablation"
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = load_corpus(cfg.data)
+    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
+    batches = batches or cfg.train.eval_batches
+    say(f"depth ablation of {loaded.checkpoint} (step {loaded.step}, trained with {cfg.ode.solver}, "
+        f"{cfg.ode.steps} steps): {len(combos)} settings x {batches} held-out batches")
+
+    rows = []
+    for combo, ode in tqdm(list(zip(combos, odes)), desc="depth ablation", unit="setting",
+                           disable=not progress, dynamic_ncols=True):
+        row = {"values": combo, "trained": ode == cfg.ode,
+               **_evaluate(loaded.model, sampler, ode, dtype, batches, corpus.bytes_per_token)}
+        rows.append(row)
+    with open(out / "results.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    _write_csv(out / "summary.csv", list(grid), rows)
+
+    group_keys = [k for k in grid if k != ODE_STEPS]
+    series: dict[str, list] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            continue
+        label = ", ".join(f"{names[k]}={format_value(r['values'][k])}" for k in group_keys) or "all settings"
+        note = f"{names[ODE_STEPS]}={r['values'][ODE_STEPS]}" if ODE_STEPS in grid else ""
+        series.setdefault(label, []).append((r["nfe"], r["val_loss"], math.nan, note))
+    plot = plot_series(series, out / "loss_vs_nfe.png", xlabel="NFE per forward pass",
+                       ylabel="validation loss (nats/token)", logx=True,
+                       title=f"one model trained with {cfg.ode.solver}, {cfg.ode.steps} steps")
+    lines = [f"# Inference-time depth ablation: {run_dir.name}", "",
+             f"- Checkpoint: `{loaded.checkpoint}` (step {loaded.step}); family {cfg.model.family}; "
+             f"trained with solver {cfg.ode.solver}, {cfg.ode.steps} steps"
+             f"{' (adaptive)' if cfg.ode.adaptive else ''}",
+             f"- Held-out data: {batches} batches of {cfg.train.batch_size} x {cfg.data.seq_len} tokens",
+             f"- Hardware: {describe_hardware()}", "",
+             "The same weights, integrated with other solvers and step counts; no retraining. "
+             "NFE is the mean number of vector-field evaluations per forward pass; ms/batch "
+             "excludes the first (compiling) batch.", "",
+             "| " + " | ".join(names[k] for k in grid) + " | NFE | val loss | bits/byte | ms/batch | |",
+             "| " + " | ".join("---" for _ in grid) + " | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        cells = " | ".join(format_value(r["values"][k]) for k in grid)
+        if r["status"] != "ok":
+            lines.append(f"| {cells} | — | — | — | — | failed: {r['error']} |")
+            continue
+        ms = "—" if r["ms_per_batch"] is None else f"{r['ms_per_batch']:.1f}"
+        lines.append(f"| {cells} | {r['nfe']:.1f} | {r['val_loss']:.4f} | {r['bits_per_byte']:.4f} "
+                     f"| {ms} | {'as trained' if r['trained'] else ''} |")
+    lines += ["", f"![validation loss vs NFE]({plot.name})", ""]
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
+    fields = ["status", "val_loss", "bits_per_byte", "perplexity", "nfe", "ms_per_batch", "trained", "error"]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*keys, *fields])
+        for r in rows:
+            w.writerow([format_value(r["values"][k]) for k in keys] + [r.get(k, "") for k in fields])
