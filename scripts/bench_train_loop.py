@@ -1,0 +1,98 @@
+"""Where a training run's time goes beyond the compiled step: the trainer's loop overhead.
+
+Times, in one process and compile excluded, ms per step of:
+
+- ``step``: ode-lm's jitted train step on one fixed batch (what ``bench_gpu.py`` times);
+- ``step+data``: the same step fed the trainer's way (a fresh sampled batch placed on the
+  devices and a fresh dropout key every step, the loss read back every step);
+- ``train()``: the real trainer (``TrainResult.ms_per_step``), logging and progress bar on,
+  evaluation and checkpoints out of the timed window.
+
+Early and late medians (first and last fifth of the steps) show whether steps slow down as
+a run goes on.
+
+    python scripts/bench_train_loop.py configs/time_indexed.toml train.dtype=bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from _timing import machine, print_table, write_json
+
+
+def per_step_ms(step, n: int) -> list[float]:
+    step(0)  # compile
+    times = []
+    for i in range(1, n + 1):
+        start = time.perf_counter()
+        step(i)
+        times.append(1e3 * (time.perf_counter() - start))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default=None, help="JSON path (default docs/results/train_loop_<backend>.json)")
+    args = ap.parse_args()
+
+    from ode_lm.config import load_config
+    from ode_lm.data import BatchSampler, load_corpus
+    from ode_lm.train.parallel import DataParallel
+    from ode_lm.train.precision import compute_dtype
+    from ode_lm.train.steps import TrainStep
+    from ode_lm.train.trainer import init_state, train
+
+    with tempfile.TemporaryDirectory() as runs:
+        cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps + 1}",
+                                        f"train.eval_every={10 * args.steps}", "train.sample_tokens=0",
+                                        f"checkpoint.every={10 * args.steps}", f"train.runs_dir={runs}"])
+        corpus = load_corpus(cfg.data)
+        sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+        parallel = DataParallel(cfg)
+        model, optimizer, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
+        state = dict(zip(("model", "opt"), parallel.replicate((model, opt_state))))
+        train_step = TrainStep(optimizer, cfg.ode, compute_dtype(cfg))
+        fixed = [parallel.batch(a) for a in sampler.train_batch(0)]
+        base_key = jax.random.key(0)
+
+        def bare(i):
+            state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], *fixed, base_key)
+            jax.block_until_ready(metrics["loss"])
+
+        def fed(i):
+            inputs, targets = map(parallel.batch, sampler.train_batch(i))
+            state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], inputs, targets,
+                                                               jax.random.fold_in(base_key, i))
+            float(metrics["loss"])
+
+        series = {"step": per_step_ms(bare, args.steps), "step+data": per_step_ms(fed, args.steps)}
+        result = train(cfg)
+    fifth = max(1, args.steps // 5)
+    rows, records = [], []
+    for name, times in series.items():
+        rec = {"variant": name, "median_ms": statistics.median(times),
+               "early_ms": statistics.median(times[:fifth]), "late_ms": statistics.median(times[-fifth:])}
+        records.append(rec)
+        rows.append([name, rec["median_ms"], rec["early_ms"], rec["late_ms"]])
+    records.append({"variant": "train()", "mean_ms": result.ms_per_step})
+    rows.append(["train() (mean)", result.ms_per_step, "", ""])
+    info = machine()
+    print(f"{args.config} {' '.join(args.overrides)}; {args.steps} steps; {info['device']}")
+    print_table(["variant", "ms/step", "early ms", "late ms"], rows)
+    write_json(args.out or f"docs/results/train_loop_{info['backend']}.json",
+               {"benchmark": "train_loop", "machine": info, "config": args.config,
+                "overrides": args.overrides, "steps": args.steps, "results": records})
+
+
+if __name__ == "__main__":
+    main()
