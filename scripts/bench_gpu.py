@@ -16,7 +16,7 @@ the PaLM convention: 3 x forward, forward = NFE x (24 d^2 + 4 T d) + 2 d V (matm
 block with MLP ratio 4, attention scores and values over the full context, LM head);
 recomputation by checkpointing is not counted.
 
-    python scripts/bench_gpu.py --out docs/results/gpu.json --markdown docs/results/gpu.md
+    python scripts/bench_gpu.py --out docs/results/gpu.json [--markdown table.md]
 """
 
 from __future__ import annotations
