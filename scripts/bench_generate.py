@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import machine, print_table, write_json  # noqa: E402
 
 from ode_lm.config import ModelConfig, ODEConfig  # noqa: E402
-from ode_lm.generate import generate  # noqa: E402
+from ode_lm.generate import generate, greedy_logits  # noqa: E402
 from ode_lm.models import build_model  # noqa: E402
 
 
@@ -49,19 +49,8 @@ def adaptive_deviation(model, prompt, new_tokens: int, rtol: float) -> dict:
     p = prompt.shape[1]
     cache = model.init_cache(prompt, ode, p + new_tokens)
 
-    @eqx.filter_jit
-    def decode(model, cache):
-        first, cache = model.prefill(prompt, cache)
-
-        def step(carry, position):
-            cache, logits = carry
-            token = jnp.argmax(logits, axis=-1)
-            logits, cache = model.decode_step(token, position, cache)
-            return (cache, logits), (token, logits)
-        _, (new, logits) = jax.lax.scan(step, (cache, first[:, -1]), jnp.arange(p, p + new_tokens))
-        return jnp.swapaxes(new, 0, 1), jnp.swapaxes(logits, 0, 1)
-
-    new, cached = decode(model, cache)
+    new, cached = greedy_logits(model, prompt, cache, new_tokens)
+    cached = cached[:, p:]
     full, stats = eqx.filter_jit(model)(jnp.concatenate([prompt, new], axis=1), ode)
     full = full[:, p:]
     return {"solver": "tsit5", "rtol": rtol, "new_tokens": new_tokens,

@@ -9,7 +9,7 @@ import pytest
 from ode_lm.cli import main
 from ode_lm.config import FAMILIES, SOLVERS, ModelConfig, ODEConfig
 from ode_lm.errors import UserError
-from ode_lm.generate import TRACES, Sampling, TextStream, generate, sample
+from ode_lm.generate import TRACES, Sampling, TextStream, generate, greedy_logits, sample
 from ode_lm.generate.sampling import top_k_filter, top_p_filter
 from ode_lm.models import build_model
 from ode_lm.ode import VectorField, grid_scheme, integrate
@@ -30,18 +30,8 @@ def tokens(n=PROMPT, seed=1):
     return jax.random.randint(jax.random.key(seed), (2, n), 0, VOCAB)
 
 
-@eqx.filter_jit
 def greedy_decode(model, prompt, cache):
-    """Cached greedy decoding of DECODED tokens: (tokens, logits of every position)."""
-    first, cache = model.prefill(prompt, cache)
-
-    def step(carry, position):
-        cache, logits = carry
-        token = jnp.argmax(logits, axis=-1)
-        logits, cache = model.decode_step(token, position, cache)
-        return (cache, logits), (token, logits)
-    _, (new, logits) = jax.lax.scan(step, (cache, first[:, -1]), jnp.arange(PROMPT, PROMPT + DECODED))
-    return jnp.swapaxes(new, 0, 1), jnp.concatenate([first, jnp.swapaxes(logits, 0, 1)], axis=1)
+    return greedy_logits(model, prompt, cache, DECODED)
 
 
 class Field(VectorField):
@@ -62,8 +52,7 @@ def test_grid_loop_reproduces_integrate(solver):
     assert int(calls) == scheme.slots(5)
 
 
-@pytest.mark.parametrize("solver", FIXED_STEP_SOLVERS)
-def test_cached_decoding_equals_full_recompute(model, solver):
+def assert_cached_equals_full_recompute(model, solver):
     ode = ODEConfig(solver=solver, steps=2)
     prompt = tokens()
     new, cached = greedy_decode(model, prompt, model.init_cache(prompt, ode, PROMPT + DECODED))
@@ -73,6 +62,11 @@ def test_cached_decoding_equals_full_recompute(model, solver):
     assert float(jnp.abs(cached - full).max()) <= 1e-4
     # Greedy recomputation would pick the same tokens: argmax of the full logits.
     np.testing.assert_array_equal(jnp.argmax(full[:, PROMPT - 1:-1], axis=-1), new)
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP_SOLVERS)
+def test_cached_decoding_equals_full_recompute(model, solver):
+    assert_cached_equals_full_recompute(model, solver)
 
 
 def family_model(family):
@@ -87,13 +81,7 @@ def family_model(family):
     pytest.param(f, s, marks=[] if s == "rk4" else pytest.mark.slow)
     for f in FAMILIES if f != "time_indexed" for s in FIXED_STEP_SOLVERS])
 def test_cached_decoding_equals_full_recompute_every_family(family, solver):
-    model = family_model(family)
-    ode = ODEConfig(solver=solver, steps=2)
-    prompt = tokens()
-    new, cached = greedy_decode(model, prompt, model.init_cache(prompt, ode, PROMPT + DECODED))
-    full, _ = eqx.filter_jit(model)(jnp.concatenate([prompt, new], axis=1), ode)
-    assert float(jnp.abs(cached - full).max()) <= 1e-4
-    np.testing.assert_array_equal(jnp.argmax(full[:, PROMPT - 1:-1], axis=-1), new)
+    assert_cached_equals_full_recompute(family_model(family), solver)
 
 
 def test_cache_is_exact_only_with_the_right_slots(model):

@@ -90,6 +90,27 @@ def _recompute(model: LanguageModel, window: Int[Array, "batch length"], read: I
     return _choose(jax.lax.dynamic_index_in_dim(logits, read, axis=1, keepdims=False), seen, key, s)
 
 
+@eqx.filter_jit
+def greedy_logits(model: LanguageModel, prompt: Int[Array, "batch prompt"], cache, new_tokens: int
+                  ) -> tuple[Int[Array, "batch new_tokens"], Array]:
+    """Cached greedy decoding that keeps every logit: ``(new tokens, logits)``.
+
+    ``logits[:, i]`` (``[batch, prompt + new_tokens, vocab]``) predicts position ``i + 1``,
+    exactly what one forward pass of ``prompt + new tokens`` returns, so comparing the two
+    measures what the cache changes (nothing, on a fixed grid).
+    """
+    first, cache = model.prefill(prompt, cache)
+    start = prompt.shape[1]
+
+    def step(carry, position):
+        cache, logits = carry
+        token = jnp.argmax(logits, axis=-1)
+        logits, cache = model.decode_step(token, position, cache)
+        return (cache, logits), (token, logits)
+    _, (new, logits) = jax.lax.scan(step, (cache, first[:, -1]), jnp.arange(start, start + new_tokens))
+    return jnp.swapaxes(new, 0, 1), jnp.concatenate([first, jnp.swapaxes(logits, 0, 1)], axis=1)
+
+
 class _Cached:
     def __init__(self, model, ode, max_len):
         self.model, self.ode, self.max_len = model, ode, max_len
