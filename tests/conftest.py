@@ -7,11 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
 from ode_lm.config import Config, config_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests check maths to float32/float64 tolerances; on GPUs JAX's default float32 matmul
+# precision is TF32 (about 1e-3 relative), so ask for full precision everywhere.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def tiny_config(tmp_path: Path, **dotted) -> Config:
