@@ -58,7 +58,11 @@ def launch(cfg_path: Path, runs_dir: Path, *extra: str, preexec_fn=None) -> subp
            "JAX_COMPILATION_CACHE_DIR": str(cfg_path.parent / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    return subprocess.Popen([sys.executable, "-m", "ode_lm.cli", "train", str(cfg_path),
+    # Signals as in an interactive terminal: a shell starts background jobs (a CI runner's,
+    # say) with SIGINT ignored, and ode-lm deliberately leaves an ignored signal ignored.
+    entry = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "sys.argv[0] = 'ode-lm'; runpy.run_module('ode_lm.cli', run_name='__main__')")
+    return subprocess.Popen([sys.executable, "-c", entry, "train", str(cfg_path),
                              f"train.runs_dir={runs_dir}", *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=preexec_fn)
