@@ -37,7 +37,8 @@ TOKENIZERS = ("byte", "char")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 SSM_SCANS = ("associative", "sequential")  # how the SSM runs along the sequence
-NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
+NONFINITE_ACTIONS = ("stop", "skip")
+MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs  # what a step with a non-finite loss or gradient does
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -115,6 +116,9 @@ class TrainConfig:
                              doc="a non-finite loss or gradient norm: stop the run, or skip the update")
     dtype: str = knob("float32", choices=DTYPES,
                       doc="compute dtype; bfloat16 keeps float32 parameters, ODE state and loss")
+    matmul_precision: str = knob("default", choices=MATMUL_PRECISIONS,
+                                 doc="float32 matrix products: 'default' lets the backend choose "
+                                     "(TF32 on NVIDIA GPUs, ~1e-3 relative), 'highest' is full float32")
     data_parallel: bool = knob(True, doc="shard the batch over all devices (params replicated)")
     distributed: bool = knob(False, doc="multi-host: call jax.distributed.initialize() "
                              "(coordinator from JAX_COORDINATOR_ADDRESS etc. or cluster auto-detection)")

@@ -32,6 +32,15 @@ def test_bfloat16_trains_with_float32_master_weights(tiny):
     assert dtypes == {jnp.dtype(jnp.float32)}
 
 
+def test_matmul_precision_holds_while_training_and_not_after(tiny):
+    seen = []
+    before = jax.config.jax_default_matmul_precision
+    train(tiny(**{"train.steps": 2, "train.matmul_precision": "high", "train.sample_tokens": 0}),
+          say=lambda m: seen.append(jax.config.jax_default_matmul_precision))
+    assert seen and set(seen) == {"high"}
+    assert jax.config.jax_default_matmul_precision == before
+
+
 def test_bfloat16_keeps_the_ode_state_in_float32():
     from ode_lm.config import ModelConfig, ODEConfig
     from ode_lm.models import build_model

@@ -13,6 +13,7 @@ a non-finite loss or gradient norm stops the run or skips the update (``train.on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -123,6 +124,14 @@ def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
           say: Callable[[str], None] = print) -> TrainResult:
+    """Train (or resume) the run ``cfg`` describes; see the README for what it writes."""
+    precision = cfg.train.matmul_precision
+    # Traced into every step compiled below; "default" leaves JAX's own setting alone.
+    with contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision):
+        return _train(cfg, resume, overwrite, say)
+
+
+def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None]) -> TrainResult:
     resume = resume or cfg.checkpoint.resume
     maybe_initialize_distributed(cfg)
     run_dir = prepare_run_dir(cfg, resume, overwrite)
