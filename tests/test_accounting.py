@@ -40,7 +40,8 @@ def test_forward_flops_scale_with_nfe():
     cfg = load_config(REPO / "configs" / "time_indexed.toml")
     euler, rk4 = flops_per_token(cfg, 256), flops_per_token(cfg.replace(**{"ode.solver": "rk4"}), 256)
     assert (euler.nfe, rk4.nfe) == (6, 25)
-    assert rk4.forward - rk4.head == pytest.approx(25 / 6 * (euler.forward - euler.head))
+    assert rk4.forward - rk4.head - rk4.embed == pytest.approx(25 / 6 * (euler.forward - euler.head - euler.embed))
+    assert euler.embed == euler.head  # vocab 256: embedded by a one-hot product of the same size
     assert euler.train_step == 3 * euler.forward
     standard = flops_per_token(cfg.replace(**{"model.family": "standard", "ode.solver": "rk4"}), 256)
     assert standard.nfe == 6 and standard.forward < euler.forward  # no modulation work

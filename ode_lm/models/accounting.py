@@ -4,10 +4,11 @@ FLOPs count multiply-adds as 2 (a ``[m, k] @ [k, n]`` product is ``2 m n k``) an
 elementwise work (norms, activations, softmax), the usual model-FLOP convention. Per token
 of a forward pass::
 
-    forward = NFE * (field per token + per-evaluation work / tokens per batch) + head
+    forward = NFE * (field per token + per-evaluation work / tokens per batch) + embed + head
     block   = 2 d^2 (3 + 1 + 2 r)  +  2 * 2 T d        # qkv, proj, fc1, fc2; QK^T and AV
     ssm     = 2 d (d + 2N) + 2 d^2 + 6 d N             # in/out projections; scan (see below)
     head    = 2 d V
+    embed   = 2 d V when V <= ONE_HOT_MAX_VOCAB (a one-hot product), else 0 (a gather)
 
 with ``T = data.seq_len`` (attention over the full window, not halved for causality),
 ``r = mlp_ratio``. The scan's 6 FLOPs per (channel, state) are the decay argument
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ode_lm.config import Config, ModelConfig, ODEConfig
+from ode_lm.models.base import ONE_HOT_MAX_VOCAB
 from ode_lm.nn import BlockGates
 from ode_lm.ode import SOLVER_SPECS
 
@@ -100,12 +102,13 @@ class FlopCount:
 
     field: float  # one evaluation of the field, per token, including the per-evaluation share
     nfe: int
+    embed: float
     head: float
     tokens_per_batch: int
 
     @property
     def forward(self) -> float:
-        return self.nfe * self.field + self.head
+        return self.nfe * self.field + self.embed + self.head
 
     @property
     def train_step(self) -> float:
@@ -121,7 +124,9 @@ def flops_per_token(cfg: Config, vocab: int) -> FlopCount:
     field = block_flops_per_token(m, seq) + per_evaluation_flops(m) / tokens
     if m.family == "time_indexed_ssm":
         field += ssm_flops_per_token(m)
-    return FlopCount(field=field, nfe=nfe(m, cfg.ode), head=2 * m.dim * vocab, tokens_per_batch=tokens)
+    embed = 2 * m.dim * vocab if vocab <= ONE_HOT_MAX_VOCAB else 0
+    return FlopCount(field=field, nfe=nfe(m, cfg.ode), embed=embed, head=2 * m.dim * vocab,
+                     tokens_per_batch=tokens)
 
 
 def _si(x: float) -> str:
@@ -151,6 +156,7 @@ def describe(cfg: Config, vocab: int, model) -> str:
     lines += [f"FLOPs per token (seq_len {seq}, batch {batch}; matmuls only, 2 per multiply-add):",
               f"  {'one layer' if m.family == 'standard' else 'field, one evaluation':<29}{_si(flops.field)}FLOP",
               f"  x NFE {flops.nfe:<23}{_si(flops.nfe * flops.field)}FLOP",
+              f"  embedding (one-hot product)  {_si(flops.embed)}FLOP",
               f"  head                         {_si(flops.head)}FLOP",
               f"  forward                      {_si(flops.forward)}FLOP per token, "
               f"{_si(flops.per_batch(flops.forward))}FLOP per batch",
