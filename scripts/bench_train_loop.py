@@ -3,8 +3,8 @@
 Times, in one process and compile excluded, ms per step of:
 
 - ``step``: ode-lm's jitted train step on one fixed batch (what ``bench_gpu.py`` times);
-- ``step+data``: the same step fed the trainer's way (a fresh sampled batch placed on the
-  devices and a fresh dropout key every step, the loss read back every step);
+- ``step+data``: the same step fed the trainer's way (a fresh dropout key every step, the
+  next sampled batch placed on the devices while the step runs, the loss read back);
 - ``train()``: the real trainer (``TrainResult.ms_per_step``), logging and progress bar on,
   evaluation and checkpoints out of the timed window.
 
@@ -69,10 +69,13 @@ def main() -> None:
             state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], *fixed, base_key)
             jax.block_until_ready(metrics["loss"])
 
+        state["batch"] = tuple(map(parallel.batch, sampler.train_batch(0)))
+
         def fed(i):
-            inputs, targets = map(parallel.batch, sampler.train_batch(i))
+            inputs, targets = state["batch"]
             state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], inputs, targets,
                                                                jax.random.fold_in(base_key, i))
+            state["batch"] = tuple(map(parallel.batch, sampler.train_batch(i + 1)))  # overlaps the step
             float(metrics["loss"])
 
         series = {"step": per_step_ms(bare, args.steps), "step+data": per_step_ms(fed, args.steps)}

@@ -196,11 +196,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
     session_start = time.perf_counter()
     step_seconds, timed_steps, nfe_sum, step_memory = 0.0, 0, 0, None
     try:
+        batch = tuple(map(parallel.batch, sampler.train_batch(start)))
         for step in range(start, cfg.train.steps):
-            inputs, targets = map(parallel.batch, sampler.train_batch(step))
+            inputs, targets = batch
             key = jax.random.fold_in(base_key, step)
             t = time.perf_counter()
             model, opt_state, metrics = train_step(model, opt_state, inputs, targets, key)
+            if step + 1 < cfg.train.steps:  # while the device runs this step (dispatch is async)
+                batch = tuple(map(parallel.batch, sampler.train_batch(step + 1)))
             loss = float(metrics["loss"])
             seconds = time.perf_counter() - t
             if step > start:  # the session's first step compiles: it is not timed
