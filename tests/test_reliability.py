@@ -53,14 +53,17 @@ def comparable(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "train_s")} for r in rows]
 
 
+# Signals as in an interactive terminal: a shell starts background jobs (a CI runner's, say)
+# with SIGINT ignored, and ode-lm deliberately leaves an ignored signal ignored.
+SIGINT_AS_IN_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
+
 def launch(cfg_path: Path, runs_dir: Path, *extra: str, preexec_fn=None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "JAX_COMPILATION_CACHE_DIR": str(cfg_path.parent / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    # Signals as in an interactive terminal: a shell starts background jobs (a CI runner's,
-    # say) with SIGINT ignored, and ode-lm deliberately leaves an ignored signal ignored.
-    entry = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    entry = (SIGINT_AS_IN_A_TERMINAL + "import runpy, sys\n"
              "sys.argv[0] = 'ode-lm'; runpy.run_module('ode_lm.cli', run_name='__main__')")
     return subprocess.Popen([sys.executable, "-c", entry, "train", str(cfg_path),
                              f"train.runs_dir={runs_dir}", *extra],
@@ -135,7 +138,7 @@ def wait_for_stderr(proc: subprocess.Popen, text: str) -> list[str]:
 def test_a_second_sigint_quits_at_once_even_inside_a_long_step(tmp_path):
     """The main thread sleeps through a 60 s "step" and never looks at the flag: only the
     watcher thread can end the process, and it must do so on the second signal."""
-    script = ("import time\nfrom ode_lm.train.interrupts import InterruptGuard\n"
+    script = (SIGINT_AS_IN_A_TERMINAL + "import time\nfrom ode_lm.train.interrupts import InterruptGuard\n"
               "InterruptGuard().install()\nprint('ready', file=__import__('sys').stderr, flush=True)\n"
               "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stderr=subprocess.PIPE, text=True)
