@@ -37,8 +37,9 @@ TOKENIZERS = ("byte", "char")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 SSM_SCANS = ("associative", "sequential")  # how the SSM runs along the sequence
-NONFINITE_ACTIONS = ("stop", "skip")
-MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs  # what a step with a non-finite loss or gradient does
+NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
+MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
+CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -84,6 +85,11 @@ class ODEConfig:
     icoeff: float = knob(1.0, gt=0.0, doc="PID controller integral coefficient")
     dcoeff: float = knob(0.0, ge=0.0, doc="PID controller derivative coefficient")
     adjoint: str = knob("checkpoint", choices=ADJOINTS, doc="sensitivity (gradient) method")
+    checkpoint_saves: str = knob("states", choices=CHECKPOINT_SAVES,
+                                 doc="adjoint \"checkpoint\" on fixed steps keeps each step's state and "
+                                     "recomputes the rest ('states'), or also keeps the matrix "
+                                     "products' outputs, recomputing only cheap elementwise work "
+                                     "('matmuls': more memory, less recomputation)")
     reversible: bool = knob(False, doc="alias: true selects adjoint = \"reversible\"")
     reversible_coupling: float = knob(0.999, gt=0.0, le=1.0,
                                       doc="coupling lambda of the reversible scheme; < 1 damps its "
@@ -358,6 +364,11 @@ def _check_consistency(c: Config, source: str) -> None:
         raise ConfigError(f"{source}: [ode] adjoint = \"reversible\" wraps an explicit Runge-Kutta "
                           f"solver; solver = \"{c.ode.solver}\" is not one; use one of "
                           f"{', '.join(REVERSIBLE_SOLVERS)}")
+    if c.ode.checkpoint_saves != "states" and (c.ode.adjoint != "checkpoint" or c.ode.adaptive):
+        raise ConfigError(f"{source}: [ode] checkpoint_saves = \"{c.ode.checkpoint_saves}\" applies to "
+                          f"adjoint = \"checkpoint\" with fixed steps (adaptive = false); here adjoint = "
+                          f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
+                          f"leave checkpoint_saves = \"states\"")
     if c.data.source == "text" and not c.data.paths:
         raise ConfigError(f"{source}: [data] source = \"text\" needs paths = [\"file.txt\", ...] "
                           "(files, directories or globs)")

@@ -39,6 +39,10 @@ SIZES = {
     "large": dict(dim=1024, heads=16, steps=12, seq=1024, batch=16),
 }
 VOCAB = 256
+# Other settings of ours timed with --variants (the defaults: checkpoint keeping states, auto
+# attention, bfloat16).
+VARIANTS = [dict(adjoint="direct"), dict(checkpoint_saves="matmuls"), dict(attention="xla"),
+            dict(dtype="float32")]
 
 
 def peak_tflops(kind: str, override: float | None) -> float | None:
@@ -67,7 +71,7 @@ def time_steps(step, repeats: int, warmup: int, sync) -> float:
 
 
 def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
-                    dtype: str = "bfloat16"):
+                    dtype: str = "bfloat16", checkpoint_saves: str = "states"):
     """ode-lm's real jitted train step (forward, backward, AdamW) on random tokens, as a
     zero-argument callable that returns the loss."""
     from ode_lm.config import config_from_dict
@@ -78,7 +82,8 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
     model_cfg = {"family": family, "dim": size["dim"], "heads": size["heads"], "layers": size["steps"],
                  "max_positions": size["seq"], "dropout": 0.0, "attention": attention}
     cfg = config_from_dict({"model": model_cfg,
-                            "ode": {"solver": "euler", "steps": size["steps"], "adjoint": adjoint},
+                            "ode": {"solver": "euler", "steps": size["steps"], "adjoint": adjoint,
+                                    "checkpoint_saves": checkpoint_saves},
                             "data": {"seq_len": size["seq"]},
                             "train": {"batch_size": size["batch"], "dtype": dtype}})
     model, optimizer, opt_state = init_state(cfg, VOCAB)
@@ -98,8 +103,8 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
 
 
 def ours(size: dict, family: str, repeats: int, adjoint: str = "checkpoint", attention: str = "auto",
-         dtype: str = "bfloat16") -> float:
-    step = make_train_step(size, family, adjoint, attention, dtype)
+         dtype: str = "bfloat16", checkpoint_saves: str = "states") -> float:
+    step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves)
     seconds = time_steps(step, repeats, 3, jax.block_until_ready)
     assert step.traces() == 1, "the train step must compile once"
     return seconds
@@ -178,6 +183,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 peak")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch + torchdiffeq peer")
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint of ours")
+    ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves of ours")
     ap.add_argument("--attention", default="auto", help="model.attention of ours")
     ap.add_argument("--variants", action="store_true",
                     help="also time ours under other adjoints / attention kernels / dtypes")
@@ -194,21 +200,22 @@ def main() -> None:
         size = SIZES[name]
         tokens = size["batch"] * size["seq"]
         flops = train_flops_per_token(size["dim"], size["seq"], size["steps"]) * tokens
-        t_ours = ours(size, "time_indexed", args.repeats, args.adjoint, args.attention)
+        t_ours = ours(size, "time_indexed", args.repeats, args.adjoint, args.attention,
+                      checkpoint_saves=args.checkpoint_saves)
         t_std = (ours(size, "standard", args.repeats, args.adjoint, args.attention)
                  if "standard" in FAMILIES else None)
-        if args.variants:
-            for adjoint, attention, dtype in [("direct", "auto", "bfloat16"), ("checkpoint", "xla", "bfloat16"),
-                                              ("checkpoint", "auto", "float32")]:
-                t = ours(size, "time_indexed", args.repeats, adjoint, attention, dtype)
-                print(f"variant {name}: adjoint={adjoint} attention={attention} dtype={dtype}: "
-                      f"{t * 1e3:.2f} ms/step")
+        variants = []
+        for variant in VARIANTS if args.variants else []:
+            t = ours(size, "time_indexed", args.repeats, **variant)
+            variants.append({**variant, "ms": t * 1e3, "mfu": flops / t / (peak * 1e12) if peak else None})
+            print(f"variant {name}: {variant}: {t * 1e3:.2f} ms/step")
         t_peer = None if args.no_peer else peer(size, args.repeats)
         mfu = flops / t_ours / (peak * 1e12) if peak else None
         rec = {"size": name, **size, "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12,
                "ours_ms": t_ours * 1e3, "ours_tokens_per_s": tokens / t_ours, "ours_mfu": mfu,
                "peer_ms": t_peer and t_peer * 1e3, "speedup_vs_peer": t_peer and t_peer / t_ours,
-               "standard_ms": t_std and t_std * 1e3, "ode_overhead_vs_standard": t_std and t_ours / t_std - 1}
+               "standard_ms": t_std and t_std * 1e3, "ode_overhead_vs_standard": t_std and t_ours / t_std - 1,
+               "variants": variants}
         records.append(rec)
         rows.append([name, f"{rec['ours_ms']:.2f}", f"{rec['ours_tokens_per_s']:,.0f}",
                      "n/a" if mfu is None else f"{100 * mfu:.1f}%",

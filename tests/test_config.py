@@ -46,6 +46,8 @@ def test_resolved_config_round_trips():
     ("", "train.stepz=3", ["unknown key 'stepz'", 'did you mean "steps"', "override"]),
     ("", "nodot=3", ["not a dotted key"]),
     ("", "model.family=transformer", ["family", ", ".join(FAMILIES)]),
+    ("[ode]\nadjoint = 'backsolve'\ncheckpoint_saves = 'matmuls'\n", None,
+     ['checkpoint_saves = "matmuls"', 'adjoint = "backsolve"', 'leave checkpoint_saves = "states"']),
 ])
 def test_every_error_kind_names_the_key(tmp_path, text, override, needles):
     with pytest.raises(ConfigError) as info:

@@ -6,12 +6,15 @@ over the grid compiles once for any ``N`` and lets XLA fuse across the step. The
 is diffrax's: the same solver object, tableau and state.
 
 Reverse mode then differentiates the scan, i.e. the exact gradient of the discrete forward
-computation, with one of two memory policies:
+computation, with one of three memory policies:
 
 - ``store``: keep every step's intermediates (``ode.adjoint = "direct"``); fastest, memory
   grows as ``N x`` (activations of one step);
 - ``recompute``: keep only the ``N`` states and recompute each step's intermediates once in
-  the backward pass (``ode.adjoint = "checkpoint"``); about 4/3 of the work of ``store``.
+  the backward pass (``ode.adjoint = "checkpoint"``); about 4/3 of the work of ``store``;
+- ``save_matmuls``: keep the states and the outputs of the matrix products (dots without
+  batch dimensions: the block's projections, not attention scores), recompute the
+  elementwise work and attention (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from jaxtyping import Array, Float
 from ode_lm.ode.field import VectorField
 from ode_lm.ode.stepping import TERM, fixed_grid
 
-MEMORY_POLICIES = ("store", "recompute")
+# jax.checkpoint policy of one step (None: no rematerialisation).
+MEMORY_POLICIES = {
+    "store": None,
+    "recompute": jax.checkpoint_policies.nothing_saveable,
+    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Array, "*state"],
@@ -42,7 +50,7 @@ def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Ar
         x, _, _, state, _ = solver.step(term, t0, t1, x, field, state, made_jump=False)
         return (x, state), None
 
-    if policy == "recompute":
-        step = jax.checkpoint(step, prevent_cse=False)
+    if MEMORY_POLICIES[policy] is not None:
+        step = jax.checkpoint(step, prevent_cse=False, policy=MEMORY_POLICIES[policy])
     (x1, _), _ = jax.lax.scan(step, (x0, solver_state), (ts[:-1], ts[1:]))
     return x1

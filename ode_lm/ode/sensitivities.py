@@ -5,7 +5,9 @@ sensitivity's:
 
 - ``checkpoint``: backpropagate through the solver's operations, recomputing what is not
   stored. Exact discrete gradient. Fixed steps keep the ``N`` states and recompute each
-  step's intermediates once (``fixed.py``, policy ``recompute``); adaptive solves recompute
+  step's intermediates once (``fixed.py``, policy ``recompute``; with
+  ``ode.checkpoint_saves = "matmuls"`` it also keeps the matrix products' outputs, policy
+  ``save_matmuls``); adaptive solves recompute
   from O(sqrt(max_steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``).
 - ``direct``: backpropagate through every step, storing everything (fixed steps: ``fixed.py``,
   policy ``store``; adaptive: diffrax ``RecursiveCheckpointAdjoint`` with one checkpoint per
@@ -58,23 +60,25 @@ def solve_with_adjoint(adjoint: Callable[[int], diffrax.AbstractAdjoint], field:
     return sol.ys[-1], SolveStats(spec.nfe(steps), steps, failed)
 
 
-def solve_by_backprop(policy: str, adjoint: Callable[[int], diffrax.AbstractAdjoint],
+def solve_by_backprop(policy: Callable[[ODEConfig], str], adjoint: Callable[[int], diffrax.AbstractAdjoint],
                       field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
                       ) -> tuple[Float[Array, "*state"], SolveStats]:
-    """Backpropagation through the solver: a scan with memory ``policy`` on fixed steps
+    """Backpropagation through the solver: a scan with memory ``policy(ode)`` on fixed steps
     (compiles once for any number of steps, no while-loop bookkeeping), else ``adjoint``."""
     if ode.adaptive:
         return solve_with_adjoint(adjoint, field, x0, ode)
     spec = SOLVER_SPECS[ode.solver]
     steps = jnp.asarray(ode.steps)
-    x1 = solve_fixed(spec.make(), field, x0, ode.steps, policy)
+    x1 = solve_fixed(spec.make(), field, x0, ode.steps, policy(ode))
     return x1, SolveStats(spec.nfe(steps), steps, jnp.asarray(False))
 
 
+CHECKPOINT_POLICIES = {"states": "recompute", "matmuls": "save_matmuls"}  # by ode.checkpoint_saves
+
 SENSITIVITIES: dict[str, Solve] = {
-    "checkpoint": functools.partial(solve_by_backprop, "recompute",
+    "checkpoint": functools.partial(solve_by_backprop, lambda ode: CHECKPOINT_POLICIES[ode.checkpoint_saves],
                                     lambda _: diffrax.RecursiveCheckpointAdjoint()),
-    "direct": functools.partial(solve_by_backprop, "store", store_every_step),
+    "direct": functools.partial(solve_by_backprop, lambda _: "store", store_every_step),
     "backsolve": functools.partial(solve_with_adjoint, lambda _: diffrax.BacksolveAdjoint()),
     "reversible": integrate_reversible,
 }
