@@ -99,6 +99,7 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
         return metrics["loss"]
 
     step.traces = lambda: step_fn.traces
+    step.hlo = lambda: step_fn.compiled(model, opt_state, x, y, key).as_text()
     return step
 
 

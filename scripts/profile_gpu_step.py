@@ -52,10 +52,16 @@ def main() -> None:
     ap.add_argument("--size", default="large", choices=list(SIZES))
     ap.add_argument("--steps-profiled", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint")
+    ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves")
     ap.add_argument("--out", default="docs/results/gpu_profile.json")
+    ap.add_argument("--hlo", default=None, help="also write the step's optimised HLO here")
     args = ap.parse_args()
 
-    step = make_train_step(SIZES[args.size], "time_indexed")
+    step = make_train_step(SIZES[args.size], "time_indexed", args.adjoint,
+                           checkpoint_saves=args.checkpoint_saves)
+    if args.hlo:
+        Path(args.hlo).write_text(step.hlo())
     for _ in range(3):
         jax.block_until_ready(step())
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +80,7 @@ def main() -> None:
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     print_table(["kernel", "ms/step"], [[k[:90], f"{ms:.3f}"] for k, ms in top])
     write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size,
-                          **SIZES[args.size], "busy_ms": busy, "groups_ms": dict(groups),
+                          **SIZES[args.size], "adjoint": args.adjoint, "checkpoint_saves": args.checkpoint_saves, "busy_ms": busy, "groups_ms": dict(groups),
                           "top_kernels_ms": dict(top)})
 
 

@@ -65,11 +65,16 @@ class TrainStep:
     def __call__(self, model, opt_state, inputs, targets, key):
         return self._jitted(model, opt_state, inputs, targets, key)
 
+    def compiled(self, model, opt_state, inputs, targets, key) -> jax.stages.Compiled:
+        """XLA's compiled step for these argument shapes (reused, not retraced): its
+        ``memory_analysis()``, or ``as_text()`` to name the fusions a profile shows."""
+        return self._jitted.lower(model, opt_state, inputs, targets, key).compile().compiled
+
     def memory_bytes(self, model, opt_state, inputs, targets, key) -> int | None:
         """Peak bytes of one step by XLA's analysis of the compiled program: arguments +
         outputs + temporaries - aliased buffers. Reuses the compiled step (no retrace)."""
         try:
-            m = self._jitted.lower(model, opt_state, inputs, targets, key).compile().compiled.memory_analysis()
+            m = self.compiled(model, opt_state, inputs, targets, key).memory_analysis()
         except (AttributeError, NotImplementedError):  # a backend without the analysis
             return None
         if m is None:
