@@ -22,20 +22,23 @@ def _train(args: argparse.Namespace) -> int:
     from ode_lm.train import train
 
     from ode_lm.train.interrupts import TrainingInterrupted
+    from ode_lm.train.parallel import is_lead
 
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except TrainingInterrupted as e:
         again = shlex.join(["ode-lm", "train", args.config, *args.overrides, "--resume"])
-        print(f"interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; resume with: {again}",
-              file=sys.stderr, flush=True)
+        if is_lead():  # the process that wrote the checkpoint
+            print(f"interrupted at step {e.step}; checkpoint saved to {e.checkpoint}; resume with: {again}",
+                  file=sys.stderr, flush=True)
         for signum in (signal.SIGINT, signal.SIGTERM):  # another one now ends the process outright,
             signal.signal(signum, signal.SIG_DFL)  # not with a traceback from interpreter shutdown
         return e.exit_status
     e = result.evaluation
-    print(f"done: {result.steps} steps, val loss {e.loss:.4f} nats/token, {e.bits_per_byte:.4f} "
-          f"bits/byte; run saved in {result.run_dir}")
+    if is_lead():
+        print(f"done: {result.steps} steps, val loss {e.loss:.4f} nats/token, {e.bits_per_byte:.4f} "
+              f"bits/byte; run saved in {result.run_dir}")
     return 0
 
 

@@ -126,8 +126,14 @@ class TrainConfig:
                                  doc="float32 matrix products: 'default' lets the backend choose "
                                      "(TF32 on NVIDIA GPUs, ~1e-3 relative), 'highest' is full float32")
     data_parallel: bool = knob(True, doc="shard the batch over all devices (params replicated)")
-    distributed: bool = knob(False, doc="multi-host: call jax.distributed.initialize() "
-                             "(coordinator from JAX_COORDINATOR_ADDRESS etc. or cluster auto-detection)")
+    distributed: bool = knob(False, doc="multi-process: call jax.distributed.initialize() with the "
+                             "three keys below; those left unset come from the cluster's auto-detection "
+                             "(SLURM, Open MPI, Kubernetes, Cloud TPU) or JAX_COORDINATOR_ADDRESS")
+    coordinator_address: str = knob("", doc="host:port of process 0's coordinator (train.distributed)")
+    num_processes: int = knob(0, ge=0, doc="processes in the run, 0: auto-detect (train.distributed)")
+    process_id: int = knob(-1, ge=-1, doc="this process's index, -1: auto-detect (train.distributed)")
+    join_timeout: int = knob(300, ge=1, doc="seconds a process waits for the coordinator and the "
+                             "other processes to join (train.distributed)")
     eval_every: int = knob(200, ge=1, doc="evaluate every N steps (and at the end)")
     eval_batches: int = knob(20, ge=1, doc="held-out batches per evaluation")
     sample_tokens: int = knob(200, ge=0, doc="tokens sampled at the end of training")
@@ -369,6 +375,17 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"adjoint = \"checkpoint\" with fixed steps (adaptive = false); here adjoint = "
                           f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
                           f"leave checkpoint_saves = \"states\"")
+    t = c.train
+    if not t.distributed and (t.coordinator_address or t.num_processes or t.process_id != -1):
+        raise ConfigError(f"{source}: [train] coordinator_address, num_processes and process_id "
+                          "configure a multi-process run; set train.distributed = true to use them")
+    host, _, port = t.coordinator_address.rpartition(":")
+    if t.coordinator_address and not (host and port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"{source}: [train] coordinator_address = {t.coordinator_address!r} is not "
+                          "host:port (e.g. \"10.0.0.1:1234\", a port in 1 ... 65535)")
+    if t.num_processes and not -1 <= t.process_id < t.num_processes:
+        raise ConfigError(f"{source}: [train] process_id = {t.process_id} is out of range for "
+                          f"num_processes = {t.num_processes}; use 0 ... {t.num_processes - 1}")
     if c.data.source == "text" and not c.data.paths:
         raise ConfigError(f"{source}: [data] source = \"text\" needs paths = [\"file.txt\", ...] "
                           "(files, directories or globs)")

@@ -15,17 +15,21 @@ from ode_lm.train.files import atomic_write
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, tensorboard: bool):
+    """``metrics.jsonl`` (and TensorBoard events) of a run; with ``write = False`` (a process
+    other than the lead of a multi-process run) it only reads."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, write: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self._write = write
         self._writer = None
-        if tensorboard:
+        if tensorboard and write:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step``: after a resume from ``step`` they are written again."""
-        if not self.path.exists():
+        if not self._write or not self.path.exists():
             return
         keep = [json.dumps(row) for row in _parse(self.path) if row["step"] <= step]
         try:
@@ -39,6 +43,8 @@ class MetricsLog:
         return rows[-1][name] if rows else default
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> None:
+        if not self._write:
+            return
         try:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"kind": kind, "step": step, **values}) + "\n")

@@ -2,17 +2,23 @@
 along it, parameters and optimizer state replicated. XLA inserts the gradient all-reduce;
 there is no hand-written communication.
 
-Multi-host runs call ``jax.distributed.initialize()`` first (``train.distributed = true``;
-the coordinator comes from ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
-``JAX_PROCESS_ID`` or the cluster's auto-detection). Every process draws the same global batch
-from ``(seed, step)`` and contributes its own rows.
+Multi-process runs (``train.distributed = true``: several hosts, or several processes on
+one) call ``jax.distributed.initialize()`` first; the mesh then spans every process's
+devices. Each process runs the same program on the same global batch, drawn from
+``(seed, step)``, and feeds only the rows its devices hold. Process 0 is the lead: it alone
+writes the run directory (config, metrics, checkpoints, TensorBoard) and prints; the others
+read checkpoints from it when resuming, so the run directory must be on a shared filesystem.
 """
 
 from __future__ import annotations
 
+import socket
+import time
+
 import equinox as eqx
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ode_lm.config import Config
@@ -22,10 +28,72 @@ _initialized = False
 
 
 def maybe_initialize_distributed(cfg: Config) -> None:
+    """``jax.distributed.initialize`` once per process when ``train.distributed`` is set."""
     global _initialized
-    if cfg.train.distributed and not _initialized:
-        jax.distributed.initialize()
-        _initialized = True
+    t = cfg.train
+    if not t.distributed or _initialized:
+        return
+    # CPU processes exchange gradients over gloo (GPUs use NCCL regardless of this flag).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if t.coordinator_address and t.process_id > 0:
+        wait_for_coordinator(t.coordinator_address, t.join_timeout)
+    try:
+        jax.distributed.initialize(coordinator_address=t.coordinator_address or None,
+                                   num_processes=t.num_processes or None,
+                                   process_id=None if t.process_id < 0 else t.process_id,
+                                   initialization_timeout=t.join_timeout)
+    except (ValueError, RuntimeError) as e:
+        first_line = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
+        raise ConfigError(f"[train] distributed = true, but jax.distributed.initialize failed: "
+                          f"{first_line}. Outside a detected cluster set train.coordinator_address "
+                          "(host:port of process 0), train.num_processes and train.process_id") from None
+    _initialized = True
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Block until ``host:port`` accepts connections. JAX's client aborts the whole process
+    (no Python exception) when it cannot reach the coordinator, so look first."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=5):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ConfigError(f"[train] coordinator_address = {address!r}: nothing accepted a "
+                                  f"connection within train.join_timeout = {timeout} s ({e}); start "
+                                  "process 0 there, or fix the address") from None
+            time.sleep(0.5)
+
+
+def is_lead() -> bool:
+    """Whether this process writes the run directory and prints (process 0)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches ``name`` (nothing to wait for in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def agreed_signal(requested: int | None) -> int | None:
+    """The stop request of any process (a signal number), so that all stop at the same step;
+    a process that stopped alone would leave the others waiting in the next all-reduce."""
+    if jax.process_count() == 1:
+        return requested
+    every = multihost_utils.process_allgather(np.int32(requested or 0))
+    return int(np.max(every)) or None
+
+
+def local_copy(tree):
+    """``tree``'s arrays on this process's first device (for work one process does alone,
+    e.g. the end-of-training sample); replicated arrays hold the whole value locally."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    device = jax.local_devices()[0]
+    local = jax.tree.map(lambda a: jax.device_put(np.asarray(a.addressable_data(0)), device), arrays)
+    return eqx.combine(local, static)
 
 
 class DataParallel:
@@ -33,6 +101,9 @@ class DataParallel:
 
     def __init__(self, cfg: Config):
         devices = jax.devices() if cfg.train.data_parallel else jax.local_devices()[:1]
+        if jax.process_count() > 1 and not cfg.train.data_parallel:
+            raise ConfigError("[train] data_parallel = false cannot be combined with distributed = true "
+                              f"over {jax.process_count()} processes: every process holds a share of the batch")
         n = len(devices)
         if cfg.train.batch_size % n:
             raise ConfigError(f"[train] batch_size = {cfg.train.batch_size} must be divisible by the "
@@ -45,12 +116,9 @@ class DataParallel:
         self.devices = n
 
     def batch(self, array: np.ndarray) -> jax.Array:
-        """Place a global batch ``[batch, ...]``: each process passes the same global array."""
-        if jax.process_count() == 1:
-            return jax.device_put(array, self.batch_sharding)
-        rows = array.shape[0] // jax.process_count()
-        local = array[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-        return jax.make_array_from_process_local_data(self.batch_sharding, local, array.shape)
+        """Place a global batch ``[batch, ...]``: every process passes the same global array
+        and contributes the rows its own devices hold."""
+        return jax.make_array_from_callback(array.shape, self.batch_sharding, lambda index: array[index])
 
     def replicate(self, tree):
         arrays, static = eqx.partition(tree, eqx.is_array)

@@ -38,7 +38,8 @@ from ode_lm.train.files import atomic_write
 from ode_lm.train.interrupts import InterruptGuard, TrainingInterrupted
 from ode_lm.train.logging import MetricsLog
 from ode_lm.train.optim import build_optimizer, learning_rate_schedule
-from ode_lm.train.parallel import DataParallel, maybe_initialize_distributed
+from ode_lm.train.parallel import (DataParallel, agreed_signal, barrier, is_lead, local_copy,
+                                   maybe_initialize_distributed)
 from ode_lm.train.precision import compute_dtype, param_dtype
 from ode_lm.train.steps import EvalStep, TrainStep
 
@@ -93,18 +94,32 @@ def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, b
     return Evaluation(loss, loss / math.log(2) / bytes_per_token, math.exp(min(loss, 50.0)), int(nfe))
 
 
-def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool, lead: bool = True) -> Path:
+    """The run's directory, created (or emptied with ``overwrite``) by the lead process; every
+    process checks it first, so all of them refuse an existing run alike."""
     run_dir = Path(cfg.train.runs_dir) / cfg.train.run_name
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        if not overwrite:
-            raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue "
-                              "it, --overwrite to replace it, or choose another train.run_name")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"cannot create run directory {run_dir}: {e}") from None
+    replace = run_dir.exists() and any(run_dir.iterdir()) and not resume
+    if replace and not overwrite:
+        raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue "
+                          "it, --overwrite to replace it, or choose another train.run_name")
+    barrier("ode-lm: run directory checked")
+    if lead:
+        if replace:
+            shutil.rmtree(run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(f"cannot create run directory {run_dir}: {e}") from None
+    barrier("ode-lm: run directory ready")
     return run_dir
+
+
+def find_checkpoint(run_dir: Path, lead: bool, say: Callable[[str], None]):
+    """``latest_checkpoint`` of the run: the lead sets broken files aside first, then the
+    other processes find the same checkpoint."""
+    found = latest_checkpoint(run_dir, warn=say, set_aside=True) if lead else None
+    barrier("ode-lm: checkpoints checked")
+    return found if lead else latest_checkpoint(run_dir, warn=lambda message: None)
 
 
 def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
@@ -134,7 +149,10 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
 def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None]) -> TrainResult:
     resume = resume or cfg.checkpoint.resume
     maybe_initialize_distributed(cfg)
-    run_dir = prepare_run_dir(cfg, resume, overwrite)
+    lead = is_lead()
+    if not lead:  # one voice: the lead's
+        say = lambda message: None  # noqa: E731
+    run_dir = prepare_run_dir(cfg, resume, overwrite, lead)
     corpus: TokenizedCorpus = load_corpus(cfg.data)
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     say(f"data: {corpus.describe()}")
@@ -143,7 +161,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
     start = 0
     if resume:
         existing = list_checkpoints(run_dir)
-        found = latest_checkpoint(run_dir, warn=say, set_aside=True)
+        found = find_checkpoint(run_dir, lead, say)
         if found is None and existing:
             raise CheckpointError(f"none of the {len(existing)} checkpoints in {existing[0].parent} "
                                   "is readable (see above); move them away to start again from "
@@ -158,7 +176,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
             start = header.step
             say(f"resume: continuing from {path} (step {start})")
     try:
-        atomic_write(run_dir / "config.toml", cfg.to_toml().encode())
+        if lead:
+            atomic_write(run_dir / "config.toml", cfg.to_toml().encode())
     except OSError as e:
         raise RunDirError(f"cannot write to the run directory {run_dir}: {e}") from None
     n_params = count_parameters(model)
@@ -167,7 +186,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
     if cfg.model.family not in ODE_FAMILIES:
         say(f"family '{cfg.model.family}' is discrete: [ode] settings are ignored")
 
-    log = MetricsLog(run_dir, cfg.log.tensorboard)
+    log = MetricsLog(run_dir, cfg.log.tensorboard, write=lead)
     log.truncate_after(start)
     train_s = log.last_value("train_s", 0.0)  # time in train steps, carried over a resume
     parallel = DataParallel(cfg)
@@ -182,12 +201,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
 
     def checkpoint(step: int) -> Path:
         nonlocal last_good, saved_step
-        last_good = save_checkpoint(run_dir, step, (model, opt_state), cfg.to_toml(),
-                                    corpus.tokenizer.state(), cfg.checkpoint.keep)
+        if lead:
+            last_good = save_checkpoint(run_dir, step, (model, opt_state), cfg.to_toml(),
+                                        corpus.tokenizer.state(), cfg.checkpoint.keep)
+        barrier(f"ode-lm: checkpoint {step} written")  # before any process moves on or exits
         saved_step = step
         return last_good
 
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.log.progress,
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.log.progress and lead),
                desc=cfg.train.run_name, unit="step", dynamic_ncols=True)
     loss = float("nan")
     evaluation = None
@@ -227,8 +248,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                                         "train.on_nonfinite = \"skip\". Last good checkpoint: "
                                         f"{last_good or 'none'}")
                 skipped += 1
-                bar.write(f"warning: step {done}: non-finite {what}; update skipped "
-                          f"({skipped} so far)", file=sys.stderr)
+                if lead:
+                    bar.write(f"warning: step {done}: non-finite {what}; update skipped "
+                              f"({skipped} so far)", file=sys.stderr)
             # Throughput excludes the first step of a session, which includes compilation.
             if window_start is None:
                 window_start = time.perf_counter()
@@ -250,13 +272,15 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                 log.write("val", done, {"loss": evaluation.loss, "bits_per_byte": evaluation.bits_per_byte,
                                         "perplexity": evaluation.perplexity, "nfe": evaluation.nfe,
                                         "train_s": train_s})
-                bar.write(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
-                          f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
+                if lead:
+                    bar.write(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
+                              f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
                 checkpoint(done)
-            if interrupts.requested:
+            stop = agreed_signal(interrupts.requested)
+            if stop:
                 saved = last_good if saved_step == done else checkpoint(done)
-                raise TrainingInterrupted(interrupts.requested, done, saved)
+                raise TrainingInterrupted(stop, done, saved)
     finally:
         interrupts.restore()
         bar.close()
@@ -266,7 +290,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
     if evaluation is None:  # resumed a finished run
         evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches, corpus.bytes_per_token,
                               parallel.batch)
-    sample = end_of_training_sample(model, cfg, corpus)
+    sample = end_of_training_sample(local_copy(model), cfg, corpus) if lead else ""
     if sample:
         say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
             f"{cfg.train.sample_prompt}{sample}")
