@@ -17,6 +17,9 @@ a PNG plot. Needs no data pipeline (no ``datasets``/``tensorboardX``).
 
     python scripts/bench_memory.py                              # GPU-sized defaults
     python scripts/bench_memory.py --dim 64 --seq 64 --batch 4  # a small CPU run
+
+``--checkpoint-saves states matmuls`` adds a ``checkpoint+matmuls`` row per N: checkpoint
+keeping the matrix products' outputs too (``ode.checkpoint_saves``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _timing import machine, print_table, time_compiled, write_json
-from ode_lm.config import ADJOINTS, REVERSIBLE_SOLVERS, ModelConfig, ODEConfig, OptimConfig
+from ode_lm.config import ADJOINTS, CHECKPOINT_SAVES, REVERSIBLE_SOLVERS, ModelConfig, ODEConfig, OptimConfig
 from ode_lm.models import build_model
 from ode_lm.ode import integrate_reversible
 from ode_lm.train.optim import build_optimizer
@@ -96,7 +99,7 @@ def gradient_errors(args, steps: int) -> dict:
         ode = ODEConfig(solver=args.solver, steps=steps, reversible_coupling=args.coupling)
         reference = gradient(model, tokens, ode)
         errors = {}
-        for adjoint in args.sensitivities:
+        for label, adjoint, saves in variants(args):
             if adjoint == "reversible":
                 rev_ode = ODEConfig(solver=args.solver, steps=steps, adjoint="reversible",
                                     reversible_coupling=args.coupling)
@@ -104,9 +107,19 @@ def gradient_errors(args, steps: int) -> dict:
                 errors["reversible"] = rel_err(g, reference)
                 errors["reversible_vs_own_direct"] = rel_err(g, gradient(model, tokens, rev_ode, "direct"))
             else:
-                errors[adjoint] = rel_err(gradient(model, tokens, dataclasses.replace(ode, adjoint=adjoint)),
-                                          reference)
+                ode_v = dataclasses.replace(ode, adjoint=adjoint, checkpoint_saves=saves)
+                errors[label] = rel_err(gradient(model, tokens, ode_v), reference)
         return errors
+
+
+def variants(args) -> list[tuple[str, str, str]]:
+    """``(label, ode.adjoint, ode.checkpoint_saves)`` of every row: each sensitivity, and
+    ``checkpoint`` once per ``--checkpoint-saves`` policy ("checkpoint+matmuls")."""
+    rows = []
+    for adjoint in args.sensitivities:
+        for saves in args.checkpoint_saves if adjoint == "checkpoint" else ["states"]:
+            rows.append((adjoint if saves == "states" else f"{adjoint}+{saves}", adjoint, saves))
+    return rows
 
 
 def plot(records: list[dict], sensitivities: list[str], path: str, title: str) -> None:
@@ -144,6 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32, 64])
     ap.add_argument("--sensitivities", nargs="+", default=list(ADJOINTS), choices=ADJOINTS)
+    ap.add_argument("--checkpoint-saves", nargs="+", default=["states"], choices=CHECKPOINT_SAVES,
+                    help="ode.checkpoint_saves policies to time for checkpoint (one row each)")
     ap.add_argument("--solver", default="euler", choices=REVERSIBLE_SOLVERS)
     ap.add_argument("--coupling", type=float, default=ODEConfig().reversible_coupling)
     ap.add_argument("--dim", type=int, default=512)
@@ -165,15 +180,16 @@ def main() -> None:
     rows, records = [], []
     for n in args.steps:
         errors = gradient_errors(args, n)
-        for adjoint in args.sensitivities:
-            ode = ODEConfig(solver=args.solver, steps=n, adjoint=adjoint, reversible_coupling=args.coupling)
+        for label, adjoint, saves in variants(args):
+            ode = ODEConfig(solver=args.solver, steps=n, adjoint=adjoint, checkpoint_saves=saves,
+                            reversible_coupling=args.coupling)
             m = measure_step(cfg, ode, args.batch, args.seq, args.repeats)
-            record = {"steps": n, "sensitivity": adjoint, **m, "grad_rel_err": errors[adjoint]}
+            record = {"steps": n, "sensitivity": label, **m, "grad_rel_err": errors[label]}
             own = errors.get("reversible_vs_own_direct") if adjoint == "reversible" else None
             if own is not None:
                 record["grad_rel_err_own_direct"] = own
             records.append(record)
-            rows.append([n, adjoint, m["temp_bytes"] / MIB, m["step_s"] * 1e3, f"{errors[adjoint]:.2e}",
+            rows.append([n, label, m["temp_bytes"] / MIB, m["step_s"] * 1e3, f"{errors[label]:.2e}",
                          "" if own is None else f"{own:.2e}"])
             print(" | ".join(str(c) if not isinstance(c, float) else f"{c:.3f}" for c in rows[-1]), flush=True)
 
@@ -209,7 +225,7 @@ def main() -> None:
               f"{'met' if targets['reversible_time_ok'] else 'MISSED'})")
     write_json(out, {"benchmark": "memory", "machine": machine(), "args": vars(args),
                      "results": records, "targets": targets})
-    plot(records, args.sensitivities, args.plot or str(out).removesuffix(".json") + ".png", title)
+    plot(records, [label for label, _, _ in variants(args)], args.plot or str(out).removesuffix(".json") + ".png", title)
 
 
 if __name__ == "__main__":
