@@ -6,15 +6,15 @@ over the grid compiles once for any ``N`` and lets XLA fuse across the step. The
 is diffrax's: the same solver object, tableau and state.
 
 Reverse mode then differentiates the scan, i.e. the exact gradient of the discrete forward
-computation, with one of three memory policies:
+computation. The memory policy names what each step keeps for the backward pass:
 
-- ``store``: keep every step's intermediates (``ode.adjoint = "direct"``); fastest, memory
-  grows as ``N x`` (activations of one step);
-- ``recompute``: keep only the ``N`` states and recompute each step's intermediates once in
-  the backward pass (``ode.adjoint = "checkpoint"``); about 4/3 of the work of ``store``;
-- ``save_matmuls``: keep the states and the outputs of the matrix products (dots without
-  batch dimensions: the block's projections, not attention scores), recompute the
-  elementwise work and attention (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
+- ``everything``: every intermediate (``ode.adjoint = "direct"``); memory grows as
+  ``N x`` (activations of one step);
+- ``states``: only the ``N`` states; each step's intermediates are recomputed once in the
+  backward pass (``ode.adjoint = "checkpoint"``); about 4/3 of the work of ``everything``;
+- ``matmuls``: the states and the outputs of the matrix products (dots without batch
+  dimensions: the block's projections, not attention scores); the elementwise work and
+  attention are recomputed (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from ode_lm.ode.stepping import TERM, fixed_grid
 
 # jax.checkpoint policy of one step (None: no rematerialisation).
 MEMORY_POLICIES = {
-    "store": None,
-    "recompute": jax.checkpoint_policies.nothing_saveable,
-    "save_matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything": None,
+    "states": jax.checkpoint_policies.nothing_saveable,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 

@@ -5,12 +5,11 @@ sensitivity's:
 
 - ``checkpoint``: backpropagate through the solver's operations, recomputing what is not
   stored. Exact discrete gradient. Fixed steps keep the ``N`` states and recompute each
-  step's intermediates once (``fixed.py``, policy ``recompute``; with
-  ``ode.checkpoint_saves = "matmuls"`` it also keeps the matrix products' outputs, policy
-  ``save_matmuls``); adaptive solves recompute
+  step's intermediates once (``fixed.py``, policy ``ode.checkpoint_saves``: ``states``, or
+  ``matmuls``, which also keeps the matrix products' outputs); adaptive solves recompute
   from O(sqrt(max_steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``).
 - ``direct``: backpropagate through every step, storing everything (fixed steps: ``fixed.py``,
-  policy ``store``; adaptive: diffrax ``RecursiveCheckpointAdjoint`` with one checkpoint per
+  policy ``everything``; adaptive: diffrax ``RecursiveCheckpointAdjoint`` with one checkpoint per
   step). Exact discrete gradient; memory grows linearly with steps. (diffrax's
   ``DirectAdjoint`` runs a nested, checkpointed loop whose memory is nearly flat in the
   steps, so it is not the store-everything reference.)
@@ -73,12 +72,10 @@ def solve_by_backprop(policy: Callable[[ODEConfig], str], adjoint: Callable[[int
     return x1, SolveStats(spec.nfe(steps), steps, jnp.asarray(False))
 
 
-CHECKPOINT_POLICIES = {"states": "recompute", "matmuls": "save_matmuls"}  # by ode.checkpoint_saves
-
 SENSITIVITIES: dict[str, Solve] = {
-    "checkpoint": functools.partial(solve_by_backprop, lambda ode: CHECKPOINT_POLICIES[ode.checkpoint_saves],
+    "checkpoint": functools.partial(solve_by_backprop, lambda ode: ode.checkpoint_saves,
                                     lambda _: diffrax.RecursiveCheckpointAdjoint()),
-    "direct": functools.partial(solve_by_backprop, lambda _: "store", store_every_step),
+    "direct": functools.partial(solve_by_backprop, lambda _: "everything", store_every_step),
     "backsolve": functools.partial(solve_with_adjoint, lambda _: diffrax.BacksolveAdjoint()),
     "reversible": integrate_reversible,
 }

@@ -90,6 +90,8 @@ def agreed_signal(requested: int | None) -> int | None:
 def local_copy(tree):
     """``tree``'s arrays on this process's first device (for work one process does alone,
     e.g. the end-of-training sample); replicated arrays hold the whole value locally."""
+    if jax.process_count() == 1:  # every device is this process's already
+        return tree
     arrays, static = eqx.partition(tree, eqx.is_array)
     device = jax.local_devices()[0]
     local = jax.tree.map(lambda a: jax.device_put(np.asarray(a.addressable_data(0)), device), arrays)
