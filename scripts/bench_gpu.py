@@ -41,8 +41,8 @@ SIZES = {
 VOCAB = 256
 # Other settings of ours timed with --variants (the defaults: checkpoint keeping states, auto
 # attention, bfloat16).
-VARIANTS = [dict(adjoint="direct"), dict(checkpoint_saves="matmuls"), dict(attention="xla"),
-            dict(dtype="float32")]
+VARIANTS = {"direct": dict(adjoint="direct"), "matmuls": dict(checkpoint_saves="matmuls"),
+            "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32")}
 
 
 def peak_tflops(kind: str, override: float | None) -> float | None:
@@ -186,11 +186,12 @@ def main() -> None:
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint of ours")
     ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves of ours")
     ap.add_argument("--attention", default="auto", help="model.attention of ours")
-    ap.add_argument("--variants", action="store_true",
-                    help="also time ours under other adjoints / attention kernels / dtypes")
+    ap.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
+                    help="also time ours under these other settings (no names: all)")
     ap.add_argument("--out", default="docs/results/gpu.json")
     ap.add_argument("--markdown", default=None, help="also write the table as Markdown here")
     args = ap.parse_args()
+    variant_names = list(VARIANTS) if args.variants == [] else args.variants or []
 
     from ode_lm.config import FAMILIES
 
@@ -206,9 +207,10 @@ def main() -> None:
         t_std = (ours(size, "standard", args.repeats, args.adjoint, args.attention)
                  if "standard" in FAMILIES else None)
         variants = []
-        for variant in VARIANTS if args.variants else []:
+        for variant_name in variant_names:
+            variant = VARIANTS[variant_name]
             t = ours(size, "time_indexed", args.repeats, **variant)
-            variants.append({**variant, "ms": t * 1e3, "mfu": flops / t / (peak * 1e12) if peak else None})
+            variants.append({"name": variant_name, **variant, "ms": t * 1e3, "mfu": flops / t / (peak * 1e12) if peak else None})
             print(f"variant {name}: {variant}: {t * 1e3:.2f} ms/step")
         t_peer = None if args.no_peer else peer(size, args.repeats)
         mfu = flops / t_ours / (peak * 1e12) if peak else None

@@ -14,6 +14,7 @@ import collections
 import gzip
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -34,17 +35,19 @@ def group_of(kernel: str) -> str:
     return "other"
 
 
-def kernel_times(trace_dir: Path) -> collections.Counter:
-    """Total microseconds per GPU kernel name in the Perfetto trace under ``trace_dir``."""
+def kernel_times(trace_dir: Path) -> tuple[collections.Counter, int]:
+    """Total microseconds per GPU kernel name in the Perfetto trace under ``trace_dir``, and
+    the number of kernels."""
     trace = json.load(gzip.open(next(trace_dir.rglob("perfetto_trace.json.gz"))))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "/device:GPU" in e["args"].get("name", "")}
-    totals = collections.Counter()
+    totals, launches = collections.Counter(), 0
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
             totals[e["name"]] += e.get("dur", 0)
-    return totals
+            launches += 1
+    return totals, launches
 
 
 def main() -> None:
@@ -66,22 +69,27 @@ def main() -> None:
         jax.block_until_ready(step())
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            start = time.perf_counter()
             for _ in range(args.steps_profiled):
                 jax.block_until_ready(step())
-        totals = kernel_times(Path(tmp))
+            wall = (time.perf_counter() - start) / args.steps_profiled * 1e3  # ms, profiler on
+        totals, launches = kernel_times(Path(tmp))
     per_step = {k: v / args.steps_profiled / 1e3 for k, v in totals.items()}  # ms
     busy = sum(per_step.values())
     groups = collections.Counter()
     for k, ms in per_step.items():
         groups[group_of(k)] += ms
-    print(f"{machine()['device']}: GPU busy {busy:.2f} ms per step ({args.size})")
+    kernels = launches / args.steps_profiled
+    print(f"{machine()['device']}: GPU busy {busy:.2f} ms of {wall:.2f} ms per step ({args.size}), "
+          f"{kernels:.0f} kernels per step")
     print_table(["group", "ms/step", "share"], [[g, f"{ms:.2f}", f"{100 * ms / busy:.0f}%"]
                                                  for g, ms in groups.most_common()])
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     print_table(["kernel", "ms/step"], [[k[:90], f"{ms:.3f}"] for k, ms in top])
     write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size,
-                          **SIZES[args.size], "adjoint": args.adjoint, "checkpoint_saves": args.checkpoint_saves, "busy_ms": busy, "groups_ms": dict(groups),
-                          "top_kernels_ms": dict(top)})
+                          **SIZES[args.size], "adjoint": args.adjoint,
+                          "checkpoint_saves": args.checkpoint_saves, "busy_ms": busy, "wall_ms_profiled": wall,
+                          "kernels_per_step": kernels, "groups_ms": dict(groups), "top_kernels_ms": dict(top)})
 
 
 if __name__ == "__main__":

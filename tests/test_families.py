@@ -247,3 +247,44 @@ def test_float64_export_refuses_families_it_does_not_implement(family):
 
     with pytest.raises(ExportError, match="time_indexed family only"):
         export_model(small_model(family))
+
+
+def test_folded_layer_norm_and_gated_weight_equal_the_plain_formulas():
+    """``Linear(x_hat, gate, norm)`` is ``(x_hat * gamma + beta) (W * gate) + b``, and the
+    gradients through the custom gate rule equal those of the plain product (float64)."""
+    from ode_lm.nn import LayerNorm, Linear
+
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(0), 6)
+        lin = Linear(8, 12, key=k[0], std=0.5, dtype=jnp.float64)
+        lin = eqx.tree_at(lambda m: m.bias, lin, jax.random.normal(k[1], (12,), jnp.float64))
+        norm = LayerNorm(8, dtype=jnp.float64)
+        norm = eqx.tree_at(lambda n: (n.weight, n.bias), norm,
+                           (1 + jax.random.normal(k[2], (8,), jnp.float64), jax.random.normal(k[3], (8,), jnp.float64)))
+        x = jax.random.normal(k[4], (3, 5, 8), jnp.float64)
+        gate = jax.nn.sigmoid(jax.random.normal(k[5], (12,), jnp.float64))
+
+        def folded(lin, norm, gate):
+            return jnp.sum(jnp.sin(lin(norm.standardize(x), gate, norm)))
+
+        def plain(lin, norm, gate):
+            return jnp.sum(jnp.sin(norm(x) @ (lin.weight * gate) + lin.bias))
+
+        assert abs(folded(lin, norm, gate) - plain(lin, norm, gate)) < 1e-12
+        got, want = (jax.grad(f, argnums=(0, 1, 2))(lin, norm, gate) for f in (folded, plain))
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
+
+
+
+def test_gelu_gradient_equals_autodiff_of_the_tanh_form():
+    from ode_lm.nn.layers import gelu
+
+    with jax.enable_x64(True):
+        h = jnp.linspace(-6.0, 6.0, 1001, dtype=jnp.float64)
+        np.testing.assert_array_equal(gelu(h), jax.nn.gelu(h, approximate=True))
+        got = jax.vmap(jax.grad(gelu))(h)
+        want = jax.vmap(jax.grad(lambda x: jax.nn.gelu(x, approximate=True)))(h)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+    h16 = jnp.linspace(-3.0, 3.0, 64, dtype=jnp.bfloat16)
+    assert jax.grad(lambda h: gelu(h).astype(jnp.float32).sum())(h16).dtype == jnp.bfloat16

@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.nn.cache import KVCache
-from ode_lm.nn.layers import LayerNorm, Linear
+from ode_lm.nn.layers import LayerNorm, Linear, gelu
 
 
 class BlockGates(NamedTuple):
@@ -93,9 +93,11 @@ class Attention(eqx.Module):
             return "cudnn" if gpu and dtype in (jnp.bfloat16, jnp.float16) else None
         return None if self.implementation == "xla" else self.implementation
 
-    def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates) -> Float[Array, "batch seq dim"]:
+    def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates,
+                 norm: LayerNorm | None = None) -> Float[Array, "batch seq dim"]:
+        """Attention of ``norm(x)`` (``x`` standardised when ``norm`` is given)."""
         b, t, d = x.shape
-        q, k, v = self.qkv.split_call(x, gates.qkv, 3)
+        q, k, v = self.qkv.split_call(x, gates.qkv, 3, norm)
         shape = (b, t, self.heads, d // self.heads)
         if x.dtype == jnp.float64:
             out = causal_attention_exact(q.reshape(shape), k.reshape(shape), v.reshape(shape))
@@ -109,14 +111,15 @@ class Attention(eqx.Module):
         return KVCache.empty(slots, batch, self.heads, max_len, dim // self.heads, self.proj.weight.dtype)
 
     def extend(self, x: Float[Array, "batch chunk dim"], gates: BlockGates, cache: KVCache,
-               slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
+               slot: Int[Array, ""], start: Int[Array, ""], norm: LayerNorm | None = None
+               ) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
         """Attention of a chunk at positions ``start ...`` to itself and the cached prefix.
 
         Writes the chunk's keys/values into ``slot``; query ``start + i`` attends to cached
         positions ``<= start + i`` (the tail of the buffer is masked).
         """
         b, t, d = x.shape
-        q, k, v = self.qkv.split_call(x, gates.qkv, 3)
+        q, k, v = self.qkv.split_call(x, gates.qkv, 3, norm)
         shape = (b, t, self.heads, d // self.heads)
         cache = cache.write(slot, start, k.reshape(shape), v.reshape(shape))
         keys, values = cache.read(slot)
@@ -138,12 +141,18 @@ class MLP(eqx.Module):
         self.fc1 = Linear(dim, hidden, key=k1, std=std, dtype=dtype)
         self.fc2 = Linear(hidden, dim, key=k2, std=std, dtype=dtype)
 
-    def __call__(self, x: Float[Array, "... dim"], gates: BlockGates) -> Float[Array, "... dim"]:
-        return self.fc2(jax.nn.gelu(self.fc1(x, gates.fc1)), gates.fc2)
+    def __call__(self, x: Float[Array, "... dim"], gates: BlockGates,
+                 norm: LayerNorm | None = None) -> Float[Array, "... dim"]:
+        """The MLP of ``norm(x)`` (``x`` standardised when ``norm`` is given)."""
+        return self.fc2(gelu(self.fc1(x, gates.fc1, norm)), gates.fc2)
 
 
 class Block(eqx.Module):
-    """``f(x) = attn(LN_a(x)) + mlp(LN_m(x))``: the parallel pre-norm block as a derivative."""
+    """``f(x) = attn(LN_a(x)) + mlp(LN_m(x))``: the parallel pre-norm block as a derivative.
+
+    Both norms standardise the same ``x``, so it is standardised once and each norm's gain
+    and shift are folded into the weights of the products that follow (``Linear``).
+    """
 
     ln_attn: LayerNorm
     attn: Attention
@@ -160,8 +169,9 @@ class Block(eqx.Module):
 
     def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
                  dropout: DropoutMasks | None = None) -> Float[Array, "batch seq dim"]:
-        a = self.attn(self.ln_attn(x), gates)
-        m = self.mlp(self.ln_mlp(x), gates)
+        x_hat = self.ln_attn.standardize(x)  # ln_mlp has the same eps
+        a = self.attn(x_hat, gates, self.ln_attn)
+        m = self.mlp(x_hat, gates, self.ln_mlp)
         if dropout is not None:
             a, m = a * dropout.attn, m * dropout.mlp
         return a + m
@@ -169,5 +179,6 @@ class Block(eqx.Module):
     def extend(self, x: Float[Array, "batch chunk dim"], gates: BlockGates, cache: KVCache,
                slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
         """``f`` of a chunk of new positions, attending through ``cache`` slot ``slot``."""
-        a, cache = self.attn.extend(self.ln_attn(x), gates, cache, slot, start)
-        return a + self.mlp(self.ln_mlp(x), gates), cache
+        x_hat = self.ln_attn.standardize(x)
+        a, cache = self.attn.extend(x_hat, gates, cache, slot, start, self.ln_attn)
+        return a + self.mlp(x_hat, gates, self.ln_mlp), cache

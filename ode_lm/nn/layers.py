@@ -5,16 +5,73 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
+@jax.custom_vjp
+def gate_columns(weight: Float[Array, "fan_in fan_out"], gate: Float[Array, " fan_out"]
+                 ) -> Float[Array, "fan_in fan_out"]:
+    """``weight * gate``: column ``j`` (output feature ``j``) scaled by ``gate[j]``."""
+    return weight * gate
+
+
+def _gate_columns_fwd(weight, gate):
+    return weight * gate, (weight, gate)
+
+
+def _gate_columns_bwd(residuals, d_gated):
+    weight, gate = residuals
+    # d gate_j = sum_i d_gated_ij weight_ij, accumulated in at least float32 whatever a
+    # backend does with 16-bit sums. The barrier keeps XLA from fusing this
+    # column sum into the concatenation of all gates' gradients, where the GPU backend
+    # gives each column one thread (0.28 ms instead of ~0.02 ms per evaluation at dim 1024).
+    wide = jnp.promote_types(weight.dtype, jnp.float32)
+    d_gate = jax.lax.optimization_barrier(jnp.sum(d_gated.astype(wide) * weight.astype(wide), axis=0))
+    return d_gated * gate, d_gate.astype(gate.dtype)
+
+
+gate_columns.defvjp(_gate_columns_fwd, _gate_columns_bwd)
+
+
+@jax.custom_vjp
+def gelu(h: Float[Array, "..."]) -> Float[Array, "..."]:
+    """The tanh approximation of GELU, ``jax.nn.gelu(h, approximate=True)``.
+
+    Its derivative is written out, in the equal form ``gelu(h) = h sigmoid(2 z(h))`` with
+    ``z(h) = sqrt(2 / pi) (h + 0.044715 h^3)``, so the backward pass reads ``h`` and the
+    incoming gradient once; differentiating the tanh form made XLA store ``tanh(z)`` in a
+    pass of its own and read it back.
+    """
+    return jax.nn.gelu(h, approximate=True)
+
+
+def _gelu_fwd(h):
+    return gelu(h), h
+
+
+def _gelu_bwd(h, d_out):
+    c = float(np.sqrt(2 / np.pi))  # a Python float: keeps h's dtype
+    s = jax.nn.sigmoid(2 * c * (h + 0.044715 * h**3))
+    slope = s + h * s * (1 - s) * 2 * c * (1 + 3 * 0.044715 * h**2)
+    return ((d_out * slope).astype(h.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
 class Linear(eqx.Module):
-    """``y = x (W * gate) + b``.
+    """``y = x (W * gate) + b``, optionally after a layer norm's affine map folded in.
 
     ``gate`` scales output features: with ``gate = sigmoid(m(t))`` this is the time-modulated
     layer ``W_eff(t) = W * gate(t)`` (gate broadcast over the input axis). Gating the weight
     (``fan_in x fan_out`` products) rather than the output (``tokens x fan_out``) keeps a
     full pass over the activations out of every forward and backward evaluation.
+
+    ``norm``: the input is a standardised ``x_hat`` and the layer computes
+    ``(x_hat * gamma + beta) (W * gate) + b = x_hat W' + b'`` with
+    ``W' = diag(gamma) W diag(gate)`` and ``b' = beta (W diag(gate)) + b``: the norm's affine
+    map costs weight-sized work instead of two passes over the activations.
     """
 
     weight: Float[Array, "fan_in fan_out"]
@@ -25,25 +82,35 @@ class Linear(eqx.Module):
         self.weight = std * jax.random.normal(key, (fan_in, fan_out), dtype)
         self.bias = jnp.zeros((fan_out,), dtype) if bias else None
 
-    def __call__(self, x: Float[Array, "... fan_in"],
-                 gate: Float[Array, " fan_out"] | None = None) -> Float[Array, "... fan_out"]:
-        y = x @ self.effective_weight(gate)
-        return y if self.bias is None else y + self.bias
+    def __call__(self, x: Float[Array, "... fan_in"], gate: Float[Array, " fan_out"] | None = None,
+                 norm: LayerNorm | None = None) -> Float[Array, "... fan_out"]:
+        weight, bias = self.effective(gate, norm)
+        y = x @ weight
+        return y if bias is None else y + bias
 
-    def effective_weight(self, gate: Float[Array, " fan_out"] | None = None) -> Float[Array, "fan_in fan_out"]:
-        return self.weight if gate is None else self.weight * gate
+    def effective(self, gate: Float[Array, " fan_out"] | None = None, norm: LayerNorm | None = None
+                  ) -> tuple[Float[Array, "fan_in fan_out"], Float[Array, " fan_out"] | None]:
+        """``(W', b')`` with ``layer(x) = x W' + b'`` (see the class docstring)."""
+        weight = self.weight if gate is None else gate_columns(self.weight, gate)
+        bias = self.bias
+        if norm is not None:
+            shift = norm.bias @ weight
+            bias = shift if bias is None else bias + shift
+            weight = norm.weight[:, None] * weight
+        return weight, bias
 
     def split_call(self, x: Float[Array, "... fan_in"], gate: Float[Array, " fan_out"] | None,
-                   parts: int) -> tuple[Float[Array, "... part"], ...]:
-        """``jnp.split(self(x, gate), parts, -1)``, computed as ``parts`` products.
+                   parts: int, norm: LayerNorm | None = None) -> tuple[Float[Array, "... part"], ...]:
+        """``jnp.split(self(x, gate, norm), parts, -1)``, computed as ``parts`` products.
 
         Splitting the weight instead of the output avoids slicing the activations in the
         forward pass and concatenating their gradients in the backward pass.
         """
-        weights = jnp.split(self.effective_weight(gate), parts, axis=1)
-        if self.bias is None:
+        weight, bias = self.effective(gate, norm)
+        weights = jnp.split(weight, parts, axis=1)
+        if bias is None:
             return tuple(x @ w for w in weights)
-        return tuple(x @ w + b for w, b in zip(weights, jnp.split(self.bias, parts)))
+        return tuple(x @ w + b for w, b in zip(weights, jnp.split(bias, parts)))
 
 
 class LayerNorm(eqx.Module):
@@ -56,10 +123,13 @@ class LayerNorm(eqx.Module):
         self.bias = jnp.zeros((dim,), dtype)
         self.eps = eps
 
-    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+    def standardize(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        """``(x - mean) / sqrt(var + eps)`` over the last axis, without the affine map."""
         # Statistics in at least float32: bf16 variances are too coarse.
         x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
         mean = x32.mean(-1, keepdims=True)
         var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
-        return y * self.weight + self.bias
+        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        return self.standardize(x) * self.weight + self.bias
