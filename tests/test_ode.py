@@ -165,6 +165,30 @@ def test_checkpoint_saves_trades_memory_for_recomputation():
     assert states + saved / 2 <= matmuls < direct / 2, (states, matmuls, direct)
 
 
+
+def test_checkpoint_saves_matmuls_keeps_the_fused_attention_output(monkeypatch):
+    """With ``matmuls`` the backward pass reads cuDNN attention's saved output instead of
+    running its forward kernel again. Traced here with JAX's cuDNN version checks
+    stubbed (the CPU has no cuDNN); nothing is compiled or run."""
+    import jax._src.cudnn.fused_attention_stablehlo as fused
+
+    from ode_lm.ode.fixed import MEMORY_POLICIES
+
+    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
+    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
+    q = jnp.zeros((2, 128, 4, 64), jnp.bfloat16)
+
+    def loss(q):
+        out = jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn")
+        return jnp.sin(out.astype(jnp.float32)).sum()
+
+    def forward_kernels(policy):
+        jaxpr = str(jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=MEMORY_POLICIES[policy])))(q))
+        return jaxpr.count("dot_product_attention_fwd")
+
+    assert forward_kernels("states") == 2
+    assert forward_kernels("matmuls") == 1
+
 def test_causality():
     model = tiny_model()
     tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, 32)

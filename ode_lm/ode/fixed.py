@@ -12,9 +12,11 @@ computation. The memory policy names what each step keeps for the backward pass:
   ``N x`` (activations of one step);
 - ``states``: only the ``N`` states; each step's intermediates are recomputed once in the
   backward pass (``ode.adjoint = "checkpoint"``); about 4/3 of the work of ``everything``;
-- ``matmuls``: the states and the outputs of the matrix products (dots without batch
-  dimensions: the block's projections, not attention scores); the elementwise work and
-  attention are recomputed (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
+- ``matmuls``: the states, the outputs of the matrix products (dots without batch
+  dimensions: the block's projections) and of the fused attention kernel (cuDNN's output
+  and softmax statistics on a GPU); the elementwise work is recomputed, and attention
+  too where it runs as plain XLA ops (``checkpoint`` with
+  ``ode.checkpoint_saves = "matmuls"``).
 """
 
 from __future__ import annotations
@@ -27,11 +29,22 @@ from jaxtyping import Array, Float
 from ode_lm.ode.field import VectorField
 from ode_lm.ode.stepping import TERM, fixed_grid
 
+# JAX's primitives of the fused (cuDNN) attention forward pass: their outputs are what the
+# kernel's backward pass reads, so keeping them saves running the forward kernel again.
+FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"})
+
+
+def matmuls_saveable(prim, *args, **params) -> bool:
+    """Checkpoint policy: keep the block's matrix products and fused attention's outputs."""
+    return (prim.name in FUSED_ATTENTION_FORWARD
+            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 # jax.checkpoint policy of one step (None: no rematerialisation).
 MEMORY_POLICIES = {
     "everything": None,
     "states": jax.checkpoint_policies.nothing_saveable,
-    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "matmuls": matmuls_saveable,
 }
 
 
