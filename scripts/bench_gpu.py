@@ -41,7 +41,8 @@ SIZES = {
 VOCAB = 256
 # Other settings of ours timed with --variants (the defaults: checkpoint keeping states, auto
 # attention, bfloat16).
-VARIANTS = {"direct": dict(adjoint="direct"), "matmuls": dict(checkpoint_saves="matmuls"),
+VARIANTS = {"direct": dict(adjoint="direct"), "states": dict(checkpoint_saves="states"),
+            "matmuls": dict(checkpoint_saves="matmuls"),
             "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32")}
 
 
