@@ -184,6 +184,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 peak")
     ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch + torchdiffeq peer")
+    ap.add_argument("--no-standard", action="store_true", help="skip the discrete baseline")
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint of ours")
     ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves of ours")
     ap.add_argument("--attention", default="auto", help="model.attention of ours")
@@ -206,7 +207,7 @@ def main() -> None:
         t_ours = ours(size, "time_indexed", args.repeats, args.adjoint, args.attention,
                       checkpoint_saves=args.checkpoint_saves)
         t_std = (ours(size, "standard", args.repeats, args.adjoint, args.attention)
-                 if "standard" in FAMILIES else None)
+                 if "standard" in FAMILIES and not args.no_standard else None)
         variants = []
         for variant_name in variant_names:
             variant = VARIANTS[variant_name]
