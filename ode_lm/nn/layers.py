@@ -23,9 +23,9 @@ def _gate_columns_fwd(weight, gate):
 def _gate_columns_bwd(residuals, d_gated):
     weight, gate = residuals
     # d gate_j = sum_i d_gated_ij weight_ij, accumulated in at least float32 whatever a
-    # backend does with 16-bit sums. The barrier keeps XLA from fusing this
-    # column sum into the concatenation of all gates' gradients, where the GPU backend
-    # gives each column one thread (0.28 ms instead of ~0.02 ms per evaluation at dim 1024).
+    # backend does with 16-bit sums. The barrier keeps XLA from fusing this column sum into
+    # the concatenation of all gates' gradients, where the GPU backend gives each column one
+    # thread (3.4 ms of a 12-step training step at dim 1024 on an H200; under 0.2 ms now).
     wide = jnp.promote_types(weight.dtype, jnp.float32)
     d_gate = jax.lax.optimization_barrier(jnp.sum(d_gated.astype(wide) * weight.astype(wide), axis=0))
     return d_gated * gate, d_gate.astype(gate.dtype)

@@ -6,7 +6,8 @@ sensitivity's:
 - ``checkpoint``: backpropagate through the solver's operations, recomputing what is not
   stored. Exact discrete gradient. Fixed steps keep the ``N`` states and recompute each
   step's intermediates once (``fixed.py``, policy ``ode.checkpoint_saves``: ``states``, or
-  ``matmuls``, which also keeps the matrix products' outputs); adaptive solves recompute
+  ``matmuls``, which also keeps the matrix products' and fused attention's outputs);
+  adaptive solves recompute
   from O(sqrt(max_steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``).
 - ``direct``: backpropagate through every step, storing everything (fixed steps: ``fixed.py``,
   policy ``everything``; adaptive: diffrax ``RecursiveCheckpointAdjoint`` with one checkpoint per
