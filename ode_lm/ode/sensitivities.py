@@ -7,8 +7,8 @@ sensitivity's:
   stored. Exact discrete gradient. Fixed steps keep the ``N`` states and recompute each
   step's intermediates once (``fixed.py``, policy ``ode.checkpoint_saves``: ``states``, or
   ``matmuls``, which also keeps the matrix products' and fused attention's outputs);
-  adaptive solves recompute
-  from O(sqrt(max_steps)) checkpoints (diffrax ``RecursiveCheckpointAdjoint``).
+  adaptive solves recompute from O(sqrt(max_steps)) checkpoints (diffrax
+  ``RecursiveCheckpointAdjoint``).
 - ``direct``: backpropagate through every step, storing everything (fixed steps: ``fixed.py``,
   policy ``everything``; adaptive: diffrax ``RecursiveCheckpointAdjoint`` with one checkpoint per
   step). Exact discrete gradient; memory grows linearly with steps. (diffrax's
