@@ -210,6 +210,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
 
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (cfg.log.progress and lead),
                desc=cfg.train.run_name, unit="step", dynamic_ncols=True)
+    # Lines printed above the progress bar, by the lead only (like ``say``).
+    bar_say = bar.write if lead else lambda message, file=None: None
     loss = float("nan")
     evaluation = None
     window_start, window_tokens = None, 0
@@ -248,9 +250,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                                         "train.on_nonfinite = \"skip\". Last good checkpoint: "
                                         f"{last_good or 'none'}")
                 skipped += 1
-                if lead:
-                    bar.write(f"warning: step {done}: non-finite {what}; update skipped "
-                              f"({skipped} so far)", file=sys.stderr)
+                bar_say(f"warning: step {done}: non-finite {what}; update skipped "
+                        f"({skipped} so far)", file=sys.stderr)
             # Throughput excludes the first step of a session, which includes compilation.
             if window_start is None:
                 window_start = time.perf_counter()
@@ -272,9 +273,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                 log.write("val", done, {"loss": evaluation.loss, "bits_per_byte": evaluation.bits_per_byte,
                                         "perplexity": evaluation.perplexity, "nfe": evaluation.nfe,
                                         "train_s": train_s})
-                if lead:
-                    bar.write(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
-                              f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
+                bar_say(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
+                        f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
                 checkpoint(done)
             stop = agreed_signal(interrupts.requested)
