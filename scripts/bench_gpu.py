@@ -22,6 +22,7 @@ recomputation by checkpointing is not counted.
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
@@ -39,11 +40,15 @@ SIZES = {
     "large": dict(dim=1024, heads=16, steps=12, seq=1024, batch=16),
 }
 VOCAB = 256
-# Other settings of ours timed with --variants (the defaults: checkpoint keeping states, auto
-# attention, bfloat16).
+# Other settings of ours timed with --variants, each applied on top of the run's own
+# --adjoint / --attention / --checkpoint-saves (bfloat16 unless the variant says otherwise).
 VARIANTS = {"direct": dict(adjoint="direct"), "states": dict(checkpoint_saves="states"),
             "matmuls": dict(checkpoint_saves="matmuls"),
-            "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32")}
+            "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32"),
+            # XLA's own defaults, dot merger included (ode-lm's train step turns the merger
+            # off: steps.py). No options at all: passing the merger's documented default
+            # (32 MB) compiled the same products as turning it off (jax 0.11.2, H200).
+            "xla_defaults": dict(compiler_options={})}
 
 
 def peak_tflops(kind: str, override: float | None) -> float | None:
@@ -72,7 +77,8 @@ def time_steps(step, repeats: int, warmup: int, sync) -> float:
 
 
 def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
-                    dtype: str = "bfloat16", checkpoint_saves: str = "states"):
+                    dtype: str = "bfloat16", checkpoint_saves: str = "states",
+                    compiler_options: dict | None = None):
     """ode-lm's real jitted train step (forward, backward, AdamW) on random tokens, as a
     zero-argument callable that returns the loss."""
     from ode_lm.config import config_from_dict
@@ -88,7 +94,7 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
                             "data": {"seq_len": size["seq"]},
                             "train": {"batch_size": size["batch"], "dtype": dtype}})
     model, optimizer, opt_state = init_state(cfg, VOCAB)
-    step_fn = TrainStep(optimizer, cfg.ode, compute_dtype(cfg))
+    step_fn = TrainStep(optimizer, cfg.ode, compute_dtype(cfg), compiler_options)
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.integers(0, VOCAB, (size["batch"], size["seq"]), dtype=np.int32))
     y = jax.device_put(rng.integers(0, VOCAB, (size["batch"], size["seq"]), dtype=np.int32))
@@ -105,10 +111,13 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
 
 
 def ours(size: dict, family: str, repeats: int, adjoint: str = "checkpoint", attention: str = "auto",
-         dtype: str = "bfloat16", checkpoint_saves: str = "states") -> float:
-    step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves)
+         dtype: str = "bfloat16", checkpoint_saves: str = "states", compiler_options: dict | None = None) -> float:
+    step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves, compiler_options)
     seconds = time_steps(step, repeats, 3, jax.block_until_ready)
     assert step.traces() == 1, "the train step must compile once"
+    del step  # each configuration starts from freed device memory and empty caches
+    gc.collect()
+    jax.clear_caches()
     return seconds
 
 
@@ -210,11 +219,17 @@ def main() -> None:
                  if "standard" in FAMILIES and not args.no_standard else None)
         variants = []
         for variant_name in variant_names:
-            variant = VARIANTS[variant_name]
-            t = ours(size, "time_indexed", args.repeats, **variant)
+            variant = VARIANTS[variant_name]  # on top of this run's settings of ours
+            settings = dict(adjoint=args.adjoint, attention=args.attention,
+                            checkpoint_saves=args.checkpoint_saves) | variant
+            t = ours(size, "time_indexed", args.repeats, **settings)
             variants.append({"name": variant_name, **variant, "ms": t * 1e3, "mfu": flops / t / (peak * 1e12) if peak else None})
             print(f"variant {name}: {variant}: {t * 1e3:.2f} ms/step")
         t_peer = None if args.no_peer else peer(size, args.repeats)
+        if t_peer is not None:
+            import torch
+            gc.collect()
+            torch.cuda.empty_cache()  # give the peer's cached blocks back before ours runs again
         mfu = flops / t_ours / (peak * 1e12) if peak else None
         rec = {"size": name, **size, "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12,
                "ours_ms": t_ours * 1e3, "ours_tokens_per_s": tokens / t_ours, "ours_mfu": mfu,

@@ -12,6 +12,14 @@ from ode_lm.config import ODEConfig
 from ode_lm.models import LanguageModel
 from ode_lm.train.precision import cast_floating
 
+# XLA options of the compiled training step. XLA's dot merger joins matrix products that
+# share an operand into one product over concatenated operands. In the block's backward pass
+# that made Triton GEMMs whose prologue concatenates activations (3.2 ms each of the large
+# benchmark step). With the merger off, that step on an H200 took 44.3-44.9 ms against
+# 46.2-46.7 ms with XLA's defaults (one process, the two alternating three times; the
+# bench_gpu.py variant "xla_defaults"). Only GPU compilers read the option.
+TRAIN_STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
 
 def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
                   ode: ODEConfig, key: PRNGKeyArray | None, dtype=None):
@@ -38,9 +46,13 @@ class TrainStep:
     costs no recompilation); ``metrics["finite"]`` tells the trainer which happened.
     """
 
-    def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig, dtype=None):
+    def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig, dtype=None,
+                 compiler_options: dict[str, str | int | bool] | None = None):
+        """``compiler_options``: XLA options of the compiled step (default
+        ``TRAIN_STEP_COMPILER_OPTIONS``)."""
         self.optimizer, self.ode, self.dtype, self.traces = optimizer, ode, dtype, 0
-        self._jitted = eqx.filter_jit(self._step)
+        options = TRAIN_STEP_COMPILER_OPTIONS if compiler_options is None else compiler_options
+        self._jitted = eqx.filter_jit(self._step, compiler_options=options)
 
     def _step(self, model, opt_state, inputs, targets, key):
         self.traces += 1
