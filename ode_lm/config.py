@@ -87,9 +87,10 @@ class ODEConfig:
     adjoint: str = knob("checkpoint", choices=ADJOINTS, doc="sensitivity (gradient) method")
     checkpoint_saves: str = knob("states", choices=CHECKPOINT_SAVES,
                                  doc="adjoint \"checkpoint\" on fixed steps keeps each step's state and "
-                                     "recomputes the rest ('states'), or also keeps the matrix "
-                                     "products' and fused attention's outputs, recomputing only "
-                                     "elementwise work ('matmuls': more memory, less recomputation)")
+                                     "recomputes the rest ('states'), or keeps the matrix products', "
+                                     "fused attention's and the standardisation's outputs instead, "
+                                     "recomputing only elementwise work ('matmuls': more memory, "
+                                     "less recomputation)")
     reversible: bool = knob(False, doc="alias: true selects adjoint = \"reversible\"")
     reversible_coupling: float = knob(0.999, gt=0.0, le=1.0,
                                       doc="coupling lambda of the reversible scheme; < 1 damps its "

@@ -277,6 +277,24 @@ def test_folded_layer_norm_and_gated_weight_equal_the_plain_formulas():
 
 
 
+def test_standardize_gradient_equals_autodiff_of_the_plain_formula():
+    from ode_lm.nn.layers import standardize
+
+    def plain(x):
+        mean = x.mean(-1, keepdims=True)
+        return (x - mean) / jnp.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(0), (3, 5, 16), jnp.float64) * 3 + 1
+        w = jax.random.normal(jax.random.key(1), (3, 5, 16), jnp.float64)
+        np.testing.assert_allclose(standardize(x, 1e-5), plain(x), rtol=1e-13, atol=1e-13)
+        got = jax.grad(lambda x: (jnp.sin(standardize(x, 1e-5)) * w).sum())(x)
+        want = jax.grad(lambda x: (jnp.sin(plain(x)) * w).sum())(x)
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
+    x16 = jnp.ones((2, 8), jnp.bfloat16).at[:, 0].set(3)
+    assert jax.grad(lambda x: standardize(x, 1e-5).astype(jnp.float32).sum())(x16).dtype == jnp.bfloat16
+
+
 def test_gelu_gradient_equals_autodiff_of_the_tanh_form():
     from ode_lm.nn.layers import gelu
 

@@ -189,6 +189,40 @@ def test_checkpoint_saves_matmuls_keeps_the_fused_attention_output(monkeypatch):
     assert forward_kernels("states") == 2
     assert forward_kernels("matmuls") == 1
 
+
+def _forward_scan_residuals(jaxpr) -> list[str]:
+    """Shapes of what the forward scans of a gradient's jaxpr stack for the backward pass."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan" and not eqn.params["reverse"]:
+            found += [str(v.aval) for v in eqn.outvars[eqn.params["num_carry"]:]]
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                found += _forward_scan_residuals(inner)
+    return found
+
+
+def test_checkpoint_saves_matmuls_keeps_the_standardised_input_not_the_state():
+    """Mixed precision: under ``matmuls`` each step keeps the block's bf16 standardised input
+    and its per-token statistics, not the float32 state it was computed from."""
+    from ode_lm.train.precision import cast_floating
+
+    model = cast_floating(tiny_model(), jnp.bfloat16)
+    tokens = jnp.zeros((2, 12), jnp.int32)
+
+    def residuals(saves):
+        def loss(m):
+            logits, _ = m(tokens, ODEConfig(solver="euler", steps=3, checkpoint_saves=saves))
+            return logits.astype(jnp.float32).mean()
+        return _forward_scan_residuals(jax.make_jaxpr(eqx.filter_grad(loss))(model).jaxpr)
+
+    state, standardized, statistics = "float32[3,2,12,16]", "bfloat16[3,2,12,16]", "float32[3,2,12,1]"
+    assert state in residuals("states")
+    kept = residuals("matmuls")
+    assert state not in kept and standardized in kept and statistics in kept, kept
+
+
 def test_causality():
     model = tiny_model()
     tokens = jax.random.randint(jax.random.key(3), (1, 12), 0, 32)

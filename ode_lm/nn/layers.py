@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
@@ -113,6 +116,43 @@ class Linear(eqx.Module):
         return tuple(x @ w + b for w, b in zip(weights, jnp.split(bias, parts)))
 
 
+# checkpoint_name of a standardisation's output and its reciprocal deviation: with them kept,
+# the backward pass needs neither the norm's input nor a pass recomputing its statistics.
+STANDARDIZED = "standardized"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def standardize(x: Float[Array, "... dim"], eps: float) -> Float[Array, "... dim"]:
+    """``x_hat = (x - mean) / sqrt(var + eps)`` over the last axis, in ``x``'s dtype.
+
+    Statistics in at least float32 (bf16 variances are too coarse). The gradient is written
+    in terms of the output, ``dx = r (g - mean(g) - x_hat mean(g x_hat))`` with
+    ``r = 1 / sqrt(var + eps)``, so a backward pass reads ``x_hat`` and ``r`` (named
+    ``STANDARDIZED`` for checkpoint policies) instead of recomputing them from ``x``.
+    """
+    return _standardize_fwd(x, eps)[0]
+
+
+def _standardize_fwd(x, eps):
+    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    mean = x32.mean(-1, keepdims=True)
+    rstd = checkpoint_name(jax.lax.rsqrt(((x32 - mean) ** 2).mean(-1, keepdims=True) + eps), STANDARDIZED)
+    # The output is the residual itself: the products that read x_hat and this gradient then
+    # share one kept value.
+    x_hat = checkpoint_name(((x32 - mean) * rstd).astype(x.dtype), STANDARDIZED)
+    return x_hat, (x_hat, rstd)
+
+
+def _standardize_bwd(eps, residuals, g):
+    x_hat, rstd = residuals
+    g32, x_hat32 = g.astype(rstd.dtype), x_hat.astype(rstd.dtype)
+    dx = rstd * (g32 - g32.mean(-1, keepdims=True) - x_hat32 * (g32 * x_hat32).mean(-1, keepdims=True))
+    return (dx.astype(x_hat.dtype),)
+
+
+standardize.defvjp(_standardize_fwd, _standardize_bwd)
+
+
 class LayerNorm(eqx.Module):
     weight: Float[Array, " dim"]
     bias: Float[Array, " dim"]
@@ -125,11 +165,7 @@ class LayerNorm(eqx.Module):
 
     def standardize(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
         """``(x - mean) / sqrt(var + eps)`` over the last axis, without the affine map."""
-        # Statistics in at least float32: bf16 variances are too coarse.
-        x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-        mean = x32.mean(-1, keepdims=True)
-        var = ((x32 - mean) ** 2).mean(-1, keepdims=True)
-        return ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return standardize(x, self.eps)
 
     def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
         return self.standardize(x) * self.weight + self.bias

@@ -12,11 +12,12 @@ computation. The memory policy names what each step keeps for the backward pass:
   ``N x`` (activations of one step);
 - ``states``: only the ``N`` states; each step's intermediates are recomputed once in the
   backward pass (``ode.adjoint = "checkpoint"``); about 4/3 of the work of ``everything``;
-- ``matmuls``: the states, the outputs of the matrix products (dots without batch
-  dimensions: the block's projections) and of the fused attention kernel (cuDNN's output
-  and softmax statistics on a GPU); the elementwise work is recomputed, and attention
-  too where it runs as plain XLA ops (``checkpoint`` with
-  ``ode.checkpoint_saves = "matmuls"``).
+- ``matmuls``: the outputs of the matrix products (dots without batch dimensions: the
+  block's projections), of the fused attention kernel (cuDNN's output and softmax
+  statistics on a GPU) and of the block's standardisation with its per-token statistics
+  (``layers.standardize``), from which the backward pass needs no state at all; the
+  elementwise work is recomputed, and attention too where it runs as plain XLA ops
+  (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from ode_lm.nn.layers import STANDARDIZED
 from ode_lm.ode.field import VectorField
 from ode_lm.ode.stepping import TERM, fixed_grid
 
@@ -34,9 +36,13 @@ from ode_lm.ode.stepping import TERM, fixed_grid
 FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"})
 
 
+_standardized = jax.checkpoint_policies.save_only_these_names(STANDARDIZED)
+
+
 def matmuls_saveable(prim, *args, **params) -> bool:
-    """Checkpoint policy: keep the block's matrix products and fused attention's outputs."""
-    return (prim.name in FUSED_ATTENTION_FORWARD
+    """Checkpoint policy: keep the block's matrix products, fused attention's outputs and the
+    standardised input with its statistics."""
+    return (prim.name in FUSED_ATTENTION_FORWARD or _standardized(prim, *args, **params)
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
