@@ -276,7 +276,6 @@ def test_folded_layer_norm_and_gated_weight_equal_the_plain_formulas():
             np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
 
 
-
 def test_standardize_gradient_equals_autodiff_of_the_plain_formula():
     from ode_lm.nn.layers import standardize
 
