@@ -135,11 +135,11 @@ def standardize(x: Float[Array, "... dim"], eps: float) -> Float[Array, "... dim
 
 def _standardize_fwd(x, eps):
     x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    mean = x32.mean(-1, keepdims=True)
-    rstd = checkpoint_name(jax.lax.rsqrt(((x32 - mean) ** 2).mean(-1, keepdims=True) + eps), STANDARDIZED)
+    centered = x32 - x32.mean(-1, keepdims=True)
+    rstd = checkpoint_name(jax.lax.rsqrt((centered**2).mean(-1, keepdims=True) + eps), STANDARDIZED)
     # The output is the residual itself: the products that read x_hat and this gradient then
     # share one kept value.
-    x_hat = checkpoint_name(((x32 - mean) * rstd).astype(x.dtype), STANDARDIZED)
+    x_hat = checkpoint_name((centered * rstd).astype(x.dtype), STANDARDIZED)
     return x_hat, (x_hat, rstd)
 
 
