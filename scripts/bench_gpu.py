@@ -48,7 +48,9 @@ VARIANTS = {"direct": dict(adjoint="direct"), "states": dict(checkpoint_saves="s
             # XLA's own defaults, dot merger included (ode-lm's train step turns the merger
             # off: steps.py). No options at all: passing the merger's documented default
             # (32 MB) compiled the same products as turning it off (jax 0.11.2, H200).
-            "xla_defaults": dict(compiler_options={})}
+            "xla_defaults": dict(compiler_options={}),
+            # ode-lm's options less one: the scan's residual stacks zero-filled again.
+            "stack_zero_fill": dict(compiler_options={"xla_gpu_dot_merger_threshold_mb": 0})}
 
 
 def peak_tflops(kind: str, override: float | None) -> float | None:

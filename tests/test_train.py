@@ -104,6 +104,32 @@ def test_train_step_compiles_once(tiny):
     assert step.traces == 1
 
 
+def test_compiler_options_leave_the_train_step_unchanged(tiny):
+    """The train step's XLA options (steps.TRAIN_STEP_COMPILER_OPTIONS: on a GPU no dot merger
+    and no zero-fill of the scan's residual stacks) change how the step compiles, not what it
+    computes: three steps give the losses and parameters of XLA's defaults."""
+    import equinox as eqx
+
+    from ode_lm.train.steps import TrainStep
+    from ode_lm.train.trainer import init_state
+
+    cfg = tiny(**{"ode.steps": 4, "ode.checkpoint_saves": "matmuls"})
+    tokens = jax.random.randint(jax.random.key(0), (3, 4, 17), 0, 256)
+
+    def run(compiler_options):
+        model, optimizer, opt_state = init_state(cfg, 256)
+        step, losses = TrainStep(optimizer, cfg.ode, compiler_options=compiler_options), []
+        for i, batch in enumerate(tokens):
+            model, opt_state, metrics = step(model, opt_state, batch[:, :-1], batch[:, 1:], jax.random.key(i))
+            losses.append(float(metrics["loss"]))
+        return losses, eqx.filter(model, eqx.is_inexact_array)
+
+    (tuned_losses, tuned), (default_losses, default) = run(None), run({})
+    np.testing.assert_allclose(tuned_losses, default_losses, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(default)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_cli_train_then_generate(tmp_path, tiny):
     cfg = tiny(**{"train.steps": 12})
     path = tmp_path / "tiny.toml"

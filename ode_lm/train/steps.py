@@ -12,13 +12,17 @@ from ode_lm.config import ODEConfig
 from ode_lm.models import LanguageModel
 from ode_lm.train.precision import cast_floating
 
-# XLA options of the compiled training step. XLA's dot merger joins matrix products that
-# share an operand into one product over concatenated operands. In the block's backward pass
-# that made Triton GEMMs whose prologue concatenates activations (3.2 ms each of the large
-# benchmark step). With the merger off, that step on an H200 took 44.3-44.9 ms against
-# 46.2-46.7 ms with XLA's defaults (one process, the two alternating three times; the
-# bench_gpu.py variant "xla_defaults"). Only GPU compilers read the option.
-TRAIN_STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+# XLA options of the compiled training step; only GPU compilers read them.
+# - dot merger off: the merger joins matrix products that share an operand into one product
+#   over concatenated operands; in the block's backward pass that made Triton GEMMs whose
+#   prologue concatenates activations (3.2 ms each of the large benchmark step). With it off
+#   that step on an H200 took 44.3-44.9 ms against 46.2-46.7 ms (one process, alternating
+#   three times; bench_gpu.py's variant "xla_defaults").
+# - no zero-fill of the buffers a scan stacks its steps' residuals in: every slot of them is
+#   written before it is read (XLA proves it per loop), yet they were filled with zeros first
+#   (1.5 ms of the large step). 43.0-43.9 ms against 44.2-44.7 ms (H200, alternating twice).
+TRAIN_STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0,
+                               "xla_gpu_enable_dus_accumulator_zero_init_elimination": True}
 
 
 def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
