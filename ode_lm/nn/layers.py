@@ -41,10 +41,11 @@ gate_columns.defvjp(_gate_columns_fwd, _gate_columns_bwd)
 def gelu(h: Float[Array, "..."]) -> Float[Array, "..."]:
     """The tanh approximation of GELU, ``jax.nn.gelu(h, approximate=True)``.
 
-    Its derivative is written out, in the equal form ``gelu(h) = h sigmoid(2 z(h))`` with
-    ``z(h) = sqrt(2 / pi) (h + 0.044715 h^3)``, so the backward pass reads ``h`` and the
-    incoming gradient once; differentiating the tanh form made XLA store ``tanh(z)`` in a
-    pass of its own and read it back.
+    Its derivative is written out, ``0.5 (1 + t) + 0.5 h (1 - t^2) z'(h)`` with
+    ``t = tanh(z(h))`` and ``z(h) = sqrt(2 / pi) (h + 0.044715 h^3)``, so the backward pass
+    reads ``h`` and the incoming gradient once and shares ``t`` with the ``gelu(h)`` it
+    recomputes for the next layer's weight gradient; differentiating the forward formula
+    made XLA store ``tanh(z)`` in a pass of its own and read it back.
     """
     return jax.nn.gelu(h, approximate=True)
 
@@ -55,9 +56,11 @@ def _gelu_fwd(h):
 
 def _gelu_bwd(h, d_out):
     c = float(np.sqrt(2 / np.pi))  # a Python float: keeps h's dtype
-    s = jax.nn.sigmoid(2 * c * (h + 0.044715 * h**3))
-    slope = s + h * s * (1 - s) * 2 * c * (1 + 3 * 0.044715 * h**2)
-    return ((d_out * slope).astype(h.dtype),)
+    t = jnp.tanh(c * (h + 0.044715 * (h**3)))  # z as jax.nn.gelu writes it: one tanh for both
+    slope = 0.5 * (1 + t) + 0.5 * h * (1 - t * t) * c * (1 + 3 * 0.044715 * h**2)
+    # The barrier keeps the bias gradient's column sum out of this elementwise pass: fused,
+    # the GPU backend ran the pass at the pace of a column reduction.
+    return (jax.lax.optimization_barrier((d_out * slope).astype(h.dtype)),)
 
 
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
