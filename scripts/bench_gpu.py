@@ -42,7 +42,8 @@ SIZES = {
 VOCAB = 256
 # Other settings of ours timed with --variants, each applied on top of the run's own
 # --adjoint / --attention / --checkpoint-saves (bfloat16 unless the variant says otherwise).
-VARIANTS = {"direct": dict(adjoint="direct"), "states": dict(checkpoint_saves="states"),
+VARIANTS = {"direct": dict(adjoint="direct", checkpoint_saves="states"),  # stores everything
+            "states": dict(checkpoint_saves="states"),
             "matmuls": dict(checkpoint_saves="matmuls"),
             "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32"),
             # XLA's own defaults, dot merger included (ode-lm's train step turns the merger
@@ -189,6 +190,18 @@ def peer(size: dict, repeats: int) -> float:
     return time_steps(step, repeats, 3, lambda _: torch.cuda.synchronize())
 
 
+def machine_versions(info: dict) -> dict:
+    """``info`` with the peer's torch, CUDA and torchdiffeq versions where installed."""
+    versions = dict(info)
+    try:
+        import torch
+        import torchdiffeq
+        versions.update(torch=torch.__version__, cuda=torch.version.cuda, torchdiffeq=torchdiffeq.__version__)
+    except ImportError:
+        pass
+    return versions
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
@@ -239,6 +252,9 @@ def main() -> None:
                "standard_ms": t_std and t_std * 1e3, "ode_overhead_vs_standard": t_std and t_ours / t_std - 1,
                "variants": variants}
         records.append(rec)
+        # Written after every size: a run cut short keeps what it measured.
+        write_json(args.out, {"benchmark": "gpu_train_step", "machine": machine_versions(info),
+                              "peak_bf16_tflops": peak, "results": records})
         rows.append([name, f"{rec['ours_ms']:.2f}", f"{rec['ours_tokens_per_s']:,.0f}",
                      "n/a" if mfu is None else f"{100 * mfu:.1f}%",
                      "n/a" if t_peer is None else f"{rec['peer_ms']:.2f}",
@@ -249,15 +265,7 @@ def main() -> None:
                "speed-up", "standard ms/step", "ODE overhead"]
     print(f"{info['device']}, jax {info['jax']}, bf16 peak {peak} TFLOP/s")
     print_table(headers, rows)
-    versions = dict(info)
-    try:
-        import torch
-        import torchdiffeq
-        versions.update(torch=torch.__version__, cuda=torch.version.cuda, torchdiffeq=torchdiffeq.__version__)
-    except ImportError:
-        pass
-    write_json(args.out, {"benchmark": "gpu_train_step", "machine": versions, "peak_bf16_tflops": peak,
-                          "results": records})
+    versions = machine_versions(info)
     if args.markdown:
         lines = [f"GPU: {info['device']}; jax {info['jax']}"
                  + (f"; torch {versions.get('torch')} (CUDA {versions.get('cuda')}), torchdiffeq "

@@ -276,6 +276,49 @@ def test_folded_layer_norm_and_gated_weight_equal_the_plain_formulas():
             np.testing.assert_allclose(g, w, rtol=1e-11, atol=1e-12)
 
 
+def test_attention_leaving_out_key_and_value_biases_equals_the_plain_formula():
+    """``Attention.project`` drops the key bias (softmax ignores a per-query constant) and
+    moves the value bias into the output projection (softmax rows sum to one): outputs and
+    gradients equal the textbook attention with every bias in place, full and cached (float64)."""
+    from ode_lm.nn import BlockGates, LayerNorm
+    from ode_lm.nn.block import Attention
+
+    with jax.enable_x64(True):
+        k = jax.random.split(jax.random.key(0), 9)
+        dim, heads, seq = 8, 2, 6
+        attn = Attention(dim, heads, key=k[0], std=0.5, dtype=jnp.float64)
+        attn = eqx.tree_at(lambda a: (a.qkv.bias, a.proj.bias), attn,
+                           (jax.random.normal(k[1], (3 * dim,), jnp.float64), jax.random.normal(k[2], (dim,), jnp.float64)))
+        norm = eqx.tree_at(lambda n: (n.weight, n.bias), LayerNorm(dim, dtype=jnp.float64),
+                           (1 + jax.random.normal(k[3], (dim,), jnp.float64), jax.random.normal(k[4], (dim,), jnp.float64)))
+        gates = BlockGates(qkv=jax.nn.sigmoid(jax.random.normal(k[5], (3 * dim,), jnp.float64)),
+                           proj=jax.nn.sigmoid(jax.random.normal(k[6], (dim,), jnp.float64)))
+        x = jax.random.normal(k[7], (2, seq, dim), jnp.float64)
+        w = jax.random.normal(k[8], (2, seq, dim), jnp.float64)
+
+        def ours(attn, norm):
+            return jnp.sum(attn(norm.standardize(x), gates, norm) * w)
+
+        def plain(attn, norm):
+            qkv = norm(x) @ (attn.qkv.weight * gates.qkv) + attn.qkv.bias
+            q, k_, v = (z.reshape(2, seq, heads, dim // heads) for z in jnp.split(qkv, 3, -1))
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k_) / np.sqrt(dim // heads)
+            scores = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), scores, -jnp.inf)
+            out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v).reshape(2, seq, dim)
+            return jnp.sum((out @ (attn.proj.weight * gates.proj) + attn.proj.bias) * w)
+
+        np.testing.assert_allclose(ours(attn, norm), plain(attn, norm), rtol=1e-12)
+        got, want = (jax.grad(f, argnums=(0, 1))(attn, norm) for f in (ours, plain))
+        for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
+
+        cache = attn.empty_cache(1, 2, seq)
+        first, cache = attn.extend(norm.standardize(x[:, :4]), gates, cache, 0, 0, norm)
+        rest, _ = attn.extend(norm.standardize(x[:, 4:]), gates, cache, 0, 4, norm)
+        np.testing.assert_allclose(jnp.concatenate([first, rest], 1), attn(norm.standardize(x), gates, norm),
+                                   rtol=1e-12, atol=1e-12)
+
+
 def test_standardize_gradient_equals_autodiff_of_the_plain_formula():
     from ode_lm.nn.layers import standardize
 

@@ -97,14 +97,33 @@ class Attention(eqx.Module):
                  norm: LayerNorm | None = None) -> Float[Array, "batch seq dim"]:
         """Attention of ``norm(x)`` (``x`` standardised when ``norm`` is given)."""
         b, t, d = x.shape
-        q, k, v = self.qkv.split_call(x, gates.qkv, 3, norm)
+        q, k, v, value_bias = self.project(x, gates, norm)
         shape = (b, t, self.heads, d // self.heads)
         if x.dtype == jnp.float64:
             out = causal_attention_exact(q.reshape(shape), k.reshape(shape), v.reshape(shape))
         else:
             out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
                                                is_causal=True, implementation=self.kernel(x.dtype))
-        return self.proj(out.reshape(b, t, d), gates.proj)
+        return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias)
+
+    def project(self, x: Float[Array, "batch seq dim"], gates: BlockGates, norm: LayerNorm | None = None
+                ) -> tuple[Float[Array, "batch seq dim"], Float[Array, "batch seq dim"],
+                           Float[Array, "batch seq dim"], Float[Array, " dim"] | None]:
+        """``q, k, v`` of ``norm(x)`` without the key and value biases, and the value bias.
+
+        Attention is blind to both. ``q . (k + b_k) = q . k + q . b_k`` moves all scores of a
+        query by one constant, which the softmax ignores; softmax rows sum to one, so
+        attending to ``v + b_v`` gives the output plus ``b_v``, which the output projection
+        takes into its bias (``input_shift``: weight-sized work). Each leaves out a pass
+        over the activations in the forward and in the backward pass.
+        """
+        weight, bias = self.qkv.effective(gates.qkv, norm)
+        w_q, w_k, w_v = jnp.split(weight, 3, axis=1)
+        q, k, v = x @ w_q, x @ w_k, x @ w_v
+        if bias is None:
+            return q, k, v, None
+        b_q, _, b_v = jnp.split(bias, 3)
+        return q + b_q, k, v, b_v
 
     def empty_cache(self, slots: int, batch: int, max_len: int) -> KVCache:
         dim = self.proj.weight.shape[1]
@@ -119,7 +138,7 @@ class Attention(eqx.Module):
         positions ``<= start + i`` (the tail of the buffer is masked).
         """
         b, t, d = x.shape
-        q, k, v = self.qkv.split_call(x, gates.qkv, 3, norm)
+        q, k, v, value_bias = self.project(x, gates, norm)
         shape = (b, t, self.heads, d // self.heads)
         cache = cache.write(slot, start, k.reshape(shape), v.reshape(shape))
         keys, values = cache.read(slot)
@@ -129,7 +148,7 @@ class Attention(eqx.Module):
         visible = jnp.arange(cache.max_len)[None, :] <= start + jnp.arange(t)[:, None]
         probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(values.dtype)
         out = jnp.einsum("bhtl,bhld->bthd", probs, values)
-        return self.proj(out.reshape(b, t, d), gates.proj), cache
+        return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias), cache
 
 
 class MLP(eqx.Module):

@@ -78,6 +78,8 @@ class Linear(eqx.Module):
     ``(x_hat * gamma + beta) (W * gate) + b = x_hat W' + b'`` with
     ``W' = diag(gamma) W diag(gate)`` and ``b' = beta (W diag(gate)) + b``: the norm's affine
     map costs weight-sized work instead of two passes over the activations.
+
+    ``input_shift``: the layer of ``x + s``, i.e. ``b' = s (W diag(gate)) + b`` (same reason).
     """
 
     weight: Float[Array, "fan_in fan_out"]
@@ -89,34 +91,26 @@ class Linear(eqx.Module):
         self.bias = jnp.zeros((fan_out,), dtype) if bias else None
 
     def __call__(self, x: Float[Array, "... fan_in"], gate: Float[Array, " fan_out"] | None = None,
-                 norm: LayerNorm | None = None) -> Float[Array, "... fan_out"]:
-        weight, bias = self.effective(gate, norm)
+                 norm: LayerNorm | None = None, input_shift: Float[Array, " fan_in"] | None = None
+                 ) -> Float[Array, "... fan_out"]:
+        weight, bias = self.effective(gate, norm, input_shift)
         y = x @ weight
         return y if bias is None else y + bias
 
-    def effective(self, gate: Float[Array, " fan_out"] | None = None, norm: LayerNorm | None = None
+    def effective(self, gate: Float[Array, " fan_out"] | None = None, norm: LayerNorm | None = None,
+                  input_shift: Float[Array, " fan_in"] | None = None
                   ) -> tuple[Float[Array, "fan_in fan_out"], Float[Array, " fan_out"] | None]:
         """``(W', b')`` with ``layer(x) = x W' + b'`` (see the class docstring)."""
         weight = self.weight if gate is None else gate_columns(self.weight, gate)
-        bias = self.bias
         if norm is not None:
-            shift = norm.bias @ weight
+            input_shift = norm.bias if input_shift is None else input_shift + norm.bias
+        bias = self.bias
+        if input_shift is not None:
+            shift = input_shift @ weight
             bias = shift if bias is None else bias + shift
+        if norm is not None:
             weight = norm.weight[:, None] * weight
         return weight, bias
-
-    def split_call(self, x: Float[Array, "... fan_in"], gate: Float[Array, " fan_out"] | None,
-                   parts: int, norm: LayerNorm | None = None) -> tuple[Float[Array, "... part"], ...]:
-        """``jnp.split(self(x, gate, norm), parts, -1)``, computed as ``parts`` products.
-
-        Splitting the weight instead of the output avoids slicing the activations in the
-        forward pass and concatenating their gradients in the backward pass.
-        """
-        weight, bias = self.effective(gate, norm)
-        weights = jnp.split(weight, parts, axis=1)
-        if bias is None:
-            return tuple(x @ w for w in weights)
-        return tuple(x @ w + b for w, b in zip(weights, jnp.split(bias, parts)))
 
 
 # checkpoint_name of a standardisation's output and its reciprocal deviation: with them kept,
