@@ -222,6 +222,7 @@ def main() -> None:
     from ode_lm.config import FAMILIES
 
     info = machine()
+    versions = machine_versions(info)
     peak = peak_tflops(info["device"], args.peak_tflops)
     rows, records = [], []
     for name in args.sizes:
@@ -253,7 +254,7 @@ def main() -> None:
                "variants": variants}
         records.append(rec)
         # Written after every size: a run cut short keeps what it measured.
-        write_json(args.out, {"benchmark": "gpu_train_step", "machine": machine_versions(info),
+        write_json(args.out, {"benchmark": "gpu_train_step", "machine": versions,
                               "peak_bf16_tflops": peak, "results": records})
         rows.append([name, f"{rec['ours_ms']:.2f}", f"{rec['ours_tokens_per_s']:,.0f}",
                      "n/a" if mfu is None else f"{100 * mfu:.1f}%",
@@ -265,7 +266,6 @@ def main() -> None:
                "speed-up", "standard ms/step", "ODE overhead"]
     print(f"{info['device']}, jax {info['jax']}, bf16 peak {peak} TFLOP/s")
     print_table(headers, rows)
-    versions = machine_versions(info)
     if args.markdown:
         lines = [f"GPU: {info['device']}; jax {info['jax']}"
                  + (f"; torch {versions.get('torch')} (CUDA {versions.get('cuda')}), torchdiffeq "
