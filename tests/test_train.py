@@ -104,6 +104,23 @@ def test_train_step_compiles_once(tiny):
     assert step.traces == 1
 
 
+def test_the_train_step_returns_before_the_device_has_run_it(tiny):
+    """The trainer queues step n + 1 before it reads step n's loss; that only keeps the
+    device busy if a call returns once its step is queued, not once it has run."""
+    from ode_lm.train.steps import TrainStep
+    from ode_lm.train.trainer import init_state
+
+    cfg = tiny(**{"model.dim": 128, "ode.steps": 8})  # a step of tens of milliseconds
+    tokens = jax.random.randint(jax.random.key(0), (32, 65), 0, 256)
+    model, optimizer, opt_state = init_state(cfg, 256)
+    step = TrainStep(optimizer, cfg.ode)
+    model, opt_state, metrics = step(model, opt_state, tokens[:, :-1], tokens[:, 1:], jax.random.key(0))
+    jax.block_until_ready(metrics)  # compiled and run once
+    model, opt_state, metrics = step(model, opt_state, tokens[:, :-1], tokens[:, 1:], jax.random.key(1))
+    assert not metrics["loss"].is_ready()
+    assert np.isfinite(float(metrics["loss"])) and metrics["loss"].is_ready()
+
+
 def test_compiler_options_leave_the_train_step_unchanged(tiny):
     """The train step's XLA options (steps.TRAIN_STEP_COMPILER_OPTIONS: on a GPU no dot merger
     and no zero-fill of the scan's residual stacks) change how the step compiles, not what it

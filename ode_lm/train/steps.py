@@ -48,6 +48,12 @@ class TrainStep:
     A step whose loss or gradient norm is non-finite, or whose adaptive solve failed, returns
     the model and optimizer state unchanged (a select inside the compiled step, so skipping
     costs no recompilation); ``metrics["finite"]`` tells the trainer which happened.
+
+    The step is a plain ``jax.jit`` over the model (every leaf of an ode-lm model is an
+    array): a call returns once the step is queued on the device, so the host prepares the
+    next step while this one runs. ``eqx.filter_jit`` waits for the device before returning
+    (to surface runtime errors); that left the GPU idle between steps (large benchmark step
+    on an H200: 42.4 ms back to back against 40.1 ms).
     """
 
     def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig, dtype=None,
@@ -56,7 +62,7 @@ class TrainStep:
         ``TRAIN_STEP_COMPILER_OPTIONS``)."""
         self.optimizer, self.ode, self.dtype, self.traces = optimizer, ode, dtype, 0
         options = TRAIN_STEP_COMPILER_OPTIONS if compiler_options is None else compiler_options
-        self._jitted = eqx.filter_jit(self._step, compiler_options=options)
+        self._jitted = jax.jit(self._step, compiler_options=options)
 
     def _step(self, model, opt_state, inputs, targets, key):
         self.traces += 1
@@ -84,7 +90,7 @@ class TrainStep:
     def compiled(self, model, opt_state, inputs, targets, key) -> jax.stages.Compiled:
         """XLA's compiled step for these argument shapes (reused, not retraced): its
         ``memory_analysis()``, or ``as_text()`` to name the fusions a profile shows."""
-        return self._jitted.lower(model, opt_state, inputs, targets, key).compile().compiled
+        return self._jitted.lower(model, opt_state, inputs, targets, key).compile()
 
     def memory_bytes(self, model, opt_state, inputs, targets, key) -> int | None:
         """Peak bytes of one step by XLA's analysis of the compiled program: arguments +
@@ -104,7 +110,7 @@ class EvalStep:
 
     def __init__(self, ode: ODEConfig, dtype=None):
         self.ode, self.dtype = ode, dtype
-        self._jitted = eqx.filter_jit(self._step)
+        self._jitted = jax.jit(self._step)
 
     def _step(self, model, inputs, targets) -> tuple[Float[Array, ""], Int[Array, ""], jax.Array]:
         loss, stats = cross_entropy(model, inputs, targets, self.ode, None, self.dtype)

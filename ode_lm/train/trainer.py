@@ -66,7 +66,7 @@ class TrainResult:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite = "skip")
     parameters: int = 0
     wall_s: float = 0.0  # wall-clock of this session, compilation and evaluation included
-    ms_per_step: float = math.nan  # train steps only: no evaluation, no compiling first step
+    ms_per_step: float = math.nan  # steady-state train steps: none next to an evaluation, a checkpoint or compilation
     tokens_per_s: float = math.nan  # from ms_per_step
     train_nfe: float = math.nan  # mean NFE of this session's training forward solves
     step_memory_bytes: int | None = None  # XLA memory analysis of the compiled train step
@@ -218,21 +218,47 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
     interrupts = InterruptGuard().install()
     session_start = time.perf_counter()
     step_seconds, timed_steps, nfe_sum, step_memory = 0.0, 0, 0, None
+    paused = 0.0  # seconds spent in evaluation, checkpoints and memory analysis since the last step
+
+    @contextlib.contextmanager
+    def pause():
+        nonlocal paused
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            paused += time.perf_counter() - begin
+
+    def dispatch(step: int, model, opt_state, batch):
+        return train_step(model, opt_state, *batch, jax.random.fold_in(base_key, step))
+
     try:
+        # Step n + 1 is queued on the device before step n's metrics are read (and before
+        # step n is logged, evaluated or checkpointed), so the device never waits for the
+        # host. Nothing is lost by it: the model after step n stays at hand, and whatever
+        # stops the run after step n simply drops step n + 1.
         batch = tuple(map(parallel.batch, sampler.train_batch(start)))
+        ahead = dispatch(start, model, opt_state, batch) if start < cfg.train.steps else None
+        mark = time.perf_counter()  # after the first step's compilation
         for step in range(start, cfg.train.steps):
             inputs, targets = batch
-            key = jax.random.fold_in(base_key, step)
-            t = time.perf_counter()
-            model, opt_state, metrics = train_step(model, opt_state, inputs, targets, key)
-            if step + 1 < cfg.train.steps:  # while the device runs this step (dispatch is async)
+            stepped_model, stepped_opt_state, metrics = ahead
+            if step + 1 < cfg.train.steps:
                 batch = tuple(map(parallel.batch, sampler.train_batch(step + 1)))
-            loss = float(metrics["loss"])
-            seconds = time.perf_counter() - t
-            if step > start:  # the session's first step compiles: it is not timed
-                step_seconds, timed_steps, train_s = step_seconds + seconds, timed_steps + 1, train_s + seconds
+                ahead = dispatch(step + 1, stepped_model, stepped_opt_state, batch)
+            loss = float(metrics["loss"])  # waits for step n only
+            model, opt_state = stepped_model, stepped_opt_state
+            now = time.perf_counter()
+            seconds, mark = now - mark, now
+            if step > start:  # the session's first step follows its compilation: it is not timed
+                train_s += seconds - paused
+                if paused == 0.0:  # steady-state steps only: no evaluation or checkpoint in between
+                    step_seconds, timed_steps = step_seconds + seconds, timed_steps + 1
+                paused = 0.0
             else:
-                step_memory = train_step.memory_bytes(model, opt_state, inputs, targets, key)
+                with pause():
+                    step_memory = train_step.memory_bytes(model, opt_state, inputs, targets,
+                                                          jax.random.fold_in(base_key, step))
             nfe_sum += int(metrics["nfe"])
             done = step + 1
             if bool(metrics["solve_failed"]):
@@ -268,15 +294,17 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
-                evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches,
-                                      corpus.bytes_per_token, parallel.batch)
+                with pause():
+                    evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches,
+                                          corpus.bytes_per_token, parallel.batch)
                 log.write("val", done, {"loss": evaluation.loss, "bits_per_byte": evaluation.bits_per_byte,
                                         "perplexity": evaluation.perplexity, "nfe": evaluation.nfe,
                                         "train_s": train_s})
                 bar_say(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
                         f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
-                checkpoint(done)
+                with pause():
+                    checkpoint(done)
             stop = agreed_signal(interrupts.requested)
             if stop:
                 saved = last_good if saved_step == done else checkpoint(done)
