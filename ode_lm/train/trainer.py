@@ -246,7 +246,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
             if step + 1 < cfg.train.steps:
                 batch = tuple(map(parallel.batch, sampler.train_batch(step + 1)))
                 ahead = dispatch(step + 1, stepped_model, stepped_opt_state, batch)
-            loss = float(metrics["loss"])  # waits for step n only
+            metrics = jax.device_get(metrics)  # one transfer; waits for step n only
+            loss = float(metrics["loss"])
             model, opt_state = stepped_model, stepped_opt_state
             now = time.perf_counter()
             seconds, mark = now - mark, now
