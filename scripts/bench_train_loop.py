@@ -2,11 +2,13 @@
 
 Times, in one process and compile excluded, ms per step of:
 
-- ``step``: ode-lm's jitted train step on one fixed batch (what ``bench_gpu.py`` times);
+- ``step``: ode-lm's jitted train step on one fixed batch, each step synchronised
+  (``bench_gpu.py``'s "synced"), and the same steps queued back to back (its headline);
 - ``step+data``: the same step fed the trainer's way (a fresh dropout key every step, the
   next sampled batch placed on the devices while the step runs, the loss read back);
 - ``train()``: the real trainer (``TrainResult.ms_per_step``), logging and progress bar on,
-  evaluation and checkpoints out of the timed window.
+  evaluation and checkpoints out of the timed window; it queues step n + 1 before reading
+  step n's loss.
 
 Early and late medians (first and last fifth of the steps) show whether steps slow down as
 a run goes on.
@@ -79,6 +81,11 @@ def main() -> None:
             float(metrics["loss"])
 
         series = {"step": per_step_ms(bare, args.steps), "step+data": per_step_ms(fed, args.steps)}
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], *fixed, base_key)
+        jax.block_until_ready(metrics["loss"])
+        back_to_back = 1e3 * (time.perf_counter() - start) / args.steps
         result = train(cfg)
     fifth = max(1, args.steps // 5)
     rows, records = [], []
@@ -87,6 +94,8 @@ def main() -> None:
                "early_ms": statistics.median(times[:fifth]), "late_ms": statistics.median(times[-fifth:])}
         records.append(rec)
         rows.append([name, rec["median_ms"], rec["early_ms"], rec["late_ms"]])
+    records.append({"variant": "step back to back", "mean_ms": back_to_back})
+    rows.append(["step back to back (mean)", back_to_back, "", ""])
     records.append({"variant": "train()", "mean_ms": result.ms_per_step})
     rows.append(["train() (mean)", result.ms_per_step, "", ""])
     info = machine()
