@@ -66,7 +66,7 @@ class TrainResult:
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite = "skip")
     parameters: int = 0
     wall_s: float = 0.0  # wall-clock of this session, compilation and evaluation included
-    ms_per_step: float = math.nan  # steady-state train steps: none next to an evaluation, a checkpoint or compilation
+    ms_per_step: float = math.nan  # steady state: no step next to evaluation, checkpoint or compiling
     tokens_per_s: float = math.nan  # from ms_per_step
     train_nfe: float = math.nan  # mean NFE of this session's training forward solves
     step_memory_bytes: int | None = None  # XLA memory analysis of the compiled train step
