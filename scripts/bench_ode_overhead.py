@@ -41,8 +41,7 @@ def main() -> None:
     cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=max(args.seq, 8), dropout=0.0)
     model = build_model(cfg, 256, jax.random.key(0))
     if args.dtype == "bfloat16":  # the same mixed precision as training: bf16 field, f32 state
-        from ode_lm.train.precision import cast_floating
-        model = cast_floating(model, jnp.bfloat16)
+        model = model.in_dtype(jnp.bfloat16)
     params, static = eqx.partition(model, eqx.is_array)
     tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, 256)
     targets = jnp.roll(tokens, -1, axis=1)

@@ -206,9 +206,7 @@ def _forward_scan_residuals(jaxpr) -> list[str]:
 def test_checkpoint_saves_matmuls_keeps_the_standardised_input_not_the_state():
     """Mixed precision: under ``matmuls`` each step keeps the block's bf16 standardised input
     and its per-token statistics, not the float32 state it was computed from."""
-    from ode_lm.train.precision import cast_floating
-
-    model = cast_floating(tiny_model(), jnp.bfloat16)
+    model = tiny_model().in_dtype(jnp.bfloat16)
     tokens = jnp.zeros((2, 12), jnp.int32)
 
     def residuals(saves):

@@ -44,13 +44,41 @@ def test_matmul_precision_holds_while_training_and_not_after(tiny):
 def test_bfloat16_keeps_the_ode_state_in_float32():
     from ode_lm.config import ModelConfig, ODEConfig
     from ode_lm.models import build_model
-    from ode_lm.train.precision import cast_floating
-
-    model = cast_floating(build_model(ModelConfig(dim=16, heads=2, max_positions=8), 32, jax.random.key(0)),
-                          jnp.bfloat16)
+    model = build_model(ModelConfig(dim=16, heads=2, max_positions=8), 32, jax.random.key(0)).in_dtype(jnp.bfloat16)
     x1, _ = model.hidden_final(jnp.zeros((1, 8), jnp.int32), ODEConfig(steps=3))
     logits, _ = model(jnp.zeros((1, 8), jnp.int32), ODEConfig(steps=3))
     assert x1.dtype == jnp.float32 and logits.dtype == jnp.bfloat16
+
+
+def test_bfloat16_sums_the_vector_fields_gradients_over_the_steps_in_float32():
+    """A solve evaluates the field's parameters at every step and reverse mode sums the
+    steps' gradients. Under bf16 mixed precision that sum stays float32 (the field casts its
+    parameters at each evaluation); summed in bf16, 64 Euler steps put the gradient 2.3% from
+    float32's, against 0.7%."""
+    from ode_lm.config import ModelConfig, ODEConfig
+    from ode_lm.models import build_model
+    from ode_lm.ode import cast_floating
+    from ode_lm.train.steps import cross_entropy
+
+    model = build_model(ModelConfig(dim=64, heads=2, max_positions=32, dropout=0.0), 256, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(0), (8, 33), 0, 256)
+    ode = ODEConfig(solver="euler", steps=64)
+
+    def field_grads(dtype, prepare=lambda m: m):
+        def loss(m):
+            return cross_entropy(prepare(m), tokens[:, :-1], tokens[:, 1:], ode, None, dtype)[0]
+        g = eqx.filter_grad(loss)(model).field
+        return [x.astype(jnp.float32) for x in jax.tree.leaves(eqx.filter(g, eqx.is_inexact_array))]
+
+    def error(grads, reference):
+        return float(np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(grads, reference))
+                             / sum(np.sum(b ** 2) for b in reference)))
+
+    reference = field_grads(None)
+    mixed = error(field_grads(jnp.bfloat16), reference)
+    # The whole model cast before the solve: the field's gradients are summed in bf16.
+    summed_in_bf16 = error(field_grads(None, lambda m: cast_floating(m, jnp.bfloat16)), reference)
+    assert mixed < 0.012 and summed_in_bf16 > 2 * mixed, (mixed, summed_in_bf16)
 
 
 SCRIPT = textwrap.dedent("""

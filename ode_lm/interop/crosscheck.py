@@ -30,7 +30,7 @@ from ode_lm.interop.reference import FIXED_STEP_SOLVERS, ReferenceModel, solve_a
 from ode_lm.interop.settings import CrossCheckSettings
 from ode_lm.models import ODELanguageModel, build_model
 from ode_lm.ode import SOLVER_SPECS
-from ode_lm.train.precision import cast_floating
+from ode_lm.ode import cast_floating
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 from ode_lm.config import ModelConfig, ODEConfig
 from ode_lm.errors import GenerationError
 from ode_lm.nn import DropoutMasks, LayerNorm
-from ode_lm.ode import CastField, GridScheme, SolveStats, VectorField, accepted_grid, grid_scheme, integrate
+from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, grid_scheme,
+                        integrate)
 
 
 # Vocabularies up to this size are embedded by a one-hot product (see Embedding.__call__);
@@ -91,6 +92,10 @@ class LanguageModel(eqx.Module):
                ) -> tuple[Float[Array, "batch chunk vocab"], PyTree]:
         """Logits of tokens at positions ``start ...``, given the cache of positions ``< start``."""
 
+    def in_dtype(self, dtype) -> "LanguageModel":
+        """The model with its floating-point parameters in ``dtype``, to compute in."""
+        return cast_floating(self, dtype)
+
     def prefill(self, prompt: Int[Array, "batch seq"], cache: PyTree
                 ) -> tuple[Float[Array, "batch seq vocab"], PyTree]:
         return self.extend(prompt, 0, cache)
@@ -147,6 +152,12 @@ class ODELanguageModel(LanguageModel):
         if state_dtype != x0.dtype:
             field, x0 = CastField(field, x0.dtype), x0.astype(state_dtype)
         return integrate(field, x0, ode)
+
+    def in_dtype(self, dtype) -> "ODELanguageModel":
+        """Everything but the vector field in ``dtype``. The field keeps its parameters' dtype
+        and ``CastField`` casts them at each evaluation, so their gradients sum over the
+        solve's steps in that dtype (float32 under bf16 mixed precision)."""
+        return eqx.tree_at(lambda m: m.field, cast_floating(self, dtype), self.field)
 
     def __call__(self, tokens, ode, *, key=None):
         x1, stats = self.hidden_final(tokens, ode, key=key)

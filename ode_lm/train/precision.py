@@ -1,13 +1,14 @@
 """Numeric precision: parameter dtype vs compute dtype.
 
 ``train.dtype = "bfloat16"`` is mixed precision: parameters and optimizer state stay
-float32, the forward and backward passes run on a bf16 copy of the parameters, and the ODE
-state, solver error control and loss stay float32 (see ``CastField``).
+float32, the forward and backward passes run on bf16 copies of the parameters, and the ODE
+state, solver error control and loss stay float32 (see ``CastField``, which also casts the
+vector field's parameters at each evaluation, so their gradients sum over the solve's steps
+in float32; ``LanguageModel.in_dtype``, ``ode_lm.ode.cast_floating``).
 """
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 
@@ -23,7 +24,3 @@ def param_dtype(cfg: Config) -> jnp.dtype:
 def compute_dtype(cfg: Config) -> jnp.dtype:
     return jnp.dtype(cfg.train.dtype)
 
-
-def cast_floating(tree, dtype):
-    """Cast every floating-point array leaf of ``tree`` to ``dtype``."""
-    return jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, tree)

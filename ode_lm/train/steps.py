@@ -10,7 +10,6 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.config import ODEConfig
 from ode_lm.models import LanguageModel
-from ode_lm.train.precision import cast_floating
 
 # XLA options of the compiled training step; only GPU compilers read them.
 # - dot merger off: the merger joins matrix products that share an operand into one product
@@ -29,11 +28,11 @@ def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets
                   ode: ODEConfig, key: PRNGKeyArray | None, dtype=None):
     """Mean next-token cross-entropy in nats, computed in float32, and the solve stats.
 
-    ``dtype`` (e.g. bf16) runs the model on a copy of the parameters cast to it; gradients
-    still arrive in the parameters' own dtype.
+    ``dtype`` (e.g. bf16) runs the model on copies of the parameters cast to it
+    (``LanguageModel.in_dtype``); gradients still arrive in the parameters' own dtype.
     """
     if dtype is not None:
-        model = cast_floating(model, dtype)
+        model = model.in_dtype(dtype)
     logits, stats = model(inputs, ode, key=key)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     return loss.mean(), stats
