@@ -67,9 +67,12 @@ def main() -> None:
         fixed = [parallel.batch(a) for a in sampler.train_batch(0)]
         base_key = jax.random.key(0)
 
-        def bare(i):
+        def queue():
             state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], *fixed, base_key)
-            jax.block_until_ready(metrics["loss"])
+            return metrics["loss"]
+
+        def bare(i):
+            jax.block_until_ready(queue())
 
         state["batch"] = tuple(map(parallel.batch, sampler.train_batch(0)))
 
@@ -83,8 +86,8 @@ def main() -> None:
         series = {"step": per_step_ms(bare, args.steps), "step+data": per_step_ms(fed, args.steps)}
         start = time.perf_counter()
         for _ in range(args.steps):
-            state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], *fixed, base_key)
-        jax.block_until_ready(metrics["loss"])
+            loss = queue()
+        jax.block_until_ready(loss)
         back_to_back = 1e3 * (time.perf_counter() - start) / args.steps
         result = train(cfg)
     fifth = max(1, args.steps // 5)

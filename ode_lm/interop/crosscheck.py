@@ -29,8 +29,7 @@ from ode_lm.interop.export import export_model
 from ode_lm.interop.reference import FIXED_STEP_SOLVERS, ReferenceModel, solve_adaptive, solve_fixed
 from ode_lm.interop.settings import CrossCheckSettings
 from ode_lm.models import ODELanguageModel, build_model
-from ode_lm.ode import SOLVER_SPECS
-from ode_lm.ode import cast_floating
+from ode_lm.ode import SOLVER_SPECS, cast_floating
 
 
 @dataclass(frozen=True)

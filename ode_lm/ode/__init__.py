@@ -8,6 +8,6 @@ from ode_lm.ode.sensitivities import SENSITIVITIES
 from ode_lm.ode.solvers import SOLVER_SPECS, ClassicRK4, SolverSpec
 
 __all__ = ["CastField", "VectorField", "cast_floating", "GridScheme", "ReversibleHeunScheme",
-           "RungeKuttaScheme", "grid_scheme", "SolveStats", "accepted_grid", "fixed_grid", "integrate", "Reversible",
-           "integrate_reversible", "reconstruct", "SENSITIVITIES",
+           "RungeKuttaScheme", "grid_scheme", "SolveStats", "accepted_grid", "fixed_grid", "integrate",
+           "Reversible", "integrate_reversible", "reconstruct", "SENSITIVITIES",
            "SOLVER_SPECS", "ClassicRK4", "SolverSpec"]

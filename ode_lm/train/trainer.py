@@ -229,8 +229,11 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
         finally:
             paused += time.perf_counter() - begin
 
+    def dropout_key(step: int):
+        return jax.random.fold_in(base_key, step)
+
     def dispatch(step: int, model, opt_state, batch):
-        return train_step(model, opt_state, *batch, jax.random.fold_in(base_key, step))
+        return train_step(model, opt_state, *batch, dropout_key(step))
 
     try:
         # Step n + 1 is queued on the device before step n's metrics are read (and before
@@ -259,7 +262,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
             else:
                 with pause():
                     step_memory = train_step.memory_bytes(model, opt_state, inputs, targets,
-                                                          jax.random.fold_in(base_key, step))
+                                                          dropout_key(step))
             nfe_sum += int(metrics["nfe"])
             done = step + 1
             if bool(metrics["solve_failed"]):
