@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from _timing import machine, print_table, write_json
+from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
@@ -46,6 +47,13 @@ SIZES = {
     "large": dict(dim=1024, heads=16, steps=12, seq=1024, batch=16),
 }
 VOCAB = 256
+
+
+def options_less(option: str) -> dict:
+    """ode-lm's XLA options of the train step without ``option`` (XLA's default for it)."""
+    return {k: v for k, v in TRAIN_STEP_COMPILER_OPTIONS.items() if k != option}
+
+
 # Other settings of ours timed with --variants, each applied on top of the run's own
 # --adjoint / --attention / --checkpoint-saves (bfloat16 unless the variant says otherwise).
 VARIANTS = {"direct": dict(adjoint="direct", checkpoint_saves="states"),  # stores everything
@@ -56,8 +64,11 @@ VARIANTS = {"direct": dict(adjoint="direct", checkpoint_saves="states"),  # stor
             # off: steps.py). No options at all: passing the merger's documented default
             # (32 MB) compiled the same products as turning it off (jax 0.11.2, H200).
             "xla_defaults": dict(compiler_options={}),
-            # ode-lm's options less one: the scan's residual stacks zero-filled again.
-            "stack_zero_fill": dict(compiler_options={"xla_gpu_dot_merger_threshold_mb": 0})}
+            # ode-lm's options less one: the scan's residual stacks zero-filled again; CUDA
+            # graphs run as a chain of their commands (XLA's default) instead of by dependency.
+            "stack_zero_fill": dict(compiler_options=options_less(
+                "xla_gpu_enable_dus_accumulator_zero_init_elimination")),
+            "graph_chain": dict(compiler_options=options_less("xla_gpu_command_buffer_scheduling_mode"))}
 
 
 def peak_tflops(kind: str, override: float | None) -> float | None:

@@ -122,9 +122,10 @@ def test_the_train_step_returns_before_the_device_has_run_it(tiny):
 
 
 def test_compiler_options_leave_the_train_step_unchanged(tiny):
-    """The train step's XLA options (steps.TRAIN_STEP_COMPILER_OPTIONS: on a GPU no dot merger
-    and no zero-fill of the scan's residual stacks) change how the step compiles, not what it
-    computes: three steps give the losses and parameters of XLA's defaults."""
+    """The train step's XLA options (steps.TRAIN_STEP_COMPILER_OPTIONS: on a GPU no dot merger,
+    no zero-fill of the scan's residual stacks, CUDA graphs run as dependency graphs) change
+    how the step compiles, not what it computes: three steps give the losses and parameters
+    of XLA's defaults."""
     import equinox as eqx
 
     from ode_lm.train.steps import TrainStep

@@ -20,8 +20,13 @@ from ode_lm.models import LanguageModel
 # - no zero-fill of the buffers a scan stacks its steps' residuals in: every slot of them is
 #   written before it is read (XLA proves it per loop), yet they were filled with zeros first
 #   (1.5 ms of the large step). 43.0-43.9 ms against 44.2-44.7 ms (H200, alternating twice).
+# - CUDA graphs scheduled as a dependency graph, not a chain: the copies of a solve's saved
+#   residuals into and out of the scan's stacks run beside the products that do not need
+#   them. Large step, back to back on an H200: 39.9-40.3 ms against 40.8-41.2 ms (three
+#   processes); the unrolled `standard` step gains 0-0.4 ms.
 TRAIN_STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0,
-                               "xla_gpu_enable_dus_accumulator_zero_init_elimination": True}
+                               "xla_gpu_enable_dus_accumulator_zero_init_elimination": True,
+                               "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
 def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
