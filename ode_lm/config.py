@@ -91,6 +91,10 @@ class ODEConfig:
                                      "fused attention's and the standardisation's outputs instead, "
                                      "recomputing only elementwise work ('matmuls': more memory, "
                                      "less recomputation)")
+    unroll: bool = knob(False, doc="fixed steps with adjoint \"checkpoint\" or \"direct\": write the "
+                                   "steps out one by one instead of scanning one compiled step "
+                                   "(compile time grows with steps; faster on a GPU, where the "
+                                   "scan copies every step's saved values into stacks)")
     reversible: bool = knob(False, doc="alias: true selects adjoint = \"reversible\"")
     reversible_coupling: float = knob(0.999, gt=0.0, le=1.0,
                                       doc="coupling lambda of the reversible scheme; < 1 damps its "
@@ -376,6 +380,11 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"adjoint = \"checkpoint\" with fixed steps (adaptive = false); here adjoint = "
                           f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
                           f"leave checkpoint_saves = \"states\"")
+    if c.ode.unroll and (c.ode.adjoint not in ("checkpoint", "direct") or c.ode.adaptive):
+        raise ConfigError(f"{source}: [ode] unroll = true writes out the fixed steps of adjoint = "
+                          f"\"checkpoint\" or \"direct\" (adaptive = false); here adjoint = "
+                          f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
+                          f"leave unroll = false")
     t = c.train
     if not t.distributed and (t.coordinator_address or t.num_processes or t.process_id != -1):
         raise ConfigError(f"{source}: [train] coordinator_address, num_processes and process_id "

@@ -60,6 +60,7 @@ VARIANTS = {"direct": dict(adjoint="direct", checkpoint_saves="states"),  # stor
             "states": dict(checkpoint_saves="states"),
             "matmuls": dict(checkpoint_saves="matmuls"),
             "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32"),
+            "unrolled": dict(unroll=True),  # ode.unroll: the steps written out, no scan
             # XLA's own defaults, dot merger included (ode-lm's train step turns the merger
             # off: steps.py). No options at all: passing the merger's documented default
             # (32 MB) compiled the same products as turning it off (jax 0.11.2, H200).
@@ -90,6 +91,7 @@ class StepTime(NamedTuple):
 
     back_to_back: float  # steps queued as a training loop queues them; one sync at the end
     synced: float  # each step waited for before the next is queued: adds the host's dispatch
+    first_call: float | None = None  # the first step with its tracing and compilation (ours)
 
 
 def time_steps(step, repeats: int, warmup: int, sync, windows: int = 3) -> StepTime:
@@ -114,7 +116,7 @@ def time_steps(step, repeats: int, warmup: int, sync, windows: int = 3) -> StepT
 
 def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
                     dtype: str = "bfloat16", checkpoint_saves: str = "states",
-                    compiler_options: dict | None = None):
+                    compiler_options: dict | None = None, unroll: bool = False):
     """ode-lm's real jitted train step (forward, backward, AdamW) on random tokens, as a
     zero-argument callable that returns the loss."""
     from ode_lm.config import config_from_dict
@@ -126,7 +128,7 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
                  "max_positions": size["seq"], "dropout": 0.0, "attention": attention}
     cfg = config_from_dict({"model": model_cfg,
                             "ode": {"solver": "euler", "steps": size["steps"], "adjoint": adjoint,
-                                    "checkpoint_saves": checkpoint_saves},
+                                    "checkpoint_saves": checkpoint_saves, "unroll": unroll},
                             "data": {"seq_len": size["seq"]},
                             "train": {"batch_size": size["batch"], "dtype": dtype}})
     model, optimizer, opt_state = init_state(cfg, VOCAB)
@@ -147,10 +149,13 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
 
 
 def ours(size: dict, family: str, repeats: int, adjoint: str = "checkpoint", attention: str = "auto",
-         dtype: str = "bfloat16", checkpoint_saves: str = "states", compiler_options: dict | None = None
-         ) -> StepTime:
-    step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves, compiler_options)
-    timing = time_steps(step, repeats, 3, jax.block_until_ready)
+         dtype: str = "bfloat16", checkpoint_saves: str = "states", compiler_options: dict | None = None,
+         unroll: bool = False) -> StepTime:
+    step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves, compiler_options, unroll)
+    start = time.perf_counter()
+    jax.block_until_ready(step())
+    first_call = time.perf_counter() - start
+    timing = time_steps(step, repeats, 3, jax.block_until_ready)._replace(first_call=first_call)
     assert step.traces() == 1, "the train step must compile once"
     del step  # each configuration starts from freed device memory and empty caches
     gc.collect()
@@ -274,10 +279,10 @@ def main() -> None:
                             checkpoint_saves=args.checkpoint_saves) | variant
             t = ours(size, "time_indexed", args.repeats, **settings)
             variants.append({"name": variant_name, **variant, "ms": t.back_to_back * 1e3,
-                             "ms_synced": t.synced * 1e3,
+                             "ms_synced": t.synced * 1e3, "first_call_s": t.first_call,
                              "mfu": flops / t.back_to_back / (peak * 1e12) if peak else None})
             print(f"variant {name}: {variant}: {t.back_to_back * 1e3:.2f} ms/step "
-                  f"({t.synced * 1e3:.2f} synced)")
+                  f"({t.synced * 1e3:.2f} synced; first call with compilation {t.first_call:.1f} s)")
         t_peer = None if args.no_peer else peer(size, args.repeats)
         if t_peer is not None:
             import torch
@@ -287,13 +292,14 @@ def main() -> None:
         mfu = flops / t_ours.back_to_back / (peak * 1e12) if peak else None
         rec = {"size": name, **size, "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12,
                "ours_ms": ms, "ours_tokens_per_s": tokens / t_ours.back_to_back, "ours_mfu": mfu,
-               "ours_ms_synced": t_ours.synced * 1e3,
+               "ours_ms_synced": t_ours.synced * 1e3, "ours_first_call_s": t_ours.first_call,
                "peer_ms": t_peer and t_peer.back_to_back * 1e3,
                "peer_ms_synced": t_peer and t_peer.synced * 1e3,
                "speedup_vs_peer": t_peer and t_peer.back_to_back / t_ours.back_to_back,
                "speedup_vs_peer_synced": t_peer and t_peer.synced / t_ours.synced,
                "standard_ms": t_std and t_std.back_to_back * 1e3,
                "standard_ms_synced": t_std and t_std.synced * 1e3,
+               "standard_first_call_s": t_std and t_std.first_call,
                "ode_overhead_vs_standard": t_std and t_ours.back_to_back / t_std.back_to_back - 1,
                "variants": variants}
         records.append(rec)

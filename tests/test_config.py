@@ -48,6 +48,8 @@ def test_resolved_config_round_trips():
     ("", "model.family=transformer", ["family", ", ".join(FAMILIES)]),
     ("[ode]\nadjoint = 'backsolve'\ncheckpoint_saves = 'matmuls'\n", None,
      ['checkpoint_saves = "matmuls"', 'adjoint = "backsolve"', 'leave checkpoint_saves = "states"']),
+    ("[ode]\nsolver = 'heun'\nadaptive = true\n", "ode.unroll=true",
+     ["unroll = true", "adaptive = true", "leave unroll = false"]),
 ])
 def test_every_error_kind_names_the_key(tmp_path, text, override, needles):
     with pytest.raises(ConfigError) as info:

@@ -18,6 +18,13 @@ computation. The memory policy names what each step keeps for the backward pass:
   (``layers.standardize``), from which the backward pass needs no state at all; the
   elementwise work is recomputed, and attention too where it runs as plain XLA ops
   (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
+
+``ode.unroll = true`` writes the steps out one after another instead (``unrolled``): the
+program, and its compile time, grow with ``N``, but each step's saved values stay where they
+were computed. In a scan they are copied into per-step stacks after the products and
+attention kernels that make them (XLA cannot make those kernels write into a stack), and out
+again for the backward pass. Large benchmark step on an H200: 36.6 ms unrolled against
+39.4-39.6 ms scanned (docs/results/gpu.md).
 """
 
 from __future__ import annotations
@@ -55,8 +62,9 @@ MEMORY_POLICIES = {
 
 
 def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Array, "*state"],
-                steps: int, policy: str) -> Float[Array, "*state"]:
-    """``x(1)`` after ``steps`` steps of ``solver`` on the grid ``fixed_grid(steps)``."""
+                steps: int, policy: str, unroll: bool = False) -> Float[Array, "*state"]:
+    """``x(1)`` after ``steps`` steps of ``solver`` on the grid ``fixed_grid(steps)``, scanned
+    or (``unroll``) written out step by step."""
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"unknown memory policy {policy!r}; choose one of {', '.join(MEMORY_POLICIES)}")
     term = TERM
@@ -70,6 +78,13 @@ def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Ar
         return (x, state), None
 
     if MEMORY_POLICIES[policy] is not None:
-        step = jax.checkpoint(step, prevent_cse=False, policy=MEMORY_POLICIES[policy])
+        # Outside a scan, XLA's common-subexpression elimination could merge the backward
+        # pass's recomputation with the forward pass and keep everything alive.
+        step = jax.checkpoint(step, prevent_cse=unroll, policy=MEMORY_POLICIES[policy])
+    if unroll:
+        carry = (x0, solver_state)
+        for n in range(steps):
+            carry, _ = step(carry, (ts[n], ts[n + 1]))
+        return carry[0]
     (x1, _), _ = jax.lax.scan(step, (x0, solver_state), (ts[:-1], ts[1:]))
     return x1

@@ -64,12 +64,13 @@ def solve_by_backprop(policy: Callable[[ODEConfig], str], adjoint: Callable[[int
                       field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
                       ) -> tuple[Float[Array, "*state"], SolveStats]:
     """Backpropagation through the solver: a scan with memory ``policy(ode)`` on fixed steps
-    (compiles once for any number of steps, no while-loop bookkeeping), else ``adjoint``."""
+    (compiles once for any number of steps, no while-loop bookkeeping; written out step by step
+    with ``ode.unroll``), else ``adjoint``."""
     if ode.adaptive:
         return solve_with_adjoint(adjoint, field, x0, ode)
     spec = SOLVER_SPECS[ode.solver]
     steps = jnp.asarray(ode.steps)
-    x1 = solve_fixed(spec.make(), field, x0, ode.steps, policy(ode))
+    x1 = solve_fixed(spec.make(), field, x0, ode.steps, policy(ode), ode.unroll)
     return x1, SolveStats(spec.nfe(steps), steps, jnp.asarray(False))
 
 
