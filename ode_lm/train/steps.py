@@ -23,7 +23,7 @@ from ode_lm.models import LanguageModel
 # - CUDA graphs scheduled as a dependency graph, not a chain: the copies of a solve's saved
 #   residuals into and out of the scan's stacks run beside the products that do not need
 #   them. Large step, back to back on an H200: 39.9-40.3 ms against 40.8-41.2 ms (three
-#   processes); the unrolled `standard` step gains 0-0.4 ms.
+#   processes); the unrolled `standard` step gains 0-0.5 ms.
 TRAIN_STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0,
                                "xla_gpu_enable_dus_accumulator_zero_init_elimination": True,
                                "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
