@@ -125,7 +125,7 @@ def test_gradients_agree_across_sensitivities():
             def loss(m):
                 logits, _ = m(tokens, ode)
                 return -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1).mean()
-            return jax.tree.leaves(eqx.filter_grad(loss)(model))
+            return jax.tree.leaves(eqx.filter_jit(eqx.filter_grad(loss))(model))
 
         def rel(a, b):
             num = math.sqrt(sum(float(jnp.sum((x - y) ** 2)) for x, y in zip(a, b)))

@@ -67,7 +67,7 @@ def test_bfloat16_sums_the_vector_fields_gradients_over_the_steps_in_float32():
     def field_grads(dtype, prepare=lambda m: m):
         def loss(m):
             return cross_entropy(prepare(m), tokens[:, :-1], tokens[:, 1:], ode, None, dtype)[0]
-        g = eqx.filter_grad(loss)(model).field
+        g = eqx.filter_jit(eqx.filter_grad(loss))(model).field
         return [x.astype(jnp.float32) for x in jax.tree.leaves(eqx.filter(g, eqx.is_inexact_array))]
 
     def error(grads, reference):
