@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
-import jax
-import pytest
+# One persistent XLA compilation cache for the session, its xdist workers and the CLI
+# processes the tests start (they inherit the variable): many tests compile the same tiny
+# train step, each in a new process or through a new jit. Set before JAX is imported.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ode-lm-tests-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
-from ode_lm.config import Config, config_from_dict
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from ode_lm.config import Config, config_from_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 # The tests check maths to float32/float64 tolerances; on GPUs JAX's default float32 matmul
 # precision is TF32 (about 1e-3 relative), so ask for full precision everywhere.
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 
 def tiny_config(tmp_path: Path, **dotted) -> Config:
