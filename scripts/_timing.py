@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: compile once, then time synchronised calls."""
+"""Shared benchmark helpers: compile once, then time calls synchronised or back to back."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 
@@ -56,3 +57,31 @@ def write_json(path: str | Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2))
     print(f"wrote {path}")
+
+
+class StepTime(NamedTuple):
+    """Seconds per training step, measured two ways."""
+
+    back_to_back: float  # steps queued as a training loop queues them; one sync at the end
+    synced: float  # each step waited for before the next is queued: adds the host's dispatch
+    first_call: float | None = None  # the first step with its tracing and compilation (ours)
+
+
+def time_steps(step, repeats: int, warmup: int, sync, windows: int = 3) -> StepTime:
+    """``back_to_back``: the median over ``windows`` runs of ``repeats`` consecutive steps of
+    their mean time; ``synced``: the median of ``repeats`` single synchronised steps."""
+    for _ in range(warmup):
+        sync(step())
+    synced = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sync(step())
+        synced.append(time.perf_counter() - start)
+    back_to_back = []
+    for _ in range(windows):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = step()
+        sync(out)
+        back_to_back.append((time.perf_counter() - start) / repeats)
+    return StepTime(statistics.median(back_to_back), statistics.median(synced))

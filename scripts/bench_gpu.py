@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import statistics
 import time
-from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from _timing import machine, print_table, write_json
+from _timing import StepTime, machine, print_table, time_steps, write_json
 from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
@@ -84,34 +82,6 @@ def peak_tflops(kind: str, override: float | None) -> float | None:
 def train_flops_per_token(dim: int, seq: int, nfe: int, vocab: int = VOCAB) -> float:
     forward = nfe * (24 * dim * dim + 4 * seq * dim) + 2 * dim * vocab
     return 3.0 * forward
-
-
-class StepTime(NamedTuple):
-    """Seconds per training step, measured two ways."""
-
-    back_to_back: float  # steps queued as a training loop queues them; one sync at the end
-    synced: float  # each step waited for before the next is queued: adds the host's dispatch
-    first_call: float | None = None  # the first step with its tracing and compilation (ours)
-
-
-def time_steps(step, repeats: int, warmup: int, sync, windows: int = 3) -> StepTime:
-    """``back_to_back``: the median over ``windows`` runs of ``repeats`` consecutive steps of
-    their mean time; ``synced``: the median of ``repeats`` single synchronised steps."""
-    for _ in range(warmup):
-        sync(step())
-    synced = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(step())
-        synced.append(time.perf_counter() - start)
-    back_to_back = []
-    for _ in range(windows):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = step()
-        sync(out)
-        back_to_back.append((time.perf_counter() - start) / repeats)
-    return StepTime(statistics.median(back_to_back), statistics.median(synced))
 
 
 def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
