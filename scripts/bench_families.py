@@ -28,7 +28,7 @@ from ode_lm.models import build_model, count_parameters
 from ode_lm.models.accounting import flops_per_token, parameter_counts
 from ode_lm.train.optim import build_optimizer
 from ode_lm.train.precision import compute_dtype, param_dtype
-from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS, TrainStep
+from ode_lm.train.steps import TrainStep
 
 VOCAB = 256  # the byte tokenizer's
 
@@ -51,19 +51,12 @@ def time_family(family: str, args: argparse.Namespace, ssm_scan: str = "associat
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
     train_step = TrainStep(optimizer, cfg.ode, dtype)
-    params, static = eqx.partition(model, eqx.is_array)
-
-    def step(params, opt_state, inputs, targets, key):  # TrainStep's own step, as a pure function
-        model, opt_state, metrics = train_step._step(eqx.combine(params, static), opt_state, inputs,
-                                                     targets, key)
-        return eqx.filter(model, eqx.is_array), opt_state, metrics["loss"]
-
     rng = np.random.default_rng(0)
     inputs, targets = (jax.device_put(rng.integers(0, VOCAB, (args.batch, args.seq), dtype=np.int32))
                        for _ in range(2))
-    step_args = (params, opt_state, inputs, targets, jax.random.key(1))
+    step_args = (model, opt_state, inputs, targets, jax.random.key(1))
     start = time.perf_counter()
-    compiled = jax.jit(step, compiler_options=TRAIN_STEP_COMPILER_OPTIONS).lower(*step_args).compile()
+    compiled = train_step.compiled(*step_args)  # the trainer's own compiled step, XLA options included
     compile_s = time.perf_counter() - start
     timing = time_steps(lambda: compiled(*step_args), args.repeats, 2, jax.block_until_ready)
     seconds = timing.back_to_back
