@@ -37,6 +37,14 @@ TOKENIZERS = ("byte", "char")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 SSM_SCANS = ("associative", "sequential")  # how the SSM runs along the sequence
+# The layer form: GPT-2's sequential sub-layers, or attention and MLP side by side (the form
+# of the ODE families' vector field); "auto": sequential for `standard`, parallel otherwise.
+BLOCK_FORMS = ("auto", "sequential", "parallel")
+DROPOUT_MASKS = ("per_solve", "per_step")  # masks of an ODE solve: fixed over it, or new per step
+HYPER_FORMS = ("dense", "rank_one")  # how the hypernetwork generates the block's matrices
+# model.dropout is the shorthand for these three; each one given explicitly wins over it.
+DROPOUT_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout")
+FROM_DROPOUT = -1.0  # the default of those three: "take model.dropout" (resolved on construction)
 NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
 MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
 CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
@@ -57,13 +65,34 @@ class ModelConfig:
     mlp_ratio: int = knob(4, ge=1, doc="MLP hidden size / dim")
     layers: int = knob(6, ge=1, doc="number of discrete layers (family 'standard' only)")
     max_positions: int = knob(512, ge=1, doc="learned positions; longest sequence")
-    dropout: float = knob(0.1, ge=0.0, lt=1.0, doc="dropout rate (masks fixed over depth-time)")
+    dropout: float = knob(0.1, ge=0.0, lt=1.0, doc="shorthand: sets embd_dropout, attn_dropout and "
+                          "resid_dropout (each one given explicitly wins)")
+    embd_dropout: float = knob(FROM_DROPOUT, ge=0.0, lt=1.0, doc="dropout of token + position embeddings "
+                               "(GPT-2's embd_pdrop)")
+    attn_dropout: float = knob(FROM_DROPOUT, ge=0.0, lt=1.0, doc="dropout of the attention probabilities "
+                               "(GPT-2's attn_pdrop; training then takes the explicit-softmax attention)")
+    resid_dropout: float = knob(FROM_DROPOUT, ge=0.0, lt=1.0, doc="dropout of each residual branch's output, "
+                                "attention and MLP (GPT-2's resid_pdrop)")
+    dropout_masks: str = knob("per_solve", choices=DROPOUT_MASKS,
+                              doc="ODE families: masks fixed over a solve (f stays deterministic, as "
+                              "adaptive steps and backsolve need) or new at every fixed step (Tong et "
+                              "al.'s training; fixed steps with adjoint checkpoint or direct only)")
+    block: str = knob("auto", choices=BLOCK_FORMS,
+                      doc="layer form: GPT-2's sequential sub-layers or parallel attention + MLP; auto: "
+                      "sequential for family 'standard' (GPT-2), parallel for the ODE families, "
+                      "whose vector field is the parallel block")
+    bias: bool = knob(True, doc="biases in every Linear and LayerNorm (false: none, as nanoGPT's bias=False)")
     tie_embeddings: bool = knob(True, doc="share token embedding and LM head")
     time_embed_dim: int = knob(32, ge=2, doc="sinusoidal features of t (even)")
     modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP (and of the SSM's "
                                   "parameter MLP, family 'time_indexed_ssm')")
-    hyper_hidden: int = knob(64, ge=1, doc="hidden units of the hypernetwork (family 'hypernetwork'); "
-                             "also the rank of the generated weight updates")
+    hyper_form: str = knob("dense", choices=HYPER_FORMS,
+                           doc="family 'hypernetwork': 'dense' is Tong et al.'s continuous transformer "
+                           "(every matrix a dense linear map of a time embedding: tens of millions of "
+                           "parameters), 'rank_one' generates rank-one updates of a base block")
+    hyper_hidden: int = knob(64, ge=1, doc="family 'hypernetwork': width E of each time embedding e(t) "
+                             "(dense; Tong et al.'s time-embedding dim), or hidden units and rank of the "
+                             "generated updates (rank_one)")
     ssm_state_size: int = knob(64, ge=4, le=256, doc="SSM state size (family 'time_indexed_ssm')")
     ssm_scan: str = knob("associative", choices=SSM_SCANS,
                          doc="SSM scan over the sequence: associative (parallel, O(log T) depth; GPU) "
@@ -71,6 +100,16 @@ class ModelConfig:
     init_std: float = knob(0.02, gt=0.0, doc="std of the normal weight initialisation")
     attention: str = knob("auto", choices=ATTENTION_IMPLEMENTATIONS,
                           doc="attention kernel; auto: cuDNN flash on GPU for bf16/fp16, else XLA")
+
+    def __post_init__(self):
+        for name in DROPOUT_KEYS:
+            if getattr(self, name) == FROM_DROPOUT:
+                object.__setattr__(self, name, self.dropout)
+
+    @property
+    def sequential(self) -> bool:
+        """Whether layers are GPT-2's sequential sub-layers (``block`` resolved)."""
+        return self.block == "sequential" or (self.block == "auto" and self.family == "standard")
 
 
 @dataclass(frozen=True)
@@ -220,6 +259,10 @@ class Config:
             raw["ode"].pop("adjoint")
         if "ode.adjoint" in dotted and "ode.reversible" not in dotted:
             raw["ode"].pop("reversible")
+        if "model.dropout" in dotted:  # the shorthand re-derives the rates not given with it
+            for name in DROPOUT_KEYS:
+                if f"model.{name}" not in dotted:
+                    raw["model"].pop(name)
         for key, value in dotted.items():
             section, name = _split_key(key, "replace()")
             raw.setdefault(section, {})[name] = value
@@ -363,6 +406,17 @@ def _check_consistency(c: Config, source: str) -> None:
     if c.model.dim % c.model.heads:
         raise ConfigError(f"{source}: [model] heads = {c.model.heads} does not divide "
                           f"dim = {c.model.dim}; pick heads among the divisors of dim")
+    if c.model.block == "sequential" and c.model.family != "standard":
+        raise ConfigError(f"{source}: [model] block = \"sequential\" is GPT-2's discrete layer; the ODE "
+                          f"family '{c.model.family}' has the parallel block as its vector field "
+                          "(one evaluation is one f); use block = \"auto\" or \"parallel\"")
+    if c.model.dropout_masks == "per_step" and c.model.family != "standard" and (
+            c.ode.adaptive or c.ode.adjoint not in ("checkpoint", "direct")):
+        raise ConfigError(f"{source}: [model] dropout_masks = \"per_step\" renews the masks at every "
+                          "fixed step, so it needs ode.adaptive = false and ode.adjoint = \"checkpoint\" "
+                          f"or \"direct\" (here adaptive = {str(c.ode.adaptive).lower()}, adjoint = "
+                          f"\"{c.ode.adjoint}\"); adaptive control, backsolve and reversible need one "
+                          "deterministic f: use dropout_masks = \"per_solve\"")
     if c.model.time_embed_dim % 2:
         raise ConfigError(f"{source}: [model] time_embed_dim = {c.model.time_embed_dim} must be even")
     if c.data.seq_len > c.model.max_positions:
@@ -432,6 +486,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         except (UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"{source}: cannot read the config file: {e}") from None
     config_from_dict(raw, source)  # report file errors against the file, before overrides
+    overridden = set()
     for item in overrides:
         section, name, value = parse_override(item)
         if section not in SECTIONS:
@@ -440,6 +495,11 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not isinstance(raw[section], dict):
             raw[section] = {}
         raw[section][name] = value
+        overridden.add(f"{section}.{name}")
+        if (section, name) == ("model", "dropout"):  # the shorthand beats the file's rates
+            for rate in DROPOUT_KEYS:
+                if f"model.{rate}" not in overridden:
+                    raw["model"].pop(rate, None)
         config_from_dict(raw, f"override '{item}'")
     return config_from_dict(raw, source)
 

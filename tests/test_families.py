@@ -52,9 +52,16 @@ def test_standard_is_a_stack_of_distinct_residual_layers():
     x_rk4, _ = model.hidden_final(tokens, ODEConfig(solver="rk4", steps=1))
     assert int(stats.nfe) == 3 and float(jnp.abs(x_euler - x_rk4).max()) == 0.0
     x = model.embedding(tokens)
-    for n in range(3):
-        x = x + model.layers[n](x)
+    for n in range(3):  # GPT-2's sequential sub-layers (the default form)
+        x = x + model.layers[n].attention_branch(x)
+        x = x + model.layers[n].mlp_branch(x)
     assert float(jnp.abs(x_euler - x).max()) <= 1e-5
+    parallel = small_model("standard", block="parallel")
+    x_par, _ = parallel.hidden_final(tokens)
+    x = parallel.embedding(tokens)
+    for n in range(3):
+        x = x + parallel.layers[n](x)
+    assert float(jnp.abs(x_par - x).max()) <= 1e-5
     w = [layer.attn.qkv.weight for layer in model.layers]
     assert len(w) == 3 and float(jnp.abs(w[0] - w[1]).max()) > 0.0
 
@@ -68,13 +75,13 @@ def test_constant_ignores_t_and_time_indexed_does_not():
     assert float(jnp.abs(call(field, t1, x) - call(field, t2, x)).max()) > 1e-4
 
 
-def test_hypernetwork_generates_the_weights_by_its_formula():
-    field = small_model("hypernetwork").field
+def test_rank_one_hypernetwork_generates_the_weights_by_its_formula():
+    field = small_model("hypernetwork", hyper_form="rank_one").field
     hyper, t = field.hypernetwork, jnp.asarray(0.37)
     h = jax.nn.silu(sinusoidal(t, 8) @ hyper.hidden.weight + hyper.hidden.bias)
     block, _ = field.block_at(t)
-    for generated, base, basis in ((block.attn.qkv.weight, field.block.attn.qkv.weight, hyper.matrices[0]),
-                                   (block.mlp.fc2.weight, field.block.mlp.fc2.weight, hyper.matrices[3])):
+    for generated, base, basis in ((block.attn.qkv.weight, hyper.block.attn.qkv.weight, hyper.matrices[0]),
+                                   (block.mlp.fc2.weight, hyper.block.mlp.fc2.weight, hyper.matrices[3])):
         expected = base + sum(h[j] * jnp.outer(basis.u[:, j], basis.v[:, j]) for j in range(h.shape[0]))
         np.testing.assert_allclose(generated, expected, atol=1e-6)
         assert np.linalg.matrix_rank(np.asarray(generated - base), tol=1e-6) <= h.shape[0]
@@ -136,12 +143,17 @@ def test_ssm_state_stays_bounded_over_4096_steps():
 
 # ---- parameter counts -------------------------------------------------------------------
 
-def hand_counts(family, d=16, r=2, vocab=VOCAB, positions=16, e=8, hm=8, hh=4, n=4, layers=3):
+def hand_counts(family, d=16, r=2, vocab=VOCAB, positions=16, e=8, hm=8, hh=4, n=4, layers=3, form="dense"):
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * r * d + r * d) + (r * d * d + d)
     modulation = (e * hm + hm) + (hm * (3 + 1 + r + 1) * d + (3 + 1 + r + 1) * d)
     counts = {"embeddings": vocab * d + positions * d, "head": 2 * d}  # tied head: final LN only
     if family == "standard":
         counts["block"] = layers * block
+    elif family == "hypernetwork" and form == "dense":
+        embedding = e * hh + hh + hh * hh + hh  # per generated module: two layers with biases
+        shapes = [(d, 3 * d), (d, d), (d, r * d), (r * d, d)]
+        counts["hypernetwork"] = (6 * embedding + sum((hh + 1) * a * b + hh * b for a, b in shapes)
+                                  + 2 * 2 * hh * d)
     elif family == "hypernetwork":
         matrices = (d + 3 * d) + (d + d) + (d + r * d) + (r * d + d)
         vectors = 2 * 2 * d + 3 * d + d + r * d + d
@@ -156,15 +168,16 @@ def hand_counts(family, d=16, r=2, vocab=VOCAB, positions=16, e=8, hm=8, hh=4, n
     return counts
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_parameter_counts_match_hand_formulas(family):
+@pytest.mark.parametrize("family,form", [(f, "dense") for f in FAMILIES] + [("hypernetwork", "rank_one")])
+def test_parameter_counts_match_hand_formulas(family, form):
     from ode_lm.models.accounting import parameter_counts
 
-    expected = hand_counts(family)
-    model = small_model(family)
+    expected = hand_counts(family, form=form)
+    model = small_model(family, hyper_form=form)
     assert count_parameters(model) == sum(expected.values())
     assert parameter_counts(model) == expected
-    shapes = eqx.filter_eval_shape(build_model, ModelConfig(family=family, **SMALL), VOCAB, jax.random.key(0))
+    shapes = eqx.filter_eval_shape(build_model, ModelConfig(family=family, **SMALL, hyper_form=form), VOCAB,
+                                   jax.random.key(0))
     assert parameter_counts(shapes) == expected
 
 

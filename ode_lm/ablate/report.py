@@ -32,6 +32,8 @@ class Metric:
 METRICS = (
     Metric("val_loss", "validation loss", "nats/token", 4),
     Metric("bits_per_byte", "validation bits per byte", "bits/byte", 4),
+    Metric("best_val_loss", "best validation loss over the run", "nats/token", 4),
+    Metric("train_eval_loss", "training loss in evaluation mode (fixed windows, no dropout)", "nats/token", 4),
     Metric("final_train_loss", "final training loss", "nats/token", 4),
     Metric("wall_s", "wall-clock per run, compilation included", "s", 1),
     Metric("ms_per_step", "time per training step", "ms", 1),

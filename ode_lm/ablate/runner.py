@@ -87,6 +87,7 @@ def run_point(point: GridPoint, say: Callable[[str], None]) -> dict:
         memory = result.step_memory_bytes
         row.update(status="ok", attempts=attempt, error=None, steps=result.steps,
                    final_train_loss=_finite(result.final_train_loss), val_loss=_finite(ev.loss),
+                   best_val_loss=_finite(result.best_val_loss), train_eval_loss=_finite(result.train_eval_loss),
                    bits_per_byte=_finite(ev.bits_per_byte), perplexity=_finite(ev.perplexity),
                    nfe=ev.nfe, train_nfe=_finite(result.train_nfe), wall_s=result.wall_s,
                    ms_per_step=_finite(result.ms_per_step), tokens_per_s=_finite(result.tokens_per_s),

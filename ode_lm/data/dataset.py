@@ -112,3 +112,7 @@ class BatchSampler:
 
     def val_batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self._windows(self.corpus.val, np.random.default_rng([self.seed, 1, index]))
+
+    def train_eval_batch(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training windows evaluated like ``val_batch``: the same ones at every evaluation."""
+        return self._windows(self.corpus.train, np.random.default_rng([self.seed, 2, index]))

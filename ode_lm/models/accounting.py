@@ -14,7 +14,8 @@ with ``T = data.seq_len`` (attention over the full window, not halved for causal
 ``r = mlp_ratio``. The scan's 6 FLOPs per (channel, state) are the decay argument
 ``Delta A``, the drive ``(Delta u) B``, the update ``a h + b`` and the readout ``C . h``.
 Per-evaluation work does not scale with tokens: the modulation MLP, the SSM's parameter
-MLP, or the hypernetwork's weight generation (``2 n_in n_out H`` per matrix). NFE comes
+MLP, or the hypernetwork's weight generation (``2 n_in n_out H`` per matrix, plus the dense
+form's six time embeddings, biases and norms). NFE comes
 from the solver (``SOLVER_SPECS``) at ``ode.steps`` (for adaptive solves, the initial step
 count: a lower bound); the discrete ``standard`` family has ``NFE = model.layers``.
 A training step is counted as 3x the forward pass (backward = 2x forward).
@@ -82,6 +83,10 @@ def per_evaluation_flops(m: ModelConfig) -> int:
     if m.family == "hypernetwork":
         h, hidden = m.hyper_hidden, m.mlp_ratio * d
         matrices = [(d, 3 * d), (d, d), (d, hidden), (hidden, d)]
+        if m.hyper_form == "dense":  # six time embeddings; W(t), b(t) and the norms' gains/shifts
+            embeddings = 6 * 2 * (e * h + h * h)
+            biases = sum(2 * h * b for _, b in matrices) if m.bias else 0
+            return embeddings + sum(2 * a * b * h for a, b in matrices) + biases + 2 * 2 * h * d * (1 + m.bias)
         vectors = 2 * 2 * d + 3 * d + d + hidden + d
         return 2 * e * h + sum(2 * a * b * h for a, b in matrices) + 2 * h * vectors
     if m.family == "time_indexed_ssm":
@@ -136,6 +141,19 @@ def _si(x: float) -> str:
     return f"{x:.0f} "
 
 
+def published_form(m: ModelConfig) -> str:
+    """Which published model the family runs as configured (``ode-lm info``, docs/families.md)."""
+    block = ("GPT-2's sequential layers (x += attn(LN1 x); x += mlp(LN2 x))" if m.sequential
+             else "parallel blocks (x += attn(LN1 x) + mlp(LN2 x))")
+    form = {"standard": block if m.family == "standard" else "",
+            "hypernetwork": ("Tong et al.'s dense hypernetwork (every matrix a dense map of a time embedding)"
+                             if m.hyper_form == "dense" else "rank-one updates of a base block (not Tong et al.'s)"),
+            }.get(m.family, "ODE vector field f = attn(LN x) + mlp(LN x)")
+    masks = "" if m.family == "standard" else f", masks {m.dropout_masks.replace('_', ' ')}"
+    return (f"{form}; biases {'on' if m.bias else 'off'}; dropout embd {m.embd_dropout:g}, attn "
+            f"{m.attn_dropout:g}, resid {m.resid_dropout:g}{masks}")
+
+
 def describe(cfg: Config, vocab: int, model) -> str:
     """The ``ode-lm info`` report for ``cfg`` and its model (arrays or shapes)."""
     m, ode = cfg.model, cfg.ode
@@ -148,7 +166,7 @@ def describe(cfg: Config, vocab: int, model) -> str:
         steps = f"adaptive from {ode.steps} steps" if ode.adaptive else f"{ode.steps} steps"
         depth = f"{ode.solver}, {steps}" + (" (NFE shown is the initial step count's)" if ode.adaptive else "")
     lines = [f"model: {m.family}, dim {m.dim}, {m.heads} heads, mlp_ratio {m.mlp_ratio}, vocab {vocab}; "
-             f"depth: {depth}; NFE {flops.nfe}", "",
+             f"depth: {depth}; NFE {flops.nfe}", f"form: {published_form(m)}", "",
              f"{'component':<14}{'parameters':>14}{'share':>8}"]
     lines += [f"{name:<14}{n:>14,}{n / total:>8.1%}" for name, n in counts.items()]
     lines += [f"{'total':<14}{total:>14,}", ""]

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ode_lm.config import ModelConfig, ODEConfig
 from ode_lm.errors import GenerationError
-from ode_lm.nn import DropoutMasks, LayerNorm
+from ode_lm.nn import Block, Dropout, DropoutRates, LayerNorm
 from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, grid_scheme,
                         integrate)
 
@@ -62,8 +62,8 @@ class Readout(eqx.Module):
     head: Float[Array, "dim vocab"] | None
 
     def __init__(self, dim: int, vocab: int, tied: bool, *, key: PRNGKeyArray, std: float,
-                 dtype=jnp.float32):
-        self.norm = LayerNorm(dim, dtype=dtype)
+                 dtype=jnp.float32, bias: bool = True):
+        self.norm = LayerNorm(dim, dtype=dtype, bias=bias)
         self.head = None if tied else std * jax.random.normal(key, (dim, vocab), dtype)
 
     def __call__(self, x: Float[Array, "batch seq dim"], embedding: Embedding
@@ -107,7 +107,17 @@ class LanguageModel(eqx.Module):
 
 
 class CachedField(VectorField):
-    """A vector field that can also evaluate new positions against per-evaluation caches."""
+    """A vector field that can also evaluate new positions against per-evaluation caches.
+
+    ``dropout`` is set for a training solve only (``ODELanguageModel.hidden_final``).
+    """
+
+    dropout: eqx.AbstractVar[Dropout | None]
+
+    def at_step(self, step):
+        if self.dropout is None or not self.dropout.per_step:
+            return self
+        return eqx.tree_at(lambda f: f.dropout, self, self.dropout.at_step(step))
 
     @abc.abstractmethod
     def init_cache(self, slots: int, batch: int, max_len: int) -> PyTree:
@@ -134,19 +144,21 @@ class ODELanguageModel(LanguageModel):
     """An ODE family: the family supplies only ``field``, the vector field over depth-time."""
 
     embedding: Embedding
-    field: VectorField
+    field: CachedField
     readout: Readout
-    dropout: float = eqx.field(static=True)
+    dropout: DropoutRates = eqx.field(static=True)
+    dropout_per_step: bool = eqx.field(static=True, default=False)  # model.dropout_masks
 
     def hidden_final(self, tokens: Int[Array, "batch seq"], ode: ODEConfig, *,
                      key: PRNGKeyArray | None = None) -> tuple[Float[Array, "batch seq dim"], SolveStats]:
+        """``x(1)``; with ``key`` the embeddings are dropped out and the field draws its masks
+        from one ``Dropout``: the same at every evaluation, or renewed per fixed step."""
         x0 = self.embedding(tokens)
         field = self.field
-        if key is not None and self.dropout > 0:
-            k_embed, k_field = jax.random.split(key)
-            x0 = x0 * DropoutMasks.draw(k_embed, x0.shape, self.dropout, x0.dtype).attn
-            masks = DropoutMasks.draw(k_field, x0.shape, self.dropout, x0.dtype)
-            field = eqx.tree_at(lambda f: f.dropout, field, masks, is_leaf=lambda v: v is None)
+        if key is not None and self.dropout.any:
+            drop = Dropout(key, self.dropout, self.dropout_per_step)
+            x0 = drop.embedding(x0)
+            field = eqx.tree_at(lambda f: f.dropout, field, drop, is_leaf=lambda v: v is None)
         # The solver state and its error control stay at least float32 (mixed precision).
         state_dtype = jnp.promote_types(x0.dtype, jnp.float32)
         if state_dtype != x0.dtype:
@@ -207,4 +219,21 @@ def _accepted_grid(model: ODELanguageModel, prompt, ode):
 def build_shared(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype) -> tuple[Embedding, Readout]:
     ke, kr = jax.random.split(key)
     return (Embedding(vocab, cfg.max_positions, cfg.dim, key=ke, std=cfg.init_std, dtype=dtype),
-            Readout(cfg.dim, vocab, cfg.tie_embeddings, key=kr, std=cfg.init_std, dtype=dtype))
+            Readout(cfg.dim, vocab, cfg.tie_embeddings, key=kr, std=cfg.init_std, dtype=dtype, bias=cfg.bias))
+
+
+def dropout_rates(cfg: ModelConfig) -> DropoutRates:
+    return DropoutRates(cfg.embd_dropout, cfg.attn_dropout, cfg.resid_dropout)
+
+
+def ode_language_model(cfg: ModelConfig, embedding: Embedding, field: CachedField, readout: Readout
+                       ) -> ODELanguageModel:
+    """An ODE family's model around its ``field``, with the configured dropout."""
+    return ODELanguageModel(embedding, field, readout, dropout_rates(cfg),
+                            dropout_per_step=cfg.dropout_masks == "per_step")
+
+
+def build_block(cfg: ModelConfig, key: PRNGKeyArray, dtype, **kwargs) -> Block:
+    """The configured transformer block (``kwargs``: e.g. GPT-2's residual-projection std)."""
+    return Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=key, std=cfg.init_std, dtype=dtype,
+                 attention=cfg.attention, bias=cfg.bias, **kwargs)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import PRNGKeyArray
 
 from ode_lm.config import ModelConfig
-from ode_lm.models.base import ODELanguageModel, build_shared
+from ode_lm.models.base import ODELanguageModel, build_shared, ode_language_model
 from ode_lm.models.time_indexed import time_indexed_field
 
 
@@ -25,4 +25,4 @@ def build_constant(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.fl
     # Std 1/sqrt(2): the root mean square of sin/cos features, the scale the MLP expects.
     constant = (jax.random.normal(k_const, (cfg.time_embed_dim,)) / 2**0.5).astype(dtype)
     field = time_indexed_field(cfg, k_field, dtype, constant=constant)
-    return ODELanguageModel(embedding, field, readout, cfg.dropout)
+    return ode_language_model(cfg, embedding, field, readout)

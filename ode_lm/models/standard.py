@@ -1,15 +1,23 @@
-"""The standard family: N distinct pre-norm transformer layers, the discrete baseline.
+"""The standard family: GPT-2, N distinct pre-norm transformer layers, the discrete baseline.
 
-    x_0      = embed(tokens)
-    x_{n+1}  = x_n + block_n(x_n)        # block_n(x) = attn_n(LN(x)) + mlp_n(LN(x)), n < N
-    logits   = head(LN(x_N))
+    x_0      = drop_embd(embed(tokens))
+    x'_n     = x_n  + drop_resid(attn_n(LN1_n(x_n)))            # model.block = "sequential"
+    x_{n+1}  = x'_n + drop_resid(mlp_n(LN2_n(x'_n)))            #   (GPT-2; the default)
+    logits   = head(LN_f(x_N))
+
+with dropout on the attention probabilities inside ``attn_n`` as well, independent masks in
+every layer, and the residual projections (attention's output projection, the MLP's second
+layer) initialised at ``init_std / sqrt(2 N)`` as in GPT-2. ``model.block = "parallel"``
+gives ``x_{n+1} = x_n + drop(attn_n(LN1_n(x_n))) + drop(mlp_n(LN2_n(x_n)))`` instead (the
+ODE families' vector field as N distinct layers).
 
 It is not an ODE: ``[ode]`` settings are ignored and the "solve" always reports
-``nfe = steps = model.layers``. Dropout masks are drawn afresh for every layer. Cached
-decoding keeps one key/value slot per layer.
+``nfe = steps = model.layers``. Cached decoding keeps one key/value slot per layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import equinox as eqx
 import jax
@@ -17,8 +25,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.config import ModelConfig, ODEConfig
-from ode_lm.models.base import Embedding, LanguageModel, Readout, build_shared
-from ode_lm.nn import Block, BlockGates, DropoutMasks, KVCache
+from ode_lm.models.base import Embedding, LanguageModel, Readout, build_block, build_shared, dropout_rates
+from ode_lm.nn import Block, BlockGates, Dropout, DropoutRates, KVCache
 from ode_lm.ode import SolveStats
 
 
@@ -26,29 +34,35 @@ class StandardLanguageModel(LanguageModel):
     embedding: Embedding
     layers: tuple[Block, ...]
     readout: Readout
-    dropout: float = eqx.field(static=True)
+    dropout: DropoutRates = eqx.field(static=True)
+    sequential: bool = eqx.field(static=True, default=True)  # model.block resolved
+
+    def layer(self, block: Block, x: Float[Array, "batch seq dim"], compute, dropout: Dropout | None
+              ) -> Float[Array, "batch seq dim"]:
+        """One layer on the (at least float32) residual stream ``x``, computing in ``compute``."""
+        if self.sequential:
+            x = x + block.attention_branch(x.astype(compute), dropout=dropout).astype(x.dtype)
+            return x + block.mlp_branch(x.astype(compute), dropout=dropout).astype(x.dtype)
+        return x + block(x.astype(compute), dropout=dropout).astype(x.dtype)
 
     def hidden_final(self, tokens: Int[Array, "batch seq"], ode: ODEConfig | None = None, *,
                      key: PRNGKeyArray | None = None) -> tuple[Float[Array, "batch seq dim"], SolveStats]:
         """``x_N`` and the stats of a solve with one evaluation per layer; ``ode`` is unused."""
         x = self.embedding(tokens)
-        train = key is not None and self.dropout > 0
-        keys = jax.random.split(key, len(self.layers) + 1) if train else [None] * (len(self.layers) + 1)
-        if train:
-            x = x * DropoutMasks.draw(keys[0], x.shape, self.dropout, x.dtype).attn
+        drop = Dropout(key, self.dropout) if key is not None and self.dropout.any else None
+        if drop is not None:
+            x = drop.embedding(x)
         # As in the ODE families, the residual stream stays at least float32 under bf16 compute.
         compute = x.dtype
         x = x.astype(jnp.promote_types(compute, jnp.float32))
-        for block, k in zip(self.layers, keys[1:]):
-            masks = DropoutMasks.draw(k, x.shape, self.dropout, compute) if train else None
-            x = x + block(x.astype(compute), dropout=masks).astype(x.dtype)
+        for n, block in enumerate(self.layers):
+            x = self.layer(block, x, compute, None if drop is None else drop.at(n))
         n = jnp.asarray(len(self.layers), jnp.int32)
         return x, SolveStats(nfe=n, steps=n, failed=jnp.asarray(False))
 
     def __call__(self, tokens, ode=None, *, key=None):
         x, stats = self.hidden_final(tokens, ode, key=key)
         return self.readout(x.astype(self.embedding.tokens.dtype), self.embedding), stats
-
 
     def init_cache(self, prompt, ode, max_len) -> KVCache:
         return self.layers[0].attn.empty_cache(len(self.layers), prompt.shape[0], max_len)
@@ -58,15 +72,25 @@ class StandardLanguageModel(LanguageModel):
         compute = x.dtype
         x = x.astype(jnp.promote_types(compute, jnp.float32))
         for slot, block in enumerate(self.layers):
-            dx, cache = block.extend(x.astype(compute), BlockGates(), cache, slot, start)
-            x = x + dx.astype(x.dtype)
+            if self.sequential:
+                a, cache = block.attention_extend(x.astype(compute), cache, slot, start)
+                x = x + a.astype(x.dtype)
+                x = x + block.mlp_branch(x.astype(compute)).astype(x.dtype)
+            else:
+                dx, cache = block.extend(x.astype(compute), BlockGates(), cache, slot, start)
+                x = x + dx.astype(x.dtype)
         return self.readout(x.astype(compute), self.embedding), cache
+
+
+def residual_init_std(cfg: ModelConfig) -> float:
+    """GPT-2's init of the residual projections: ``init_std / sqrt(2 * layers)`` (two residual
+    branches per layer, so the stream's variance at init does not grow with depth)."""
+    return cfg.init_std / math.sqrt(2 * cfg.layers)
 
 
 def build_standard(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32) -> StandardLanguageModel:
     k_shared, k_layers = jax.random.split(key)
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
-    layers = tuple(Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k, std=cfg.init_std, dtype=dtype,
-                         attention=cfg.attention)
+    layers = tuple(build_block(cfg, k, dtype, resid_std=residual_init_std(cfg))
                    for k in jax.random.split(k_layers, cfg.layers))
-    return StandardLanguageModel(embedding, layers, readout, cfg.dropout)
+    return StandardLanguageModel(embedding, layers, readout, dropout_rates(cfg), sequential=cfg.sequential)

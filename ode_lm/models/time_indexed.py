@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.config import ModelConfig
-from ode_lm.models.base import CachedField, ODELanguageModel, build_shared
-from ode_lm.nn import Block, BlockGates, DropoutMasks, KVCache, Modulation, sinusoidal
+from ode_lm.models.base import CachedField, ODELanguageModel, build_block, build_shared, ode_language_model
+from ode_lm.nn import Block, BlockGates, Dropout, KVCache, Modulation, sinusoidal
 
 
 class TimeIndexedField(CachedField):
@@ -30,7 +30,7 @@ class TimeIndexedField(CachedField):
     modulation: Modulation
     time_embed_dim: int = eqx.field(static=True)
     mlp_ratio: int = eqx.field(static=True)
-    dropout: DropoutMasks | None = None
+    dropout: Dropout | None = eqx.field(default=None, kw_only=True)  # set for a training solve
     constant: Float[Array, " time_embed_dim"] | None = None
 
     def gates(self, t: Float[Array, ""]) -> BlockGates:
@@ -61,8 +61,7 @@ def time_indexed_field(cfg: ModelConfig, key: PRNGKeyArray, dtype,
     k_block, k_mod = jax.random.split(key)
     n_gates = sum(BlockGates.sizes(cfg.dim, cfg.mlp_ratio))
     return TimeIndexedField(
-        Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k_block, std=cfg.init_std, dtype=dtype,
-              attention=cfg.attention),
+        build_block(cfg, k_block, dtype),
         Modulation(cfg.time_embed_dim, cfg.modulation_hidden, n_gates, key=k_mod,
                    std=cfg.init_std, dtype=dtype),
         cfg.time_embed_dim, cfg.mlp_ratio, constant=constant)
@@ -72,4 +71,4 @@ def build_time_indexed(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jn
                        ) -> ODELanguageModel:
     k_shared, k_field = jax.random.split(key)
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
-    return ODELanguageModel(embedding, time_indexed_field(cfg, k_field, dtype), readout, cfg.dropout)
+    return ode_language_model(cfg, embedding, time_indexed_field(cfg, k_field, dtype), readout)

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.config import ModelConfig
-from ode_lm.models.base import CachedField, ODELanguageModel, build_shared
+from ode_lm.models.base import CachedField, ODELanguageModel, build_shared, ode_language_model
 from ode_lm.models.time_indexed import TimeIndexedField, time_indexed_field
-from ode_lm.nn import Block, BlockGates, DropoutMasks, KVCache, SelectiveSSM
+from ode_lm.nn import Block, BlockGates, Dropout, KVCache, SelectiveSSM
 
 
 class SSMFieldCache(eqx.Module):
@@ -34,7 +34,7 @@ class SSMFieldCache(eqx.Module):
 class TimeIndexedSSMField(CachedField):
     time_indexed: TimeIndexedField
     ssm: SelectiveSSM
-    dropout: DropoutMasks | None = None
+    dropout: Dropout | None = eqx.field(default=None, kw_only=True)  # set for a training solve
 
     def block_at(self, t) -> tuple[Block, BlockGates]:
         """The attention block and its gates at ``t`` (the SSM term is ``self.ssm(x, t)``)."""
@@ -64,4 +64,4 @@ def build_time_indexed_ssm(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtyp
     ssm = SelectiveSSM(cfg.dim, cfg.ssm_state_size, cfg.time_embed_dim, cfg.modulation_hidden,
                        key=k_ssm, std=cfg.init_std, dtype=dtype, scan=cfg.ssm_scan)
     field = TimeIndexedSSMField(time_indexed_field(cfg, k_field, dtype), ssm)
-    return ODELanguageModel(embedding, field, readout, cfg.dropout)
+    return ode_language_model(cfg, embedding, field, readout)

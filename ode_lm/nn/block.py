@@ -1,4 +1,5 @@
-"""The pre-norm transformer block, used as a derivative: ``f(x) = attn(LN(x)) + mlp(LN(x))``.
+"""The pre-norm transformer block: as a derivative ``f(x) = attn(LN(x)) + mlp(LN(x))`` (the
+ODE families), or as GPT-2's sequential layer (the discrete ``standard`` family).
 
 Every family shares this code; they differ only in the per-output-feature gates they pass
 (``W_eff = W * gate``) and in where the weights come from.
@@ -15,6 +16,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.nn.cache import KVCache
+from ode_lm.nn.dropout import Dropout
 from ode_lm.nn.layers import LayerNorm, Linear, gelu
 
 
@@ -37,37 +39,24 @@ class BlockGates(NamedTuple):
         return cls(*jnp.split(flat, bounds))
 
 
-class DropoutMasks(eqx.Module):
-    """Dropout masks for the attention and MLP outputs, drawn once per forward pass.
+def causal_attention_explicit(q: Float[Array, "batch seq heads hd"], k: Float[Array, "batch seq heads hd"],
+                              v: Float[Array, "batch seq heads hd"], dropout: Dropout | None = None
+                              ) -> Float[Array, "batch seq heads hd"]:
+    """``drop(softmax(q k^T / sqrt(hd), causal)) v`` with the probabilities written out.
 
-    Holding them fixed over depth-time keeps ``f(t, x)`` a deterministic function during a
-    solve, which adaptive step control and the backsolve adjoint both rely on.
-    """
-
-    attn: Float[Array, "batch seq dim"]
-    mlp: Float[Array, "batch seq dim"]
-
-    @classmethod
-    def draw(cls, key: PRNGKeyArray, shape: tuple[int, ...], rate: float, dtype) -> "DropoutMasks":
-        ka, km = jax.random.split(key)
-        keep = 1.0 - rate
-        def mask(k):
-            return jax.random.bernoulli(k, keep, shape).astype(dtype) / keep
-        return cls(mask(ka), mask(km))
-
-
-def causal_attention_exact(q: Float[Array, "batch seq heads hd"], k: Float[Array, "batch seq heads hd"],
-                           v: Float[Array, "batch seq heads hd"]) -> Float[Array, "batch seq heads hd"]:
-    """``softmax(q k^T / sqrt(hd), causal) v`` entirely in the inputs' dtype.
-
-    ``jax.nn.dot_product_attention`` always takes its softmax in float32, which would cap a
-    float64 model (the cross-checks in ode_lm.interop) at float32 accuracy.
+    The softmax runs in at least float32 (float64 stays float64: ``jax.nn.dot_product_attention``
+    always takes float32, which would cap a float64 model's cross-checks in ode_lm.interop
+    at float32 accuracy). Dropout on the probabilities (``model.attn_dropout``, GPT-2's
+    ``attn_pdrop``) needs them written out, so this path also serves training with it.
     """
     seq = q.shape[1]
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
+    wide = jnp.promote_types(q.dtype, jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(wide) / jnp.sqrt(jnp.asarray(q.shape[-1], wide))
     causal = jnp.tril(jnp.ones((seq, seq), bool))
     probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    if dropout is not None:
+        probs = dropout.attention_probs(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 class Attention(eqx.Module):
@@ -79,10 +68,10 @@ class Attention(eqx.Module):
     implementation: str = eqx.field(static=True, default="auto")
 
     def __init__(self, dim: int, heads: int, *, key: PRNGKeyArray, std: float, dtype=jnp.float32,
-                 implementation: str = "auto"):
+                 implementation: str = "auto", bias: bool = True, proj_std: float | None = None):
         k1, k2 = jax.random.split(key)
-        self.qkv = Linear(dim, 3 * dim, key=k1, std=std, dtype=dtype)
-        self.proj = Linear(dim, dim, key=k2, std=std, dtype=dtype)
+        self.qkv = Linear(dim, 3 * dim, key=k1, std=std, bias=bias, dtype=dtype)
+        self.proj = Linear(dim, dim, key=k2, std=std if proj_std is None else proj_std, bias=bias, dtype=dtype)
         self.heads = heads
         self.implementation = implementation
 
@@ -93,17 +82,18 @@ class Attention(eqx.Module):
             return "cudnn" if gpu and dtype in (jnp.bfloat16, jnp.float16) else None
         return None if self.implementation == "xla" else self.implementation
 
-    def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates,
-                 norm: LayerNorm | None = None) -> Float[Array, "batch seq dim"]:
-        """Attention of ``norm(x)`` (``x`` standardised when ``norm`` is given)."""
+    def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates, norm: LayerNorm | None = None,
+                 dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
+        """Attention of ``norm(x)`` (``x`` standardised when ``norm`` is given); ``dropout``
+        drops attention probabilities (the output's own dropout is the caller's)."""
         b, t, d = x.shape
         q, k, v, value_bias = self.project(x, gates, norm)
         shape = (b, t, self.heads, d // self.heads)
-        if x.dtype == jnp.float64:
-            out = causal_attention_exact(q.reshape(shape), k.reshape(shape), v.reshape(shape))
+        q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
+        if x.dtype == jnp.float64 or (dropout is not None and dropout.drops_attention):
+            out = causal_attention_explicit(q, k, v, dropout)
         else:
-            out = jax.nn.dot_product_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
-                                               is_causal=True, implementation=self.kernel(x.dtype))
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.kernel(x.dtype))
         return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias)
 
     def project(self, x: Float[Array, "batch seq dim"], gates: BlockGates, norm: LayerNorm | None = None
@@ -155,10 +145,11 @@ class MLP(eqx.Module):
     fc1: Linear
     fc2: Linear
 
-    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray, std: float, dtype=jnp.float32):
+    def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray, std: float, dtype=jnp.float32,
+                 bias: bool = True, out_std: float | None = None):
         k1, k2 = jax.random.split(key)
-        self.fc1 = Linear(dim, hidden, key=k1, std=std, dtype=dtype)
-        self.fc2 = Linear(hidden, dim, key=k2, std=std, dtype=dtype)
+        self.fc1 = Linear(dim, hidden, key=k1, std=std, bias=bias, dtype=dtype)
+        self.fc2 = Linear(hidden, dim, key=k2, std=std if out_std is None else out_std, bias=bias, dtype=dtype)
 
     def __call__(self, x: Float[Array, "... dim"], gates: BlockGates,
                  norm: LayerNorm | None = None) -> Float[Array, "... dim"]:
@@ -167,10 +158,17 @@ class MLP(eqx.Module):
 
 
 class Block(eqx.Module):
-    """``f(x) = attn(LN_a(x)) + mlp(LN_m(x))``: the parallel pre-norm block as a derivative.
+    """A pre-norm transformer block: attention and an MLP, each behind its layer norm.
 
-    Both norms standardise the same ``x``, so it is standardised once and each norm's gain
-    and shift are folded into the weights of the products that follow (``Linear``).
+    As an ODE's vector field it is the *parallel* block, ``f(x) = attn(LN_a(x)) + mlp(LN_m(x))``
+    (``__call__``): one evaluation is one ``f``. Both norms standardise the same ``x``, so it
+    is standardised once and each norm's gain and shift are folded into the weights of the
+    products that follow (``Linear``). GPT-2's *sequential* layer,
+    ``x' = x + attn(LN_a(x)); x'' = x' + mlp(LN_m(x'))``, calls ``attention_branch`` and
+    ``mlp_branch`` in turn (``models/standard.py``).
+
+    ``resid_std`` initialises the two residual projections (attention's output projection
+    and the MLP's second layer); GPT-2 uses ``std / sqrt(2 * layers)`` there.
     """
 
     ln_attn: LayerNorm
@@ -179,25 +177,44 @@ class Block(eqx.Module):
     mlp: MLP
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int, *, key: PRNGKeyArray, std: float,
-                 dtype=jnp.float32, attention: str = "auto"):
+                 dtype=jnp.float32, attention: str = "auto", bias: bool = True, resid_std: float | None = None):
         ka, km = jax.random.split(key)
-        self.ln_attn = LayerNorm(dim, dtype=dtype)
-        self.attn = Attention(dim, heads, key=ka, std=std, dtype=dtype, implementation=attention)
-        self.ln_mlp = LayerNorm(dim, dtype=dtype)
-        self.mlp = MLP(dim, mlp_ratio * dim, key=km, std=std, dtype=dtype)
+        self.ln_attn = LayerNorm(dim, dtype=dtype, bias=bias)
+        self.attn = Attention(dim, heads, key=ka, std=std, dtype=dtype, implementation=attention, bias=bias,
+                              proj_std=resid_std)
+        self.ln_mlp = LayerNorm(dim, dtype=dtype, bias=bias)
+        self.mlp = MLP(dim, mlp_ratio * dim, key=km, std=std, dtype=dtype, bias=bias, out_std=resid_std)
 
     def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
-                 dropout: DropoutMasks | None = None) -> Float[Array, "batch seq dim"]:
+                 dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
+        """The parallel block's ``attn(LN_a(x)) + mlp(LN_m(x))``, each branch dropped out."""
         x_hat = self.ln_attn.standardize(x)  # ln_mlp has the same eps
-        a = self.attn(x_hat, gates, self.ln_attn)
+        a = self.attn(x_hat, gates, self.ln_attn, dropout)
         m = self.mlp(x_hat, gates, self.ln_mlp)
         if dropout is not None:
-            a, m = a * dropout.attn, m * dropout.mlp
+            a, m = dropout.attention_out(a), dropout.mlp_out(m)
         return a + m
+
+    def attention_branch(self, x: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
+                         dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
+        """``drop(attn(LN_a(x)))``: the first residual branch of a sequential layer."""
+        a = self.attn(self.ln_attn.standardize(x), gates, self.ln_attn, dropout)
+        return a if dropout is None else dropout.attention_out(a)
+
+    def mlp_branch(self, x: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
+                   dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
+        """``drop(mlp(LN_m(x)))``: the second residual branch of a sequential layer."""
+        m = self.mlp(self.ln_mlp.standardize(x), gates, self.ln_mlp)
+        return m if dropout is None else dropout.mlp_out(m)
 
     def extend(self, x: Float[Array, "batch chunk dim"], gates: BlockGates, cache: KVCache,
                slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
-        """``f`` of a chunk of new positions, attending through ``cache`` slot ``slot``."""
+        """The parallel ``f`` of a chunk of new positions, attending through ``cache`` slot ``slot``."""
         x_hat = self.ln_attn.standardize(x)
         a, cache = self.attn.extend(x_hat, gates, cache, slot, start, self.ln_attn)
         return a + self.mlp(x_hat, gates, self.ln_mlp), cache
+
+    def attention_extend(self, x: Float[Array, "batch chunk dim"], cache: KVCache, slot: Int[Array, ""],
+                         start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
+        """``attention_branch`` of a chunk of new positions (sequential layers, decoding)."""
+        return self.attn.extend(self.ln_attn.standardize(x), BlockGates(), cache, slot, start, self.ln_attn)

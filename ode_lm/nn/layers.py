@@ -102,7 +102,7 @@ class Linear(eqx.Module):
                   ) -> tuple[Float[Array, "fan_in fan_out"], Float[Array, " fan_out"] | None]:
         """``(W', b')`` with ``layer(x) = x W' + b'`` (see the class docstring)."""
         weight = self.weight if gate is None else gate_columns(self.weight, gate)
-        if norm is not None:
+        if norm is not None and norm.bias is not None:
             input_shift = norm.bias if input_shift is None else input_shift + norm.bias
         bias = self.bias
         if input_shift is not None:
@@ -151,13 +151,16 @@ standardize.defvjp(_standardize_fwd, _standardize_bwd)
 
 
 class LayerNorm(eqx.Module):
+    """``x_hat * weight + bias`` with ``x_hat`` standardised over the last axis; ``bias``
+    None leaves the shift out (``model.bias = false``)."""
+
     weight: Float[Array, " dim"]
-    bias: Float[Array, " dim"]
+    bias: Float[Array, " dim"] | None
     eps: float = eqx.field(static=True, default=1e-5)
 
-    def __init__(self, dim: int, *, dtype=jnp.float32, eps: float = 1e-5):
+    def __init__(self, dim: int, *, dtype=jnp.float32, eps: float = 1e-5, bias: bool = True):
         self.weight = jnp.ones((dim,), dtype)
-        self.bias = jnp.zeros((dim,), dtype)
+        self.bias = jnp.zeros((dim,), dtype) if bias else None
         self.eps = eps
 
     def standardize(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
@@ -165,4 +168,5 @@ class LayerNorm(eqx.Module):
         return standardize(x, self.eps)
 
     def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
-        return self.standardize(x) * self.weight + self.bias
+        y = self.standardize(x) * self.weight
+        return y if self.bias is None else y + self.bias

@@ -7,7 +7,7 @@ import abc
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PyTree
+from jaxtyping import Array, Float, Int, PyTree
 
 
 def cast_floating(tree: PyTree, dtype) -> PyTree:
@@ -27,6 +27,11 @@ class VectorField(eqx.Module):
     def __call__(self, t: Float[Array, ""], x: Float[Array, "*state"]) -> Float[Array, "*state"]:
         ...
 
+    def at_step(self, step: int | Int[Array, ""]) -> "VectorField":
+        """The field that fixed solver step ``step`` evaluates: itself, unless the field
+        renews something per step (dropout masks with ``model.dropout_masks = "per_step"``)."""
+        return self
+
 
 class CastField(VectorField):
     """Evaluate ``inner`` in a lower ``dtype`` while the solver's state stays wider.
@@ -45,3 +50,6 @@ class CastField(VectorField):
 
     def __call__(self, t, x):
         return cast_floating(self.inner, self.dtype)(t, x.astype(self.dtype)).astype(x.dtype)
+
+    def at_step(self, step):
+        return CastField(self.inner.at_step(step), self.dtype)

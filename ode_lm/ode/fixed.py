@@ -69,12 +69,12 @@ def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Ar
         raise ValueError(f"unknown memory policy {policy!r}; choose one of {', '.join(MEMORY_POLICIES)}")
     term = TERM
     ts = fixed_grid(steps, jnp.promote_types(x0.dtype, jnp.float32))  # float64 times for float64 solves
-    solver_state = solver.init(term, ts[0], ts[1], x0, field)
+    solver_state = solver.init(term, ts[0], ts[1], x0, field.at_step(0))
 
     def step(carry, interval):
         x, state = carry
-        t0, t1 = interval
-        x, _, _, state, _ = solver.step(term, t0, t1, x, field, state, made_jump=False)
+        t0, t1, n = interval
+        x, _, _, state, _ = solver.step(term, t0, t1, x, field.at_step(n), state, made_jump=False)
         return (x, state), None
 
     if MEMORY_POLICIES[policy] is not None:
@@ -84,7 +84,7 @@ def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Ar
     if unroll:
         carry = (x0, solver_state)
         for n in range(steps):
-            carry, _ = step(carry, (ts[n], ts[n + 1]))
+            carry, _ = step(carry, (ts[n], ts[n + 1], n))
         return carry[0]
-    (x1, _), _ = jax.lax.scan(step, (x0, solver_state), (ts[:-1], ts[1:]))
+    (x1, _), _ = jax.lax.scan(step, (x0, solver_state), (ts[:-1], ts[1:], jnp.arange(steps)))
     return x1

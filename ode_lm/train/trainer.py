@@ -63,6 +63,8 @@ class TrainResult:
     final_train_loss: float
     evaluation: Evaluation
     sample: str
+    best_val_loss: float = math.nan  # lowest validation loss of the run's evaluations (this session)
+    train_eval_loss: float = math.nan  # training windows in evaluation mode, at the last evaluation
     skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient (on_nonfinite = "skip")
     parameters: int = 0
     wall_s: float = 0.0  # wall-clock of this session, compilation and evaluation included
@@ -80,11 +82,14 @@ def init_state(cfg: Config, vocab: int):
 
 
 def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, batches: int,
-             bytes_per_token: float, place=lambda a: a) -> Evaluation:
-    """Mean held-out loss over the first ``batches`` validation batches (no dropout)."""
+             bytes_per_token: float, place=lambda a: a, split: str = "val") -> Evaluation:
+    """Mean loss over the first ``batches`` batches of ``split`` without dropout: held-out
+    (``"val"``) or the fixed training windows of ``train_eval_batch`` (``"train"``), whose
+    gap to the held-out loss shows overfitting."""
+    batch = sampler.val_batch if split == "val" else sampler.train_eval_batch
     losses, nfe = [], 0
     for i in range(batches):
-        loss, nfe, failed = eval_step(model, *map(place, sampler.val_batch(i)))
+        loss, nfe, failed = eval_step(model, *map(place, batch(i)))
         if bool(failed):
             raise TrainingError(f"evaluation: the adaptive solve reached ode.max_steps = "
                                 f"{eval_step.ode.max_steps} before t = 1; raise ode.max_steps or "
@@ -212,8 +217,8 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                desc=cfg.train.run_name, unit="step", dynamic_ncols=True)
     # Lines printed above the progress bar, by the lead only (like ``say``).
     bar_say = bar.write if lead else lambda message, file=None: None
-    loss = float("nan")
-    evaluation = None
+    loss, best_val = float("nan"), math.inf
+    evaluation = train_eval = None
     window_start, window_tokens = None, 0
     interrupts = InterruptGuard().install()
     session_start = time.perf_counter()
@@ -299,13 +304,17 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
             bar.update(1)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
                 with pause():
-                    evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches,
-                                          corpus.bytes_per_token, parallel.batch)
+                    evaluation, train_eval = (evaluate(model, sampler, eval_step, cfg.train.eval_batches,
+                                                       corpus.bytes_per_token, parallel.batch, split)
+                                              for split in ("val", "train"))
+                best_val = min(best_val, evaluation.loss)
                 log.write("val", done, {"loss": evaluation.loss, "bits_per_byte": evaluation.bits_per_byte,
                                         "perplexity": evaluation.perplexity, "nfe": evaluation.nfe,
                                         "train_s": train_s})
+                log.write("train_eval", done, {"loss": train_eval.loss})
                 bar_say(f"step {done}: val loss {evaluation.loss:.4f} nats/token, "
-                        f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}")
+                        f"{evaluation.bits_per_byte:.4f} bits/byte, ppl {evaluation.perplexity:.2f}; "
+                        f"train loss (eval mode) {train_eval.loss:.4f}")
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
                 with pause():
                     checkpoint(done)
@@ -327,7 +336,10 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
         say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
             f"{cfg.train.sample_prompt}{sample}")
     ms_per_step = 1000 * step_seconds / timed_steps if timed_steps else math.nan
-    return TrainResult(run_dir, cfg.train.steps, loss, evaluation, sample, skipped, parameters=n_params,
+    return TrainResult(run_dir, cfg.train.steps, loss, evaluation, sample,
+                       best_val_loss=best_val if math.isfinite(best_val) else math.nan,
+                       train_eval_loss=train_eval.loss if train_eval else math.nan,
+                       skipped_steps=skipped, parameters=n_params,
                        wall_s=time.perf_counter() - session_start, ms_per_step=ms_per_step,
                        tokens_per_s=tokens_per_step * 1000 / ms_per_step if timed_steps else math.nan,
                        train_nfe=nfe_sum / (cfg.train.steps - start) if cfg.train.steps > start else math.nan,
