@@ -1,5 +1,7 @@
 """The solver maths: Euler is the residual stack, orders of convergence, NFE, gradients."""
 
+import contextlib
+import io
 import math
 
 import equinox as eqx
@@ -7,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 from ode_lm.config import ADAPTIVE_SOLVERS, CHECKPOINT_SAVES, SOLVERS, ModelConfig, ODEConfig
 from ode_lm.models import build_model
@@ -162,11 +165,13 @@ def test_unrolled_fixed_steps_compute_what_the_scan_computes():
             for a, b in zip(scanned, unrolled):
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14, err_msg=str(policy))
 
+    # A scan's program does not grow with the number of steps; the unrolled one does.
     field, x0 = Oscillator(jnp.asarray(3.0)), jnp.array([1.0, 0.5])
-    def scans(**ode):
-        jaxpr = jax.make_jaxpr(lambda x: integrate(field, x, ODEConfig(solver="heun", steps=5, **ode))[0])(x0)
-        return str(jaxpr).count("scan[")
-    assert scans() == 1 and scans(unroll=True) == 0
+    def program_size(steps, **ode):
+        solve = lambda x: integrate(field, x, ODEConfig(solver="heun", steps=steps, **ode))[0]  # noqa: E731
+        return len(jax.jit(solve).lower(x0).as_text())
+    assert program_size(16) < 1.05 * program_size(4)  # (only constants such as dt differ)
+    assert program_size(16, unroll=True) > 2 * program_size(4, unroll=True)
 
 
 def test_checkpoint_saves_trades_memory_for_recomputation():
@@ -191,58 +196,51 @@ def test_checkpoint_saves_trades_memory_for_recomputation():
 
 
 
-def test_checkpoint_saves_matmuls_keeps_the_fused_attention_output(monkeypatch):
-    """With ``matmuls`` the backward pass reads cuDNN attention's saved output instead of
-    running its forward kernel again. Traced here with JAX's cuDNN version checks
-    stubbed (the CPU has no cuDNN); nothing is compiled or run."""
-    import jax._src.cudnn.fused_attention_stablehlo as fused
+def saved_residuals(f, *args) -> list[str]:
+    """What reverse mode keeps of ``f``'s forward pass, one line each (JAX's public
+    ``print_saved_residuals``): e.g. ``bf16[3,2,12,16] output of scan from ...``."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(f, *args)
+    return out.getvalue().splitlines()
 
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN's fused attention needs an NVIDIA GPU")
+def test_checkpoint_saves_matmuls_keeps_the_fused_attention_output():
+    """With ``matmuls`` the backward pass reads cuDNN attention's saved output instead of
+    running its forward kernel again."""
     from ode_lm.ode.fixed import MEMORY_POLICIES
 
-    monkeypatch.setattr(fused, "check_cudnn_version", lambda: 91000)
-    monkeypatch.setattr(fused, "check_compute_capability", lambda capability: True)
-    q = jnp.zeros((2, 128, 4, 64), jnp.bfloat16)
+    q = jax.random.normal(jax.random.key(0), (2, 128, 4, 64), jnp.bfloat16)
 
-    def loss(q):
-        out = jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn")
-        return jnp.sin(out.astype(jnp.float32)).sum()
+    def loss(policy):
+        def f(q):
+            out = jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn")
+            return jnp.sin(out.astype(jnp.float32)).sum()
+        return jax.checkpoint(f, policy=MEMORY_POLICIES[policy])
 
-    def forward_kernels(policy):
-        jaxpr = str(jax.make_jaxpr(jax.grad(jax.checkpoint(loss, policy=MEMORY_POLICIES[policy])))(q))
-        return jaxpr.count("dot_product_attention_fwd")
+    def kept_outputs(policy):  # computed values kept (not the argument itself)
+        return [r for r in saved_residuals(loss(policy), q) if "bf16[2,128,4,64] output of" in r]
 
-    assert forward_kernels("states") == 2
-    assert forward_kernels("matmuls") == 1
-
-
-def _forward_scan_residuals(jaxpr) -> list[str]:
-    """Shapes of what the forward scans of a gradient's jaxpr stack for the backward pass."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan" and not eqn.params["reverse"]:
-            found += [str(v.aval) for v in eqn.outvars[eqn.params["num_carry"]:]]
-        for param in eqn.params.values():
-            inner = getattr(param, "jaxpr", param)
-            if isinstance(inner, jax.extend.core.Jaxpr):
-                found += _forward_scan_residuals(inner)
-    return found
+    assert kept_outputs("states") == []
+    assert kept_outputs("matmuls"), saved_residuals(loss("matmuls"), q)
 
 
 def test_checkpoint_saves_matmuls_keeps_the_standardised_input_not_the_state():
     """Mixed precision: under ``matmuls`` each step keeps the block's bf16 standardised input
     and its per-token statistics, not the float32 state it was computed from."""
-    model = tiny_model().in_dtype(jnp.bfloat16)
+    params, static = eqx.partition(tiny_model().in_dtype(jnp.bfloat16), eqx.is_array)
     tokens = jnp.zeros((2, 12), jnp.int32)
 
-    def residuals(saves):
-        def loss(m):
-            logits, _ = m(tokens, ODEConfig(solver="euler", steps=3, checkpoint_saves=saves))
+    def stacked(saves):  # residuals stacked over the 3 steps of the solve's scan
+        def loss(p):
+            logits, _ = eqx.combine(p, static)(tokens, ODEConfig(solver="euler", steps=3, checkpoint_saves=saves))
             return logits.astype(jnp.float32).mean()
-        return _forward_scan_residuals(jax.make_jaxpr(eqx.filter_grad(loss))(model).jaxpr)
+        return [r.split(" ")[0] for r in saved_residuals(loss, params) if " output of scan " in r]
 
-    state, standardized, statistics = "float32[3,2,12,16]", "bfloat16[3,2,12,16]", "float32[3,2,12,1]"
-    assert state in residuals("states")
-    kept = residuals("matmuls")
+    state, standardized, statistics = "f32[3,2,12,16]", "bf16[3,2,12,16]", "f32[3,2,12,1]"
+    assert state in stacked("states")
+    kept = stacked("matmuls")
     assert state not in kept and standardized in kept and statistics in kept, kept
 
 
