@@ -88,6 +88,9 @@ class Attention(eqx.Module):
         drops attention probabilities (the output's own dropout is the caller's)."""
         b, t, d = x.shape
         q, k, v, value_bias = self.project(x, gates, norm)
+        if dropout is not None and dropout.drops_attention and value_bias is not None:
+            # Dropped-out probability rows no longer sum to one: the value bias stays in v.
+            v, value_bias = v + value_bias, None
         shape = (b, t, self.heads, d // self.heads)
         q, k, v = q.reshape(shape), k.reshape(shape), v.reshape(shape)
         if x.dtype == jnp.float64 or (dropout is not None and dropout.drops_attention):
