@@ -79,6 +79,9 @@ def export_model(model: ODELanguageModel) -> ExportedModel:
         raise ExportError(f"export supports the time_indexed family only, got {type(model).__name__}"
                           f" with field {type(field).__name__}"
                           + (" (the constant family)" if getattr(field, "constant", None) is not None else ""))
+    if field.block.attn.qkv.bias is None:
+        raise ExportError("export and the reference backends implement the model with biases; "
+                          "this one has model.bias = false")
     params = {}
     leaves = jax.tree_util.tree_flatten_with_path(eqx.filter(model, eqx.is_inexact_array))[0]
     for path, leaf in leaves:
