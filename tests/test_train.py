@@ -110,13 +110,17 @@ def test_the_train_step_returns_before_the_device_has_run_it(tiny):
     from ode_lm.train.steps import TrainStep
     from ode_lm.train.trainer import init_state
 
-    cfg = tiny(**{"model.dim": 128, "ode.steps": 8})  # a step of tens of milliseconds
+    cfg = tiny(**{"model.dim": 128, "ode.steps": 8})
     tokens = jax.random.randint(jax.random.key(0), (32, 65), 0, 256)
     model, optimizer, opt_state = init_state(cfg, 256)
     step = TrainStep(optimizer, cfg.ode)
     model, opt_state, metrics = step(model, opt_state, tokens[:, :-1], tokens[:, 1:], jax.random.key(0))
     jax.block_until_ready(metrics)  # compiled and run once
-    model, opt_state, metrics = step(model, opt_state, tokens[:, :-1], tokens[:, 1:], jax.random.key(1))
+    # Queue a chain of steps, each needing the last one's model: if a call waited for its
+    # step, the last loss would be ready when the loop ends. Queueing a step takes the host
+    # a fraction of what running it takes any device, so the chain is far from done.
+    for i in range(1, 31):
+        model, opt_state, metrics = step(model, opt_state, tokens[:, :-1], tokens[:, 1:], jax.random.key(i))
     assert not metrics["loss"].is_ready()
     assert np.isfinite(float(metrics["loss"])) and metrics["loss"].is_ready()
 
