@@ -39,6 +39,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -49,8 +50,9 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from _timing import machine, print_table, write_json  # noqa: E402
-from ode_lm.config import Config, ModelConfig, ODEConfig, config_from_dict  # noqa: E402
+from ode_lm.config import Config, ModelConfig, ODEConfig, config_from_dict, parse_override  # noqa: E402
 from ode_lm.data import BatchSampler, load_corpus  # noqa: E402
+from ode_lm.errors import ConfigError, UserError  # noqa: E402
 from ode_lm.models import count_parameters  # noqa: E402
 from ode_lm.models.accounting import flops_per_token  # noqa: E402
 from ode_lm.train.optim import learning_rate_schedule  # noqa: E402
@@ -78,19 +80,9 @@ def ode_lm_config(args: argparse.Namespace, dropout: float, steps: int) -> Confi
            "optim": {"lr": args.lr, "min_lr_ratio": args.min_lr_ratio, "warmup_steps": args.warmup,
                      "b1": 0.9, "b2": args.b2, "weight_decay": args.weight_decay, "grad_clip": 1.0}}
     for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        raw.setdefault(section, {})[name] = _literal(value)
+        section, name, value = parse_override(item)
+        raw.setdefault(section, {})[name] = value
     return config_from_dict(raw, "compare_gpt2_torch")
-
-
-def _literal(text: str):
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(text, text)
 
 
 def form_of(cfg: Config) -> dict:
@@ -202,7 +194,8 @@ class GPT(nn.Module):
 def load_weights(gpt: GPT, model) -> GPT:
     """Copy an ode-lm ``standard`` model's arrays into ``gpt`` (torch Linear weights are [out, in])."""
     if model.readout.head is not None:
-        raise SystemExit("this comparison ties the head (model.tie_embeddings = true)")
+        raise ConfigError("compare_gpt2_torch: [model] tie_embeddings = false is not supported; "
+                          "the GPT-2 here ties its head (leave tie_embeddings = true)")
     arrays = {"wte.weight": model.embedding.tokens, "wpe.weight": model.embedding.positions,
               "ln_f.weight": model.readout.norm.weight, "ln_f.bias": model.readout.norm.bias}
     for i, layer in enumerate(model.layers):
@@ -240,6 +233,7 @@ class OdeLmSide:
     def step(self, step: int, inputs, targets) -> float:
         key = jax.random.fold_in(self.base_key, step)
         self.model, self.opt_state, metrics = self.train_step(self.model, self.opt_state, inputs, targets, key)
+        metrics = jax.device_get(metrics)  # one transfer, as the trainer reads them
         if not bool(metrics["finite"]):
             raise SystemExit(f"ode-lm: step {step + 1}: non-finite loss or gradient")
         return float(metrics["loss"])
@@ -281,8 +275,8 @@ class TorchSide:
         torch._foreach_mul_(grads, torch.where(norm < clip, torch.ones_like(norm), clip / norm))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        value = loss.item()
-        if not (math.isfinite(value) and math.isfinite(norm.item())):
+        value, norm = torch.stack([loss.detach(), norm]).tolist()  # one transfer
+        if not (math.isfinite(value) and math.isfinite(norm)):
             raise SystemExit(f"torch: step {step + 1}: non-finite loss or gradient")
         return value
 
@@ -433,4 +427,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:  # a bad override, corpus or path: the message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
