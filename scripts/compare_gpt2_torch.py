@@ -9,7 +9,8 @@ optax at every step). ode-lm trains with its own ``TrainStep`` (dropout key
 ``fold_in(key(seed + 1), step)``, as the trainer draws it); PyTorch with bf16 autocast
 under ``torch.compile`` and fused AdamW.
 
-- Phase 1, dropout 0: the per-step training losses of both (max and mean |difference|).
+- Phase 1, dropout 0: the per-step training losses of both (max and mean |difference|),
+  next to the yardstick of bf16 noise: ode-lm's own bf16 curve against its float32 one.
 - Phase 2, dropout 0.2: validation loss every ``--eval-every`` steps on the same held-out
   batches (eval mode, dropout off); best and final validation loss of both.
 
@@ -191,6 +192,17 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+def layer_arrays(layer) -> dict:
+    """GPT-2 name -> (ode-lm array or None, whether torch stores it transposed)."""
+    attn, mlp = layer.attn, layer.mlp
+    return {"ln_1.weight": (layer.ln_attn.weight, False), "ln_1.bias": (layer.ln_attn.bias, False),
+            "attn.c_attn.weight": (attn.qkv.weight, True), "attn.c_attn.bias": (attn.qkv.bias, False),
+            "attn.c_proj.weight": (attn.proj.weight, True), "attn.c_proj.bias": (attn.proj.bias, False),
+            "ln_2.weight": (layer.ln_mlp.weight, False), "ln_2.bias": (layer.ln_mlp.bias, False),
+            "mlp.c_fc.weight": (mlp.fc1.weight, True), "mlp.c_fc.bias": (mlp.fc1.bias, False),
+            "mlp.c_proj.weight": (mlp.fc2.weight, True), "mlp.c_proj.bias": (mlp.fc2.bias, False)}
+
+
 def load_weights(gpt: GPT, model) -> GPT:
     """Copy an ode-lm ``standard`` model's arrays into ``gpt`` (torch Linear weights are [out, in])."""
     if model.readout.head is not None:
@@ -199,14 +211,7 @@ def load_weights(gpt: GPT, model) -> GPT:
     arrays = {"wte.weight": model.embedding.tokens, "wpe.weight": model.embedding.positions,
               "ln_f.weight": model.readout.norm.weight, "ln_f.bias": model.readout.norm.bias}
     for i, layer in enumerate(model.layers):
-        for name, (value, transpose) in {
-                "ln_1.weight": (layer.ln_attn.weight, False), "ln_1.bias": (layer.ln_attn.bias, False),
-                "attn.c_attn.weight": (layer.attn.qkv.weight, True), "attn.c_attn.bias": (layer.attn.qkv.bias, False),
-                "attn.c_proj.weight": (layer.attn.proj.weight, True), "attn.c_proj.bias": (layer.attn.proj.bias, False),
-                "ln_2.weight": (layer.ln_mlp.weight, False), "ln_2.bias": (layer.ln_mlp.bias, False),
-                "mlp.c_fc.weight": (layer.mlp.fc1.weight, True), "mlp.c_fc.bias": (layer.mlp.fc1.bias, False),
-                "mlp.c_proj.weight": (layer.mlp.fc2.weight, True), "mlp.c_proj.bias": (layer.mlp.fc2.bias, False),
-        }.items():
+        for name, (value, transpose) in layer_arrays(layer).items():
             arrays[f"h.{i}.{name}"] = None if value is None else (value.T if transpose else value)
     state = {k: torch.from_numpy(np.array(v, np.float32)) for k, v in arrays.items() if v is not None}
     expected = set(gpt.state_dict())
@@ -326,13 +331,13 @@ def run_phase(args, corpus, dropout: float, steps: int, eval_every: int, device)
     vocab = corpus.tokenizer.vocab_size
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     val_batches = [sampler.val_batch(i) for i in range(args.eval_batches)] if eval_every else []
-    ours = OdeLmSide(cfg, vocab)
+    ours, flops = OdeLmSide(cfg, vocab), flops_per_token(cfg, vocab)
     torch.manual_seed(cfg.train.seed)
     theirs = TorchSide(cfg, load_weights(GPT(cfg, vocab), ours.model), device, args.compile)
     record = {"dropout": dropout, "steps": steps, "form": form_of(cfg), "schedule_max_gap": check_schedule(cfg),
               "parameters": count_parameters(ours.model),
               "init_logits_max_abs_diff": init_logits_gap(ours.model, theirs.gpt, sampler.train_batch(0)[0]),
-              "train_tflop_per_step": flops_per_token(cfg, vocab).per_batch(flops_per_token(cfg, vocab).train_step) / 1e12}
+              "train_tflop_per_step": flops.per_batch(flops.train_step) / 1e12}
     print(f"phase dropout={dropout}: {record['parameters']:,} parameters, {describe_form(record['form'])}, "
           f"init logits max |diff| {record['init_logits_max_abs_diff']:.2e}", flush=True)
     for side in (ours, theirs):
@@ -345,11 +350,25 @@ def run_phase(args, corpus, dropout: float, steps: int, eval_every: int, device)
     return record
 
 
+def float32_losses(args, corpus, steps: int) -> list[float]:
+    """ode-lm's phase-1 losses in float32 at full matmul precision: the yardstick for bf16 noise."""
+    cfg = ode_lm_config(argparse.Namespace(**{**vars(args), "dtype": "float32"}), 0.0, steps)
+    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+    with jax.default_matmul_precision("highest"):
+        return run_side(OdeLmSide(cfg, corpus.tokenizer.vocab_size), sampler, steps, 0, [])["losses"]
+
+
 def summarise_parity(p: dict) -> dict:
-    diff = np.abs(np.array(p["ode-lm"]["losses"]) - np.array(p["torch"]["losses"]))
-    return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-            "step_of_max": int(diff.argmax()) + 1,
-            "final_loss": {k: p[k]["losses"][-1] for k in ("ode-lm", "torch")}}
+    def gaps(a, b):
+        diff = np.abs(np.array(a) - np.array(b))
+        return {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
+                "step_of_max": int(diff.argmax()) + 1}
+
+    out = {**gaps(p["ode-lm"]["losses"], p["torch"]["losses"]),
+           "final_loss": {k: p[k]["losses"][-1] for k in ("ode-lm", "torch")}}
+    if "ode-lm float32" in p:  # how far bf16 rounding alone moves ode-lm's own curve
+        out["bf16_noise"] = gaps(p["ode-lm"]["losses"], p["ode-lm float32"])
+    return out
 
 
 def summarise_dropout(p: dict) -> dict:
@@ -370,8 +389,12 @@ def report(parity: dict, dropout: dict) -> None:
     print_table(["side", "first loss", "final loss", "ms/step", "TFLOP/s", "first steps s"],
                 [[k, parity[k]["losses"][0], parity[k]["losses"][-1], parity[k]["ms_per_step"],
                   parity[k]["tflops"], parity[k]["first_steps_s"]] for k in ("ode-lm", "torch")])
-    print(f"|loss difference|: max {s1['max_abs_diff']:.2e} (step {s1['step_of_max']}), "
+    print(f"|loss difference| ode-lm vs torch: max {s1['max_abs_diff']:.2e} (step {s1['step_of_max']}), "
           f"mean {s1['mean_abs_diff']:.2e}; init logits max |diff| {parity['init_logits_max_abs_diff']:.2e}")
+    if "bf16_noise" in s1:
+        n = s1["bf16_noise"]
+        print(f"bf16 noise, ode-lm bf16 vs ode-lm float32: max {n['max_abs_diff']:.2e} "
+              f"(step {n['step_of_max']}), mean {n['mean_abs_diff']:.2e}")
     print(f"\nphase 2: dropout {dropout['dropout']}, {dropout['steps']} steps, validation loss; "
           f"{describe_form(dropout['form'])}")
     print_table(["step", "ode-lm", "torch", "ode-lm - torch"],
@@ -405,6 +428,8 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
                     help="further ode-lm config overrides, e.g. data.cache_dir=/tmp/cache")
+    ap.add_argument("--no-noise-floor", dest="noise_floor", action="store_false",
+                    help="skip phase 1's float32 run of ode-lm (the bf16-noise yardstick)")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="eager PyTorch")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="docs/results/gpt2_parity_gpu.json")
@@ -416,6 +441,8 @@ def main() -> None:
     corpus = load_corpus(ode_lm_config(args, 0.0, args.parity_steps).data)
     print(f"data: {corpus.describe()}", flush=True)
     parity = run_phase(args, corpus, 0.0, args.parity_steps, 0, device)
+    if args.dtype == "bfloat16" and args.noise_floor:
+        parity["ode-lm float32"] = float32_losses(args, corpus, args.parity_steps)
     parity["summary"] = summarise_parity(parity)
     dropout = run_phase(args, corpus, args.dropout, args.dropout_steps, args.eval_every, device)
     dropout["summary"] = summarise_dropout(dropout)
