@@ -382,8 +382,8 @@ def summarise_dropout(p: dict) -> dict:
     return out
 
 
-def report(parity: dict, dropout: dict) -> None:
-    s1, s2 = parity["summary"], dropout["summary"]
+def report_parity(parity: dict) -> None:
+    s1 = parity["summary"]
     print(f"\nphase 1: dropout 0, {parity['steps']} steps, training loss of each step; "
           f"{describe_form(parity['form'])}")
     print_table(["side", "first loss", "final loss", "ms/step", "TFLOP/s", "first steps s"],
@@ -395,6 +395,10 @@ def report(parity: dict, dropout: dict) -> None:
         n = s1["bf16_noise"]
         print(f"bf16 noise, ode-lm bf16 vs ode-lm float32: max {n['max_abs_diff']:.2e} "
               f"(step {n['step_of_max']}), mean {n['mean_abs_diff']:.2e}")
+
+
+def report_dropout(dropout: dict) -> None:
+    s2 = dropout["summary"]
     print(f"\nphase 2: dropout {dropout['dropout']}, {dropout['steps']} steps, validation loss; "
           f"{describe_form(dropout['form'])}")
     print_table(["step", "ode-lm", "torch", "ode-lm - torch"],
@@ -421,9 +425,9 @@ def main() -> None:
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parity-steps", type=int, default=300, help="phase 1 steps (dropout 0)")
+    ap.add_argument("--parity-steps", type=int, default=300, help="phase 1 steps (dropout 0); 0 skips it")
     ap.add_argument("--dropout", type=float, default=0.2, help="phase 2 dropout")
-    ap.add_argument("--dropout-steps", type=int, default=5000, help="phase 2 steps")
+    ap.add_argument("--dropout-steps", type=int, default=5000, help="phase 2 steps; 0 skips it")
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-batches", type=int, default=20)
     ap.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
@@ -434,23 +438,32 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="docs/results/gpt2_parity_gpu.json")
     args = ap.parse_args()
+    if args.parity_steps < 0 or args.dropout_steps < 0 or args.eval_every < 1 or args.eval_batches < 1:
+        raise ConfigError("compare_gpt2_torch: --parity-steps and --dropout-steps must be >= 0, "
+                          "--eval-every and --eval-batches >= 1")
 
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32, as JAX's default on NVIDIA GPUs
-    corpus = load_corpus(ode_lm_config(args, 0.0, args.parity_steps).data)
+    corpus = load_corpus(ode_lm_config(args, 0.0, 1).data)
     print(f"data: {corpus.describe()}", flush=True)
-    parity = run_phase(args, corpus, 0.0, args.parity_steps, 0, device)
-    if args.dtype == "bfloat16" and args.noise_floor:
-        parity["ode-lm float32"] = float32_losses(args, corpus, args.parity_steps)
-    parity["summary"] = summarise_parity(parity)
-    dropout = run_phase(args, corpus, args.dropout, args.dropout_steps, args.eval_every, device)
-    dropout["summary"] = summarise_dropout(dropout)
-    report(parity, dropout)
+    results = {}
+    if args.parity_steps:
+        parity = results["phase1_parity"] = run_phase(args, corpus, 0.0, args.parity_steps, 0, device)
+        if args.dtype == "bfloat16" and args.noise_floor:
+            parity["ode-lm float32"] = float32_losses(args, corpus, args.parity_steps)
+        parity["summary"] = summarise_parity(parity)
+    if args.dropout_steps:
+        dropout = results["phase2_dropout"] = run_phase(args, corpus, args.dropout, args.dropout_steps,
+                                                        args.eval_every, device)
+        dropout["summary"] = summarise_dropout(dropout)
+    if args.parity_steps:
+        report_parity(results["phase1_parity"])
+    if args.dropout_steps:
+        report_dropout(results["phase2_dropout"])
     info = {**machine(), "torch": torch.__version__, "torch_device": str(device),
             "torch_device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
-    write_json(args.out, {"benchmark": "gpt2_parity", "machine": info, "args": vars(args),
-                          "phase1_parity": parity, "phase2_dropout": dropout})
+    write_json(args.out, {"benchmark": "gpt2_parity", "machine": info, "args": vars(args), **results})
 
 
 if __name__ == "__main__":
