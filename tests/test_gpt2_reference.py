@@ -205,3 +205,24 @@ def test_reference_tells_the_forms_and_biases_apart():
     changed[:, 3] = (changed[:, 3] + 1) % VOCAB
     moved = np.abs(gpt2_logits(params, changed, HEADS) - sequential).max(axis=(0, 2))
     assert moved[:3].max() == 0.0 and moved[3:].min() > 0.0
+
+
+@needs_block
+def test_residual_projections_start_at_gpt2_scaled_std():
+    """GPT-2 (and nanoGPT) draw the two residual projections of every layer (attention output,
+    MLP output) with std / sqrt(2 * layers); every other matrix keeps std."""
+    layers, std = 4, 0.02
+    cfg = config_from_dict({"model": {"family": "standard", "dim": 64, "heads": 2, "layers": layers,
+                                      "max_positions": 64, "init_std": std}, "data": {"seq_len": 64}},
+                           "test_gpt2_reference")
+    model = build_model(cfg.model, 256, jax.random.key(3))
+
+    def measured(get):
+        return float(np.std(np.concatenate([np.asarray(get(layer)).ravel() for layer in model.layers])))
+
+    residual = std / np.sqrt(2 * layers)
+    for get in (lambda b: b.attn.proj.weight, lambda b: b.mlp.fc2.weight):
+        assert abs(measured(get) / residual - 1) < 0.03  # 16k draws each: ~0.6% sampling error
+    for get in (lambda b: b.attn.qkv.weight, lambda b: b.mlp.fc1.weight):
+        assert abs(measured(get) / std - 1) < 0.03
+    assert abs(float(np.std(np.asarray(model.embedding.tokens))) / std - 1) < 0.03
