@@ -95,7 +95,8 @@ def ode_lm_config(args: argparse.Namespace, dropout: float, steps: int) -> Confi
 def form_of(cfg: Config) -> dict:
     """What ode-lm runs: block form, bias, and the three dropout rates."""
     m = cfg.model
-    return {"block": getattr(m, "block", "parallel"), "bias": getattr(m, "bias", True),
+    sequential = getattr(m, "sequential", False)  # block resolved ("auto"); parallel before the knob
+    return {"block": "sequential" if sequential else "parallel", "bias": getattr(m, "bias", True),
             "embd_dropout": getattr(m, "embd_dropout", m.dropout),
             "attn_dropout": getattr(m, "attn_dropout", 0.0),  # none before the knob existed
             "resid_dropout": getattr(m, "resid_dropout", m.dropout)}
