@@ -15,10 +15,9 @@ under ``torch.compile`` and fused AdamW.
   batches (eval mode, dropout off); best and final validation loss of both.
 
 The PyTorch model mirrors the form ode-lm runs: GPT-2's sequential block
-``x += attn(LN1(x)); x += mlp(LN2(x))`` where ``ModelConfig`` has the ``block`` knob (set to
-"sequential" here), otherwise ode-lm's older parallel block ``x += attn(LN1(x)) +
-mlp(LN2(x))``; dropout on the embeddings, the attention probabilities (where ode-lm has
-``attn_dropout``) and each residual branch. The form that ran is printed and recorded.
+``x += attn(LN1(x)); x += mlp(LN2(x))`` (``--set model.block=parallel`` for the parallel
+one); dropout on the embeddings, the attention probabilities and each residual branch. The
+form that ran is printed and recorded.
 
 Times are synchronised per step (the loss is read back each step) and leave out each
 side's first ``WARMUP_STEPS`` steps, which compile. Needs ``torch`` (extra ``torch``).
@@ -43,7 +42,6 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -57,7 +55,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from _timing import machine, print_table, write_json  # noqa: E402
-from ode_lm.config import Config, ModelConfig, ODEConfig, config_from_dict, parse_override  # noqa: E402
+from ode_lm.config import Config, ODEConfig, config_from_dict, parse_override  # noqa: E402
 from ode_lm.data import BatchSampler, load_corpus  # noqa: E402
 from ode_lm.errors import ConfigError, UserError  # noqa: E402
 from ode_lm.models import count_parameters  # noqa: E402
@@ -67,7 +65,6 @@ from ode_lm.train.precision import compute_dtype, param_dtype  # noqa: E402
 from ode_lm.train.steps import EvalStep, TrainStep  # noqa: E402
 from ode_lm.train.trainer import init_state  # noqa: E402
 
-MODEL_KNOBS = {f.name for f in dataclasses.fields(ModelConfig)}
 DROPOUT_KNOBS = ("dropout", "embd_dropout", "attn_dropout", "resid_dropout")
 WARMUP_STEPS = 3  # per side, left out of ms/step: compilation (and torch.compile's recompiles)
 
@@ -77,10 +74,8 @@ WARMUP_STEPS = 3  # per side, left out of ms/step: compilation (and torch.compil
 def ode_lm_config(args: argparse.Namespace, dropout: float, steps: int) -> Config:
     """The run both sides follow. Dropout knobs are set one by one where they exist."""
     model = {"family": "standard", "dim": args.dim, "heads": args.heads, "layers": args.layers,
-             "max_positions": args.seq, "tie_embeddings": True,
-             **{k: dropout for k in DROPOUT_KNOBS if k in MODEL_KNOBS}}
-    if "block" in MODEL_KNOBS:
-        model["block"] = "sequential"
+             "max_positions": args.seq, "tie_embeddings": True, "block": "sequential",
+             **{k: dropout for k in DROPOUT_KNOBS}}
     raw = {"model": model,
            "data": {"tokenizer": "char", "max_bytes": args.max_bytes, "seq_len": args.seq},
            "train": {"steps": steps, "batch_size": args.batch, "seed": args.seed, "dtype": args.dtype},
@@ -95,11 +90,8 @@ def ode_lm_config(args: argparse.Namespace, dropout: float, steps: int) -> Confi
 def form_of(cfg: Config) -> dict:
     """What ode-lm runs: block form, bias, and the three dropout rates."""
     m = cfg.model
-    sequential = getattr(m, "sequential", False)  # block resolved ("auto"); parallel before the knob
-    return {"block": "sequential" if sequential else "parallel", "bias": getattr(m, "bias", True),
-            "embd_dropout": getattr(m, "embd_dropout", m.dropout),
-            "attn_dropout": getattr(m, "attn_dropout", 0.0),  # none before the knob existed
-            "resid_dropout": getattr(m, "resid_dropout", m.dropout)}
+    return {"block": "sequential" if m.sequential else "parallel", "bias": m.bias,
+            "embd_dropout": m.embd_dropout, "attn_dropout": m.attn_dropout, "resid_dropout": m.resid_dropout}
 
 
 def describe_form(form: dict) -> str:

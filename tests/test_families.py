@@ -8,7 +8,7 @@ import pytest
 
 from ode_lm.config import ADJOINTS, FAMILIES, ModelConfig, ODEConfig
 from ode_lm.models import build_model, count_parameters
-from ode_lm.nn import Block, SelectiveSSM, sinusoidal
+from ode_lm.nn import SelectiveSSM, sinusoidal
 
 VOCAB = 32
 SMALL = dict(dim=16, heads=2, mlp_ratio=2, max_positions=16, dropout=0.0, time_embed_dim=8,

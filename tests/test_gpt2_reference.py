@@ -13,12 +13,7 @@ contiguous slices of ``q | k | v``, ``mlp(h) = gelu_tanh(h W_fc + b_fc) W_proj +
 LayerNorm ``(x - mean) / sqrt(var + 1e-5) * g + b`` (biased variance). ``parallel=True`` is
 the form ``x' = x + attn(LN_1(x)) + mlp(LN_2(x))``. Weights are copied from a fresh ode-lm
 model whose biases and LayerNorm gains/shifts are set to random non-zero values first.
-
-Until ``ModelConfig`` has the ``block`` / ``bias`` knobs, only the parallel form with
-biases can be built; the other cases are skipped on that condition alone.
 """
-
-import dataclasses
 
 import equinox as eqx
 import jax
@@ -26,12 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ode_lm.config import ModelConfig, ODEConfig, config_from_dict
+from ode_lm.config import ODEConfig, config_from_dict
 from ode_lm.models import build_model, count_parameters
 
 VOCAB, DIM, HEADS, LAYERS, SEQ, BATCH = 48, 32, 2, 3, 8, 2
-HAS_BLOCK = "block" in {f.name for f in dataclasses.fields(ModelConfig)}
-needs_block = pytest.mark.skipif(not HAS_BLOCK, reason="ModelConfig has no 'block' knob yet")
 
 
 # ---------------------------------------------------------------- the reference (NumPy)
@@ -160,11 +153,11 @@ def gpt2_parameter_count(bias: bool, tied: bool) -> int:
 
 FORMS = [
     # (block knob, bias knob, reference parallel?, bias expected)
-    pytest.param("parallel" if HAS_BLOCK else None, None, True, True, id="parallel-bias"),
-    pytest.param(None, None, False, True, id="default-is-sequential", marks=needs_block),
-    pytest.param("sequential", True, False, True, id="sequential-bias", marks=needs_block),
-    pytest.param("sequential", False, False, False, id="sequential-nobias", marks=needs_block),
-    pytest.param("parallel", False, True, False, id="parallel-nobias", marks=needs_block),
+    pytest.param("parallel", None, True, True, id="parallel-bias"),
+    pytest.param(None, None, False, True, id="default-is-sequential"),
+    pytest.param("sequential", True, False, True, id="sequential-bias"),
+    pytest.param("sequential", False, False, False, id="sequential-nobias"),
+    pytest.param("parallel", False, True, False, id="parallel-nobias"),
 ]
 
 
@@ -182,7 +175,7 @@ def test_standard_logits_equal_gpt2_reference(block, bias, parallel, has_bias):
 
 def test_untied_head_equals_gpt2_reference():
     with jax.enable_x64(True):
-        model = standard_model("parallel" if HAS_BLOCK else None, tied=False, layers=2)
+        model = standard_model("parallel", tied=False, layers=2)
         ids = token_ids()
         got = ode_lm_logits(model, ids)
     params = exported(model)
@@ -194,7 +187,7 @@ def test_reference_tells_the_forms_and_biases_apart():
     """The comparison above is sensitive: the block forms, and biases against none, give
     logits far apart on the same weights, and the first position sees only itself."""
     with jax.enable_x64(True):
-        params = exported(standard_model("parallel" if HAS_BLOCK else None))
+        params = exported(standard_model("parallel"))
     ids = token_ids()
     sequential = gpt2_logits(params, ids, HEADS)
     assert np.abs(sequential - gpt2_logits(params, ids, HEADS, parallel=True)).max() > 1e-2
@@ -207,7 +200,6 @@ def test_reference_tells_the_forms_and_biases_apart():
     assert moved[:3].max() == 0.0 and moved[3:].min() > 0.0
 
 
-@needs_block
 def test_residual_projections_start_at_gpt2_scaled_std():
     """GPT-2 (and nanoGPT) draw the two residual projections of every layer (attention output,
     MLP output) with std / sqrt(2 * layers); every other matrix keeps std."""
