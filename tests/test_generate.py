@@ -69,11 +69,18 @@ def test_cached_decoding_equals_full_recompute(model, solver):
     assert_cached_equals_full_recompute(model, solver)
 
 
-def family_model(family):
+def family_model(family, **kw):
     cfg = ModelConfig(family=family, dim=16, heads=2, mlp_ratio=2, layers=3, max_positions=PROMPT + DECODED,
                       dropout=0.0, time_embed_dim=8, modulation_hidden=8, hyper_hidden=8, ssm_state_size=4,
-                      init_std=0.3)
+                      init_std=0.3, **kw)
     return build_model(cfg, VOCAB, jax.random.key(0))
+
+
+@pytest.mark.parametrize("family, form", [("hypernetwork", {"hyper_form": "rank_one"}),
+                                          ("standard", {"block": "parallel"})])
+def test_cached_decoding_equals_full_recompute_in_the_other_forms(family, form):
+    """The rank-one hypernetwork and the parallel discrete model decode exactly too."""
+    assert_cached_equals_full_recompute(family_model(family, **form), "rk4")
 
 
 # The default run checks every family under a multi-stage solver; -m slow runs the product.
