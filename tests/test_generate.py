@@ -69,10 +69,10 @@ def test_cached_decoding_equals_full_recompute(model, solver):
     assert_cached_equals_full_recompute(model, solver)
 
 
-def family_model(family):
+def family_model(family, **kw):
     cfg = ModelConfig(family=family, dim=16, heads=2, mlp_ratio=2, layers=3, max_positions=PROMPT + DECODED,
                       dropout=0.0, time_embed_dim=8, modulation_hidden=8, hyper_hidden=8, ssm_state_size=4,
-                      init_std=0.3)
+                      init_std=0.3, **kw)
     return build_model(cfg, VOCAB, jax.random.key(0))
 
 
@@ -82,6 +82,13 @@ def family_model(family):
     for f in FAMILIES if f != "time_indexed" for s in FIXED_STEP_SOLVERS])
 def test_cached_decoding_equals_full_recompute_every_family(family, solver):
     assert_cached_equals_full_recompute(family_model(family), solver)
+
+
+def test_cached_decoding_equals_full_recompute_ssm_head_form():
+    """Form 'head': the cache carries the recurrent state; the full pass runs the chunked
+    (matrix-product) scan with chunks that do not divide the sequence."""
+    assert_cached_equals_full_recompute(family_model("time_indexed_ssm", ssm_form="head", ssm_heads=2,
+                                                     ssm_scan="chunked", ssm_chunk=7), "euler")
 
 
 def test_cache_is_exact_only_with_the_right_slots(model):
