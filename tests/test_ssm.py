@@ -142,3 +142,17 @@ def test_ssm_heads_must_divide_dim():
     with pytest.raises(ConfigError, match="ssm_heads = 3 does not divide dim = 16"):
         config_from_dict({"model": {"family": "time_indexed_ssm", "dim": 16, "heads": 2, "ssm_form": "head",
                                     "ssm_heads": 3}}, source="test")
+
+
+def test_head_form_parameter_count():
+    """``W_delta`` is ``dim x H`` and ``alpha, delta, a_log`` have one entry per head."""
+    from ode_lm.config import ModelConfig
+    from ode_lm.models import build_model
+    from ode_lm.models.accounting import parameter_counts
+
+    d, n, h, e, hidden = DIM, STATE, HEADS, 8, 16
+    cfg = ModelConfig(family="time_indexed_ssm", dim=d, heads=2, ssm_state_size=n, ssm_form="head", ssm_heads=h,
+                      time_embed_dim=e, modulation_hidden=hidden, max_positions=16)
+    model = eqx.filter_eval_shape(build_model, cfg, 32, jax.random.key(0))
+    assert parameter_counts(model)["ssm"] == (2 * d + d * (h + 2 * n) + d * d + d + h + e * hidden + hidden
+                                              + hidden * (2 * h + d + 2 * n) + 2 * h + d + 2 * n)
