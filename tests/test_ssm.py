@@ -125,6 +125,7 @@ def step_temp_bytes(form, scan, seq, batch=2, dim=64, state=64, chunk=16):
     return loss.lower(ssm, x).compile().memory_analysis().temp_size_in_bytes, batch * seq * dim * state * 4
 
 
+@pytest.mark.slow  # four compiled backward passes; scripts/bench_families.py records the same per step
 def test_chunked_scan_memory_does_not_scale_with_seq_times_state():
     """The chunked scan's temporaries (the sequential and associative scans' exceed one
     ``batch x seq x dim x state`` tensor) stay below that tensor and grow by a small fraction
