@@ -36,7 +36,6 @@ SOURCES = ("python-stdlib", "text", "hf")
 TOKENIZERS = ("byte", "char")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
-SSM_SCANS = ("associative", "sequential")  # how the SSM runs along the sequence
 # The layer form: GPT-2's sequential sub-layers, or attention and MLP side by side (the form
 # of the ODE families' vector field); "auto": sequential for `standard`, parallel otherwise.
 BLOCK_FORMS = ("auto", "sequential", "parallel")
@@ -45,6 +44,8 @@ HYPER_FORMS = ("dense", "rank_one")  # how the hypernetwork generates the block'
 # model.dropout is the shorthand for these three; each one given explicitly wins over it.
 DROPOUT_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout")
 FROM_DROPOUT = -1.0  # the default of those three: "take model.dropout" (resolved on construction)
+SSM_SCANS = ("auto", "associative", "sequential", "chunked")  # how the SSM runs along the sequence
+SSM_FORMS = ("channel", "head")  # the SSM's decay: per channel and state, or one per head
 NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
 MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
 CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
@@ -94,9 +95,17 @@ class ModelConfig:
                              "(dense; Tong et al.'s time-embedding dim), or hidden units and rank of the "
                              "generated updates (rank_one)")
     ssm_state_size: int = knob(64, ge=4, le=256, doc="SSM state size (family 'time_indexed_ssm')")
-    ssm_scan: str = knob("associative", choices=SSM_SCANS,
-                         doc="SSM scan over the sequence: associative (parallel, O(log T) depth; GPU) "
-                         "or sequential (a loop; far less memory traffic, faster on CPU)")
+    ssm_scan: str = knob("auto", choices=SSM_SCANS,
+                         doc="SSM scan over the sequence: sequential (a loop; the fastest on CPU for form "
+                         "channel), associative (parallel, O(log T) depth; materialises batch x seq x dim x "
+                         "state per level), chunked (chunks of ssm_chunk positions, one state carried between "
+                         "them; memory independent of seq) or auto (chunked, except sequential for form "
+                         "channel on CPU)")
+    ssm_chunk: int = knob(64, ge=1, doc="positions per chunk of ssm_scan = chunked")
+    ssm_form: str = knob("channel", choices=SSM_FORMS,
+                         doc="SSM decay: channel (exp(Delta A) per channel and state, Mamba) or head (one "
+                         "Delta and scalar A per head, Mamba-2; chunked runs as matrix products)")
+    ssm_heads: int = knob(4, ge=1, doc="SSM heads of ssm_form = head; must divide dim")
     init_std: float = knob(0.02, gt=0.0, doc="std of the normal weight initialisation")
     attention: str = knob("auto", choices=ATTENTION_IMPLEMENTATIONS,
                           doc="attention kernel; auto: cuDNN flash on GPU for bf16/fp16, else XLA")
@@ -417,6 +426,9 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"or \"direct\" (here adaptive = {str(c.ode.adaptive).lower()}, adjoint = "
                           f"\"{c.ode.adjoint}\"); adaptive control, backsolve and reversible need one "
                           "deterministic f: use dropout_masks = \"per_solve\"")
+    if c.model.ssm_form == "head" and c.model.dim % c.model.ssm_heads:
+        raise ConfigError(f"{source}: [model] ssm_heads = {c.model.ssm_heads} does not divide "
+                          f"dim = {c.model.dim}; pick ssm_heads among the divisors of dim")
     if c.model.time_embed_dim % 2:
         raise ConfigError(f"{source}: [model] time_embed_dim = {c.model.time_embed_dim} must be even")
     if c.data.seq_len > c.model.max_positions:

@@ -91,6 +91,13 @@ def test_cached_decoding_equals_full_recompute_every_family(family, solver):
     assert_cached_equals_full_recompute(family_model(family), solver)
 
 
+def test_cached_decoding_equals_full_recompute_ssm_head_form():
+    """Form 'head': the cache carries the recurrent state; the full pass runs the chunked
+    (matrix-product) scan with chunks that do not divide the sequence."""
+    assert_cached_equals_full_recompute(family_model("time_indexed_ssm", ssm_form="head", ssm_heads=2,
+                                                     ssm_scan="chunked", ssm_chunk=7), "euler")
+
+
 def test_cache_is_exact_only_with_the_right_slots(model):
     """A cache filled by another solver's evaluations gives other logits."""
     prompt = tokens()

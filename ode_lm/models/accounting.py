@@ -6,13 +6,16 @@ of a forward pass::
 
     forward = NFE * (field per token + per-evaluation work / tokens per batch) + embed + head
     block   = 2 d^2 (3 + 1 + 2 r)  +  2 * 2 T d        # qkv, proj, fc1, fc2; QK^T and AV
-    ssm     = 2 d (d + 2N) + 2 d^2 + 6 d N             # in/out projections; scan (see below)
+    ssm     = 2 d (G + 2N) + 2 d^2 + 6 d N             # in/out projections; scan (see below)
     head    = 2 d V
     embed   = 2 d V when V <= ONE_HOT_MAX_VOCAB (a one-hot product), else 0 (a gather)
 
 with ``T = data.seq_len`` (attention over the full window, not halved for causality),
-``r = mlp_ratio``. The scan's 6 FLOPs per (channel, state) are the decay argument
-``Delta A``, the drive ``(Delta u) B``, the update ``a h + b`` and the readout ``C . h``.
+``r = mlp_ratio``, ``G = d`` (``model.ssm_form = "channel"``) or ``G = model.ssm_heads``
+(``"head"``: one step ``Delta`` per head). The scan's 6 FLOPs per (channel, state) are the
+decay argument ``Delta A``, the drive ``(Delta u) B``, the update ``a h + b`` and the
+readout ``C . h`` (5 in form ``head``, whose decay is per head): the recurrence's, whichever
+``model.ssm_scan`` evaluates it (the chunked form ``head`` spends more, in matrix products).
 Per-evaluation work does not scale with tokens: the modulation MLP, the SSM's parameter
 MLP, or the hypernetwork's weight generation (``2 n_in n_out H`` per matrix, plus the dense
 form's six time embeddings, biases and norms). NFE comes
@@ -68,9 +71,15 @@ def block_flops_per_token(m: ModelConfig, seq_len: int) -> int:
     return 2 * d * d * (3 + 1 + 2 * r) + 2 * 2 * seq_len * d
 
 
+def ssm_groups(m: ModelConfig) -> int:
+    """How many steps ``Delta`` (and ``A`` rows) a token has: one per channel or per head."""
+    return m.dim if m.ssm_form == "channel" else m.ssm_heads
+
+
 def ssm_flops_per_token(m: ModelConfig) -> int:
     d, n = m.dim, m.ssm_state_size
-    return 2 * d * (d + 2 * n) + 2 * d * d + 6 * d * n
+    scan = 6 if m.ssm_form == "channel" else 5
+    return 2 * d * (ssm_groups(m) + 2 * n) + 2 * d * d + scan * d * n
 
 
 def per_evaluation_flops(m: ModelConfig) -> int:
@@ -90,7 +99,8 @@ def per_evaluation_flops(m: ModelConfig) -> int:
         vectors = 2 * 2 * d + 3 * d + d + hidden + d
         return 2 * e * h + sum(2 * a * b * h for a, b in matrices) + 2 * h * vectors
     if m.family == "time_indexed_ssm":
-        ssm_mlp = 2 * (e * m.modulation_hidden + m.modulation_hidden * (3 * d + 2 * m.ssm_state_size))
+        z_size = 2 * ssm_groups(m) + d + 2 * m.ssm_state_size  # alpha, delta (G each), D, beta, gamma
+        ssm_mlp = 2 * (e * m.modulation_hidden + m.modulation_hidden * z_size)
         return modulation + ssm_mlp
     return modulation  # time_indexed, constant
 

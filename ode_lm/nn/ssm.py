@@ -1,7 +1,7 @@
 """A selective state-space layer whose dynamics depend on depth-time ``t``.
 
 For the hidden state ``x`` of one sequence, position ``k``, channel ``c < dim`` and state
-index ``n < N`` (``N = model.ssm_state_size``)::
+index ``n < N`` (``N = model.ssm_state_size``), with the default form ``channel``::
 
     u_k        = LN(x_k)
     z(t)       = MLP(sinusoidal(t)) = [alpha(t), delta(t), D(t) in R^dim; beta(t), gamma(t) in R^N]
@@ -21,13 +21,38 @@ dynamics. ``A`` is discretised by zero-order hold and ``B`` by Euler, as in Mamb
 ``Delta > 0`` and ``A < 0``, the decay ``exp(Delta A)`` lies in ``(0, 1)`` for every ``t``
 and every input, so the recurrence is stable: ``|h_k| <= max|Delta B u| / (1 - max decay)``.
 
+The form ``head`` (``model.ssm_form``, Mamba-2's scalar decay) splits the channels into
+``H = model.ssm_heads`` heads of ``P = dim / H`` channels and gives each head one step and
+one decay: ``alpha(t), delta(t), a_log`` and ``Delta_k`` live in ``R^H`` and, for channel
+``c`` of head ``h``, ``A(t)[h] = -exp(a_log[h] + alpha_h(t))`` and
+``h_k[c,n] = exp(Delta_k[h] A(t)[h]) h_{k-1}[c,n] + Delta_k[h] B_k[n] u_k[c]`` (``a_log``
+starts at ``log`` of ``H`` values evenly spaced in ``[1, 16]``, Mamba-2's range). The decay
+no longer depends on ``n``, which turns the chunked scan into matrix products (below).
+
 The recurrence ``h_k = a_k h_{k-1} + b_k`` is a scan under the associative operator
-``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``. ``associative`` evaluates it with
-``jax.lax.associative_scan`` (O(log T) depth, but every level reads and writes
-``batch x seq x dim x N`` floats); ``step`` advances it by one token (for decoding) and
-``extend`` continues it from a carried state over a chunk (cached decoding);
-``sequential`` loops ``step`` over the sequence (the test oracle, and on CPU the faster
-of the two). ``__call__`` uses the one named by ``model.ssm_scan``.
+``(a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)``. ``__call__`` evaluates it by the scan named by
+``model.ssm_scan``:
+
+- ``sequential`` loops ``step`` over the sequence (the test oracle);
+- ``associative``: ``jax.lax.associative_scan`` (O(log T) depth, but every level reads and
+  writes ``batch x seq x dim x N`` floats);
+- ``chunked``: chunks of ``L = model.ssm_chunk`` positions. Form ``channel``: a sequential
+  scan over chunks carries ``h`` (``batch x dim x N``); inside a chunk, ``extend`` gives
+  every position's state in parallel from the carried one,
+  ``h_k = (prod_{j<=k} a_j) h_0 + (zero-start scan)_k``; each chunk is recomputed in the
+  backward pass (``jax.checkpoint``), so neither pass holds more than one chunk's
+  ``batch x L x dim x N`` states. Form ``head`` (Mamba-2's SSD): with the within-chunk
+  cumulative log-decay ``s_i = sum_{m<=i} Delta_m A``, the chunk's outputs are
+  ``y_i = sum_{j<=i} exp(s_i - s_j) (C_i . B_j) (Delta u)_j``  (an ``L x L`` masked matrix
+  per head times the chunk's inputs) plus ``exp(s_i) C_i . h_start``; each chunk's
+  zero-start end state ``sum_j exp(s_L - s_j) (Delta u)_j B_j^T`` is one matrix product, and
+  a sequential scan over chunks turns those into every chunk's starting state.
+  No ``batch x seq x dim x N`` tensor exists in either form.
+- ``auto``: ``chunked`` off the CPU, and for the ``head`` form; ``sequential`` for the
+  ``channel`` form on the CPU (where it is the fastest).
+
+``step`` advances the recurrence by one token (for decoding) and ``extend`` continues it
+from a carried state over a chunk (cached decoding).
 """
 
 from __future__ import annotations
@@ -42,6 +67,7 @@ from ode_lm.nn.layers import LayerNorm, Linear
 from ode_lm.nn.time_embedding import sinusoidal
 
 DELTA_INIT_RANGE = (1e-3, 1e-1)  # initial steps Delta, log-uniform per channel (Mamba's choice)
+HEAD_DECAY_RANGE = (1.0, 16.0)  # initial -A per head, form 'head' (Mamba-2's range)
 
 
 def _combine(left, right):
@@ -53,39 +79,108 @@ def _combine(left, right):
 class SSMParams(eqx.Module):
     """The discretised recurrence for a batch of tokens: ``h <- decay * h + drive``."""
 
-    decay: Float[Array, "*tokens dim state"]  # exp(Delta A), in (0, 1)
+    decay: Float[Array, "*tokens dim state_or_1"]  # exp(Delta A), in (0, 1); one per channel in form 'head'
     drive: Float[Array, "*tokens dim state"]  # Delta B u
     readout: Float[Array, "*tokens state"]  # C
     skip: Float[Array, "*tokens dim"]  # D u
 
 
+class SSMFactors(eqx.Module):
+    """The recurrence before its outer products: ``decay = exp(delta A)`` (``delta``
+    repeated over a head's channels), ``drive = (delta u) B^T``; ``G`` = dim or heads."""
+
+    delta: Float[Array, "*tokens groups"]  # Delta > 0
+    a: Float[Array, "groups state_or_1"]  # A(t) < 0
+    u: Float[Array, "*tokens dim"]
+    b: Float[Array, "*tokens state"]
+    c: Float[Array, "*tokens state"]
+    skip: Float[Array, "*tokens dim"]  # D u
+
+    def per_channel(self) -> tuple[Float[Array, "*tokens dim"], Float[Array, "dim state_or_1"]]:
+        """``Delta`` and ``A`` of every channel (a head's values repeated over its channels)."""
+        repeat = self.u.shape[-1] // self.delta.shape[-1]
+        return jnp.repeat(self.delta, repeat, axis=-1), jnp.repeat(self.a, repeat, axis=0)
+
+    def params(self) -> SSMParams:
+        delta, a = self.per_channel()
+        return SSMParams(decay=jnp.exp(delta[..., None] * a),
+                         drive=(delta * self.u)[..., None] * self.b[..., None, :],
+                         readout=self.c, skip=self.skip)
+
+
+def _to_chunks(z: Float[Array, "batch seq *rest"], length: int) -> Float[Array, "batch chunks length *rest"]:
+    """Split the sequence axis into chunks, zero-padding the last one."""
+    b, t = z.shape[:2]
+    pad = -t % length
+    z = jnp.pad(z, [(0, 0), (0, pad)] + [(0, 0)] * (z.ndim - 2))
+    return z.reshape(b, (t + pad) // length, length, *z.shape[2:])
+
+
+def _chunk_starts(decay: Float[Array, "batch chunks heads"], ends: Float[Array, "batch chunks heads p state"]
+                  ) -> Float[Array, "batch chunks heads p state"]:
+    """Each chunk's starting state, by a sequential scan over chunks:
+    ``h_start(z + 1) = decay_z h_start(z) + end_z`` from ``h_start(0) = 0``."""
+    def step(h, inputs):
+        a, end = inputs
+        return a[..., None, None] * h + end, h
+
+    _, starts = jax.lax.scan(step, jnp.zeros_like(ends[:, 0]), (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(ends, 1, 0)))
+    return jnp.moveaxis(starts, 0, 1)
+
+
+def ssd_scan(f: SSMFactors, length: int) -> Float[Array, "batch seq dim"]:
+    """``sum_n C_k[n] h_k[c,n]`` of form 'head' by chunks of ``length`` positions (Mamba-2's
+    state-space duality; module docstring): masked ``L x L`` products within chunks, a
+    scan over chunks between them."""
+    b, t, d = f.u.shape
+    heads = f.delta.shape[-1]
+    length = min(length, t)
+    s = jnp.cumsum(_to_chunks(f.delta * f.a[:, 0], length), axis=2)  # [b, z, L, H]: log prod of decays
+    x = _to_chunks(f.delta[..., None] * f.u.reshape(b, t, heads, d // heads), length)  # [b, z, L, H, P]
+    bs, cs = _to_chunks(f.b, length), _to_chunks(f.c, length)  # [b, z, L, N]
+    causal = jnp.tril(jnp.ones((length, length), bool))[:, :, None]
+    within = jnp.exp(jnp.where(causal, s[:, :, :, None] - s[:, :, None], -jnp.inf))  # [b, z, i, j, H]
+    mix = jnp.einsum("bzin,bzjn->bzij", cs, bs)[..., None] * within
+    y = jnp.einsum("bzijh,bzjhp->bzihp", mix, x)
+    to_end = jnp.exp(s[:, :, -1:] - s)[..., None] * x  # each input decayed to its chunk's end
+    starts = _chunk_starts(jnp.exp(s[:, :, -1]), jnp.einsum("bzjn,bzjhp->bzhpn", bs, to_end))
+    y = y + jnp.exp(s)[..., None] * jnp.einsum("bzin,bzhpn->bzihp", cs, starts)
+    return y.reshape(b, -1, d)[:, :t]
+
+
 class SelectiveSSM(eqx.Module):
     norm: LayerNorm
-    in_proj: Linear  # u -> [delta (dim), B (N), C (N)], no bias (z(t) has it)
+    in_proj: Linear  # u -> [delta (G), B (N), C (N)], no bias (z(t) has it); G = dim or heads
     out_proj: Linear
-    a_log: Float[Array, " state"]
+    a_log: Float[Array, " state_or_heads"]
     t_hidden: Linear  # the small hypernetwork: sinusoidal(t) -> hidden -> z(t)
     t_out: Linear
     time_embed_dim: int = eqx.field(static=True)
-    scan: str = eqx.field(static=True, default="associative")
+    scan: str = eqx.field(static=True, default="auto")
+    form: str = eqx.field(static=True, default="channel")
+    chunk: int = eqx.field(static=True, default=64)
 
     def __init__(self, dim: int, state_size: int, time_embed_dim: int, hidden: int, *,
-                 key: PRNGKeyArray, std: float, dtype=jnp.float32, scan: str = "associative"):
+                 key: PRNGKeyArray, std: float, dtype=jnp.float32, scan: str = "auto",
+                 form: str = "channel", heads: int = 4, chunk: int = 64):
         k_in, k_out, k_delta, k_th, k_to = jax.random.split(key, 5)
+        groups = dim if form == "channel" else heads  # one Delta and alpha per channel or per head
         self.norm = LayerNorm(dim, dtype=dtype)
-        self.in_proj = Linear(dim, dim + 2 * state_size, key=k_in, std=std, bias=False, dtype=dtype)
+        self.in_proj = Linear(dim, groups + 2 * state_size, key=k_in, std=std, bias=False, dtype=dtype)
         self.out_proj = Linear(dim, dim, key=k_out, std=std, dtype=dtype)
-        # S4D-real initialisation: A[c, n] = -(n + 1).
-        self.a_log = jnp.log(jnp.arange(1, state_size + 1, dtype=dtype))
+        if form == "channel":  # S4D-real initialisation: A[c, n] = -(n + 1).
+            self.a_log = jnp.log(jnp.arange(1, state_size + 1, dtype=dtype))
+        else:
+            self.a_log = jnp.log(jnp.linspace(*HEAD_DECAY_RANGE, heads, dtype=dtype))
         self.t_hidden = Linear(time_embed_dim, hidden, key=k_th, std=1.0 / time_embed_dim**0.5, dtype=dtype)
-        t_out = Linear(hidden, 3 * dim + 2 * state_size, key=k_to, std=std, dtype=dtype)
+        t_out = Linear(hidden, 2 * groups + dim + 2 * state_size, key=k_to, std=std, dtype=dtype)
         lo, hi = np.log(DELTA_INIT_RANGE[0]), np.log(DELTA_INIT_RANGE[1])
-        delta0 = jnp.exp(jax.random.uniform(k_delta, (dim,), minval=lo, maxval=hi))
-        bias = jnp.concatenate([jnp.zeros(dim), delta0 + jnp.log(-jnp.expm1(-delta0)),  # softplus^-1
+        delta0 = jnp.exp(jax.random.uniform(k_delta, (groups,), minval=lo, maxval=hi))
+        bias = jnp.concatenate([jnp.zeros(groups), delta0 + jnp.log(-jnp.expm1(-delta0)),  # softplus^-1
                                 jnp.ones(dim), jnp.zeros(2 * state_size)])
         self.t_out = eqx.tree_at(lambda lin: lin.bias, t_out, bias.astype(dtype))
         self.time_embed_dim = time_embed_dim
-        self.scan = scan
+        self.scan, self.form, self.chunk = scan, form, chunk
 
     @property
     def dim(self) -> int:
@@ -93,43 +188,71 @@ class SelectiveSSM(eqx.Module):
 
     @property
     def state_size(self) -> int:
-        return self.a_log.shape[0]
+        return (self.in_proj.weight.shape[1] - self.groups) // 2
+
+    @property
+    def groups(self) -> int:
+        """Channels (form 'channel') or heads (form 'head'): how many steps ``Delta`` a token has."""
+        return self.dim if self.form == "channel" else self.a_log.shape[0]
 
     def init_state(self, batch: int) -> Float[Array, "batch dim state"]:
         return jnp.zeros((batch, self.dim, self.state_size), jnp.promote_types(self.a_log.dtype, jnp.float32))
 
-    def discretise(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""]) -> SSMParams:
-        """The recurrence's coefficients for tokens ``x`` at depth-time ``t``, in >= float32."""
-        d, n = self.dim, self.state_size
+    def factors(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""]) -> SSMFactors:
+        """The recurrence's factors for tokens ``x`` at depth-time ``t``, in >= float32."""
+        g, n = self.groups, self.state_size
         wide = jnp.promote_types(x.dtype, jnp.float32)  # long products need float32
         features = sinusoidal(t, self.time_embed_dim).astype(self.t_hidden.weight.dtype)
         z = self.t_out(jax.nn.silu(self.t_hidden(features))).astype(wide)
-        alpha, delta_t, d_skip, beta, gamma = jnp.split(z, np.cumsum([d, d, d, n]).tolist())
+        alpha, delta_t, d_skip, beta, gamma = jnp.split(z, np.cumsum([g, g, self.dim, n]).tolist())
         u = self.norm(x)
         proj = self.in_proj(u).astype(wide)
-        delta = jax.nn.softplus(proj[..., :d] + delta_t)  # [*tokens, dim]
-        b = proj[..., d:d + n] * (1.0 + beta)
-        c = proj[..., d + n:] * (1.0 + gamma)
-        a = -jnp.exp(self.a_log.astype(wide) + alpha[:, None])  # [dim, N], strictly negative
+        a_log = self.a_log.astype(wide)
+        # A: [dim, N] (per channel and state) or [heads, 1] (one per head); strictly negative.
+        a = -jnp.exp(a_log + alpha[:, None]) if self.form == "channel" else -jnp.exp(a_log + alpha)[:, None]
         u = u.astype(wide)
-        return SSMParams(decay=jnp.exp(delta[..., None] * a),
-                         drive=(delta * u)[..., None] * b[..., None, :],
-                         readout=c,
-                         skip=d_skip * u)
+        return SSMFactors(delta=jax.nn.softplus(proj[..., :g] + delta_t), a=a, u=u,
+                          b=proj[..., g:g + n] * (1.0 + beta), c=proj[..., g + n:] * (1.0 + gamma),
+                          skip=d_skip * u)
+
+    def discretise(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""]) -> SSMParams:
+        """The recurrence's coefficients for tokens ``x`` at depth-time ``t``, in >= float32."""
+        return self.factors(x, t).params()
 
     def _output(self, h, p: SSMParams, dtype):
         y = jnp.einsum("...cn,...n->...c", h, p.readout) + p.skip
         return self.out_proj(y.astype(dtype))
 
+    def resolved_scan(self) -> str:
+        """``self.scan`` with ``auto`` resolved for the default backend (module docstring)."""
+        if self.scan != "auto":
+            return self.scan
+        return "sequential" if self.form == "channel" and jax.default_backend() == "cpu" else "chunked"
+
     def __call__(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` for whole sequences, by the scan named in ``self.scan``."""
-        return self.sequential(x, t) if self.scan == "sequential" else self.associative(x, t)
+        return getattr(self, self.resolved_scan())(x, t)
 
     def associative(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` for whole sequences, by a parallel scan over positions."""
         p = self.discretise(x, t)
         _, h = jax.lax.associative_scan(_combine, (p.decay, p.drive), axis=1)
         return self._output(h, p, x.dtype)
+
+    def chunked(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+        """``g(x, t)`` for whole sequences by chunks of ``self.chunk`` positions (module docstring)."""
+        if self.form == "head":
+            f = self.factors(x, t)
+            return self.out_proj((ssd_scan(f, self.chunk) + f.skip).astype(x.dtype))
+        b, seq, _ = x.shape
+        chunks = jnp.moveaxis(_to_chunks(x, min(self.chunk, seq)), 1, 0)  # [chunks, b, L, dim]
+
+        @jax.checkpoint  # the backward pass recomputes a chunk's states from its carried start
+        def body(state, x_chunk):
+            return self.extend(state, x_chunk, t)
+
+        _, y = jax.lax.scan(body, self.init_state(b), chunks)
+        return jnp.moveaxis(y, 0, 1).reshape(b, -1, y.shape[-1])[:, :seq]
 
     def step(self, state: Float[Array, "batch dim state"], x_t: Float[Array, "batch dim"],
              t: Float[Array, ""]) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch dim"]]:
