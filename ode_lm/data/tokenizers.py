@@ -42,9 +42,10 @@ class Tokenizer(abc.ABC):
         """Token ids put between two documents, and how many bytes of text they stand for."""
         return self.encode(SEPARATOR), len(SEPARATOR.encode())
 
-    def save(self, path: Path) -> None:
-        """Write the tokenizer as JSON (``tokenizer_from_file`` reads it back)."""
-        Path(path).write_text(json.dumps(self.state()), encoding="utf-8")
+    def to_json(self) -> str:
+        """The tokenizer as a JSON file's text (a run's ``tokenizer.json``; ``tokenizer_from_file``
+        reads it back)."""
+        return json.dumps(self.state())
 
 
 class ByteTokenizer(Tokenizer):
@@ -188,10 +189,10 @@ class BPETokenizer(Tokenizer):
     def state(self) -> dict:
         return {"name": self.name, "json": self._json}
 
-    def save(self, path: Path) -> None:
+    def to_json(self) -> str:
         """The Hugging Face tokenizer.json itself: loadable by ``tokenizers`` and by
         ``data.tokenizer_file``."""
-        Path(path).write_text(self._json, encoding="utf-8")
+        return self._json
 
 
 def _valid_utf8(text: str) -> str:
@@ -220,7 +221,7 @@ def tokenizer_from_state(state: dict) -> Tokenizer:
 
 
 def tokenizer_from_file(path: str | Path) -> Tokenizer:
-    """A tokenizer saved by ``Tokenizer.save`` (a run's ``tokenizer.json``)."""
+    """A tokenizer written by ``Tokenizer.to_json`` (a run's ``tokenizer.json``)."""
     text = Path(path).read_text(encoding="utf-8")
     state = json.loads(text)
     if isinstance(state, dict) and "model" in state:  # a Hugging Face tokenizer.json
