@@ -25,6 +25,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,12 @@ def stdlib_root() -> Path:
 
 
 def stdlib_files() -> list[Path]:
-    root = stdlib_root()
-    return sorted(p for p in root.rglob("*.py")
-                  if "site-packages" not in p.relative_to(root).parts and p.is_file())
+    """The standard library's ``.py`` files, sorted; installed packages (site-packages) left out."""
+    root, found = stdlib_root(), []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != "site-packages"]
+        found.extend(Path(folder) / f for f in files if f.endswith(".py"))
+    return sorted(p for p in found if p.is_file())
 
 
 def text_files(patterns: tuple[str, ...], key: str = "paths") -> list[Path]:

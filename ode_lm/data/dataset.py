@@ -38,7 +38,8 @@ from ode_lm.data.tokenizers import (SEPARATOR, BPETokenizer, ByteTokenizer, Char
                                     tokenizer_from_state)
 from ode_lm.errors import DataError
 
-BATCH_BYTES = 4 * BLOCK  # text encoded per task
+BATCH_BYTES = BLOCK  # text encoded per task (bounds the encoder's working memory)
+PIECE_CHARS = 1 << 16  # BPE text is encoded in pieces of about this size, cut at line ends
 PARALLEL_BYTES = 64 * 2**20  # a split at least this large is encoded in several processes
 MAX_WORKERS = 8
 DTYPES = ("uint8", "uint16", "uint32")
@@ -216,10 +217,11 @@ def _decode(part: Part, data: bytes, at: int, final: bool) -> tuple[str, int]:
                         "convert the file to UTF-8") from None
 
 
-def _lines(pieces: Iterable[Piece], longest: int = 4 * BLOCK) -> Iterator[Piece]:
-    """Text pieces re-cut after line ends (BPE merges never span one), at most ``longest``
-    characters without a line end."""
-    buffer = ""
+def _lines(pieces: Iterable[Piece], size: int = PIECE_CHARS) -> Iterator[Piece]:
+    """Text re-cut into pieces of about ``size`` characters that end at a line end (BPE
+    merges never span one), or of ``4 * size`` in a text without line ends; one batch of
+    pieces is encoded by several threads."""
+    longest, buffer = 4 * size, ""
     for piece in pieces:
         if piece is None:
             if buffer:
@@ -228,13 +230,14 @@ def _lines(pieces: Iterable[Piece], longest: int = 4 * BLOCK) -> Iterator[Piece]
             yield None
             continue
         buffer += piece
-        end = buffer.rfind("\n") + 1
-        if end:
+        while len(buffer) >= size:
+            end = buffer.rfind("\n", 0, size) + 1 or buffer.find("\n", size, longest) + 1
+            if not end:
+                if len(buffer) < longest:
+                    break
+                end = longest
             yield buffer[:end]
             buffer = buffer[end:]
-        elif len(buffer) >= longest:
-            yield buffer
-            buffer = ""
     if buffer:
         yield buffer
 
