@@ -116,7 +116,7 @@ def _tokenizers_module():
         import tokenizers
     except ImportError:
         raise DataError("data.tokenizer = \"bpe\" needs the Hugging Face tokenizers package: "
-                        "pip install 'ode-lm[bpe]' (or pip install tokenizers)") from None
+                        "pip install tokenizers") from None
     return tokenizers
 
 
