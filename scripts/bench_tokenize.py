@@ -8,15 +8,15 @@
    ``tokenizers.Tokenizer.encode_batch`` on the same documents already in memory; the ratio
    of the two in one run. The byte and char tokenizers' preparation speeds and the BPE
    training time are reported alongside.
-2. Memory: peak resident set size of a fresh process preparing a text corpus ``--scale``
-   times the embedded one (its files written ``--scale`` times to a temporary folder), for
-   the byte and the BPE tokenizer, next to the corpus size (it must stay far below it), and
+2. Memory: peak resident set size of a fresh process preparing a text corpus of ``--scales``
+   copies of the embedded one (its files written that many times to a temporary folder), for
+   each tokenizer, next to the corpus size (it must stay far below it, and not grow with it), and
    of a process that only imports ode-lm, for reference (Linux: ``VmHWM``). Worker
    processes (BPE on a large corpus) are reported separately (their ``ru_maxrss``, an upper
    bound: it includes the parent's size when they were started).
 
     python scripts/bench_tokenize.py                        # writes docs/results/tokenize_cpu.json
-    python scripts/bench_tokenize.py --max-bytes 2000000 --scale 2 --out /tmp/t.json   # a quick check
+    python scripts/bench_tokenize.py --max-bytes 2000000 --scales 1 2 --out /tmp/t.json   # a quick check
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,33 +100,41 @@ def speed(args, work: Path) -> tuple[dict, list[list], str]:
     return result, rows, str(tokenizer_file)
 
 
-def memory(args, work: Path, tokenizer_file: str) -> tuple[dict, list[list]]:
-    big = work / "big"
-    big.mkdir()
-    docs = documents(DataConfig(max_bytes=args.max_bytes))
+def write_copies(docs, folder: Path, copies: int) -> int:
+    """The embedded corpus's UTF-8 files written ``copies`` times into ``folder``; its bytes."""
+    folder.mkdir()
     size = 0
-    for copy in range(args.scale):
+    for copy in range(copies):
         for i, d in enumerate(docs):
             data = b"".join(d.read(0, d.nbytes))
             try:  # the text source takes UTF-8 files; a few stdlib test files are not
                 data.decode("utf-8")
             except UnicodeDecodeError:
                 continue
-            (big / f"{copy:02d}_{i:05d}.py").write_bytes(data)
+            (folder / f"{copy:02d}_{i:05d}.py").write_bytes(data)
             size += len(data)
-    result, rows = {"corpus_bytes": size, "scale": args.scale}, []
+    return size
+
+
+def memory(args, work: Path, tokenizer_file: str) -> tuple[dict, list[list]]:
+    docs = documents(DataConfig(max_bytes=args.max_bytes))
     baseline = in_fresh_process({"max_bytes": 1, "cache_dir": str(work / "tiny")})
-    result["import_only_peak_rss_mib"] = baseline["self_kib"] / 1024
-    rows.append(["import + a 1-byte corpus", baseline["seconds"], baseline["self_kib"] / 1024, 0.0, ""])
-    for name, extra in (("byte", {}), ("bpe", {"tokenizer_file": tokenizer_file})):
-        fields = {"source": "text", "paths": [str(big)], "tokenizer": name, "cache_dir": str(work / f"mem-{name}"),
-                  **extra}
-        out = in_fresh_process(fields)
-        peak, workers = out["self_kib"] / 1024, out["workers_kib"] / 1024
-        result[name] = {"seconds": out["seconds"], "mb_s": size / MB / out["seconds"], "peak_rss_mib": peak,
-                        "worker_peak_rss_mib": workers, "peak_over_corpus": peak * 2**20 / size}
-        rows.append([f"prepare {size / MB:.0f} MB, {name}", out["seconds"], peak, workers,
-                     f"{peak * 2**20 / size:.1%}"])
+    result = {"import_only_peak_rss_mib": baseline["self_kib"] / 1024, "scales": args.scales, "runs": []}
+    rows = [["import + a 1-byte corpus", "", baseline["seconds"], baseline["self_kib"] / 1024, 0.0, ""]]
+    for scale in args.scales:
+        folder = work / f"corpus-{scale}x"
+        size = write_copies(docs, folder, scale)
+        for name, extra in (("byte", {}), ("char", {}), ("bpe", {"tokenizer_file": tokenizer_file})):
+            fields = {"source": "text", "paths": [str(folder)], "tokenizer": name,
+                      "cache_dir": str(work / f"mem-{scale}-{name}"), **extra}
+            out = in_fresh_process(fields)
+            peak, workers = out["self_kib"] / 1024, out["workers_kib"] / 1024
+            result["runs"].append({"scale": scale, "corpus_bytes": size, "tokenizer": name, "seconds": out["seconds"],
+                                   "mb_s": size / MB / out["seconds"], "peak_rss_mib": peak,
+                                   "worker_peak_rss_mib": workers, "peak_over_corpus": peak * 2**20 / size})
+            rows.append([f"{scale}x: {size / MB:.0f} MB", name, out["seconds"], peak, workers,
+                         f"{peak * 2**20 / size:.1%}"])
+        shutil.rmtree(folder)
     return result, rows
 
 
@@ -135,7 +144,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--max-bytes", type=int, default=0, help="cap on the embedded corpus (0: all of it)")
-    p.add_argument("--scale", type=int, default=5, help="the memory corpus is this many embedded corpora")
+    p.add_argument("--scales", type=int, nargs="+", default=[1, 5],
+                   help="memory: corpora of this many copies of the embedded one")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "tokenize_cpu.json"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="ode-lm-bench-tokenize-") as tmp:
@@ -146,8 +156,9 @@ def main() -> None:
         print_table(["what", "seconds", "MB/s"], speed_rows)
         print(f"ode-lm BPE preparation / tokenizers encode_batch: {speed_result['ratio_ode_lm_bpe_to_hf']:.2f}x")
         memory_result, memory_rows = memory(args, work, tokenizer_file)
-        print(f"\nmemory: a corpus of {memory_result['corpus_bytes'] / MB:.0f} MB ({args.scale}x the embedded one)")
-        print_table(["what", "seconds", "peak RSS MiB", "workers' peak MiB", "peak / corpus"], memory_rows)
+        print("\nmemory: preparing copies of the embedded corpus in a fresh process")
+        print_table(["corpus", "tokenizer", "seconds", "peak RSS MiB", "workers' peak MiB", "peak / corpus"],
+                    memory_rows)
     write_json(args.out, {"speed": speed_result, "memory": memory_result, "cpus": os.cpu_count(),
                           "python": platform.python_version(), "cpu": platform.processor() or platform.machine(),
                           "date": time.strftime("%Y-%m-%d")})

@@ -18,13 +18,13 @@ number, which makes resumed runs see exactly the batches they would have.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -36,9 +36,10 @@ from ode_lm.config import DataConfig
 from ode_lm.data.corpus import BLOCK, CACHE_VERSION, Part, SplitPlan, fingerprint, plan_split
 from ode_lm.data.tokenizers import (SEPARATOR, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer,
                                     tokenizer_from_state)
+from ode_lm.data.workers import WorkerPool
 from ode_lm.errors import DataError
 
-BATCH_BYTES = BLOCK  # text encoded per task (bounds the encoder's working memory)
+BATCH_BYTES = 1 << 18  # text encoded per task: bounds the encoder's working memory (BPE: ~60 bytes per byte)
 PIECE_CHARS = 1 << 16  # BPE text is encoded in pieces of about this size, cut at line ends
 PARALLEL_BYTES = 64 * 2**20  # a split at least this large is encoded in several processes
 MAX_WORKERS = 8
@@ -283,45 +284,17 @@ def _write_tokens(file: Path, tokenizer: Tokenizer, parts: list[Part], dtype: np
         pieces = _lines(pieces)
     size = sum(p.nbytes for p in parts)
     n = workers or min(os.cpu_count() or 1, MAX_WORKERS)
-    encoded = (_encode_parallel(tokenizer, _batches(pieces), n) if as_text and n > 1 and size >= PARALLEL_BYTES
-               else (encode_pieces(tokenizer, b) for b in _batches(pieces)))
-    tokens = nbytes = 0
-    with open(file, "wb") as f:
-        for ids, k in encoded:
-            f.write(ids.astype(dtype).tobytes())
-            tokens, nbytes = tokens + ids.size, nbytes + k
-            bar.update(k)
+    parallel = as_text and n > 1 and size >= PARALLEL_BYTES
+    with WorkerPool(tokenizer.state(), n) if parallel else contextlib.nullcontext() as pool:
+        encoded = (pool.map(_batches(pieces)) if pool is not None
+                   else (encode_pieces(tokenizer, b) for b in _batches(pieces)))
+        tokens = nbytes = 0
+        with open(file, "wb") as f:
+            for ids, k in encoded:
+                f.write(ids.astype(dtype).tobytes())
+                tokens, nbytes = tokens + ids.size, nbytes + k
+                bar.update(k)
     return tokens, nbytes
-
-
-_WORKER_TOKENIZER: Tokenizer | None = None
-
-
-def _worker_init(state: dict) -> None:
-    global _WORKER_TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
-    _WORKER_TOKENIZER = tokenizer_from_state(state)
-
-
-def _worker_encode(batch: list[Piece]) -> tuple[np.ndarray, int]:
-    assert _WORKER_TOKENIZER is not None
-    return encode_pieces(_WORKER_TOKENIZER, batch)
-
-
-def _encode_parallel(tokenizer: Tokenizer, batches: Iterator[list[Piece]], workers: int
-                     ) -> Iterator[tuple[np.ndarray, int]]:
-    """``encode_pieces`` over ``batches`` in ``workers`` processes, results in order, at most
-    two batches per worker in flight (memory stays bounded for any corpus size)."""
-    import multiprocessing
-
-    with multiprocessing.get_context("spawn").Pool(workers, _worker_init, (tokenizer.state(),)) as pool:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_worker_encode, (batch,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
 
 
 class BatchSampler:
