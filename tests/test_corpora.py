@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli
 from ode_lm import cli
 from ode_lm.config import DataConfig
-from ode_lm.data import BPETokenizer, ByteTokenizer, load_corpus, tokenizer_from_file
+from ode_lm.data import BPETokenizer, load_corpus, tokenizer_from_file
 from ode_lm.data import dataset as dataset_module
 from ode_lm.data.tokenizers import END_OF_DOCUMENT, SEPARATOR
 from ode_lm.errors import DataError
@@ -282,3 +280,17 @@ def test_generate_from_a_bpe_run_prints_text(tiny):
     proc = run_cli("generate", str(result.run_dir), "--prompt", "def ", "--max-new-tokens", "16", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("def ") and len(proc.stdout.strip()) > len("def ") + 4
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_cache_dir_is_one_clear_error(tmp_path):
+    f = _write(tmp_path / "input.txt", "".join(LINES))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    try:
+        with pytest.raises(DataError, match="cannot write the token cache in .*data.cache_dir"):
+            load_corpus(DataConfig(source="text", paths=(str(f),), cache_dir=str(cache)))
+        assert list(cache.iterdir()) == []
+    finally:
+        cache.chmod(0o755)

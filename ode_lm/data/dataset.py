@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ode_lm.config import DataConfig
-from ode_lm.data.corpus import BLOCK, CACHE_VERSION, Part, SplitPlan, fingerprint, plan_split
+from ode_lm.data.corpus import CACHE_VERSION, Part, SplitPlan, fingerprint, plan_split
 from ode_lm.data.tokenizers import (SEPARATOR, BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer,
                                     tokenizer_from_state)
 from ode_lm.data.workers import WorkerPool
