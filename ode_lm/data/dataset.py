@@ -20,6 +20,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -162,7 +163,7 @@ def _make_tokenizer(cfg: DataConfig, plan: SplitPlan) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
     if cfg.tokenizer == "char":  # the alphabet of both sides, so no validation text is unknown
-        return CharTokenizer.from_texts([SEPARATOR, *_texts(plan.train + plan.val)])
+        return CharTokenizer.from_texts(itertools.chain([SEPARATOR], _texts(plan.train + plan.val)))
     if cfg.tokenizer_file:
         return BPETokenizer.from_file(cfg.tokenizer_file)
     total = sum(p.nbytes for p in plan.train)

@@ -72,6 +72,7 @@ class CharTokenizer(Tokenizer):
     """One token per character of a fixed alphabet, built from the corpus."""
 
     name = "char"
+    CHUNK = 1 << 16  # characters encoded at a time
 
     def __init__(self, alphabet: str):
         if not alphabet:
@@ -95,6 +96,8 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str | bytes) -> np.ndarray:
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
+        if len(text) > self.CHUNK:  # bounds the temporary arrays (8 bytes per character each)
+            return np.concatenate([self.encode(text[i:i + self.CHUNK]) for i in range(0, len(text), self.CHUNK)])
         points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.int64)
         ids = np.minimum(np.searchsorted(self._points, points), len(self._points) - 1)
         unknown = np.flatnonzero(self._points[ids] != points)
