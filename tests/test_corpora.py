@@ -31,6 +31,14 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """Local datasets builders need no hub: keep them (and a later hub test) offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+
+
 def _text(corpus, side: str) -> str:
     return corpus.tokenizer.decode(np.asarray(getattr(corpus, side)))
 
@@ -70,7 +78,7 @@ def test_val_paths_are_used_verbatim_and_leave_the_training_side(tmp_path):
     assert corpus.bytes_per_token == pytest.approx(len(val_text.encode()) / len(val_text))
 
 
-def test_local_parquet_through_hf_uses_the_given_validation_split(tmp_path):
+def test_local_parquet_through_hf_uses_the_given_validation_split(tmp_path, offline):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
@@ -91,7 +99,7 @@ def test_local_parquet_through_hf_uses_the_given_validation_split(tmp_path):
         load_corpus(missing)
 
 
-def test_hf_val_split_that_the_builder_lacks_is_named(tmp_path):
+def test_hf_val_split_that_the_builder_lacks_is_named(tmp_path, offline):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(50)))
     cfg = DataConfig(source="hf", hf_name="json", hf_data_files=(str(tmp_path / "rows.jsonl"),),
                      hf_val_split="validation", cache_dir=str(tmp_path / "c"))
