@@ -33,7 +33,9 @@ ADJOINTS = ("checkpoint", "direct", "backsolve", "reversible")
 # already carries a second state of its own, so it cannot be wrapped).
 REVERSIBLE_SOLVERS = ("euler", "heun", "midpoint", "rk4", "tsit5", "dopri5")
 SOURCES = ("python-stdlib", "text", "hf")
-TOKENIZERS = ("byte", "char")
+TOKENIZERS = ("byte", "char", "bpe")
+# How one corpus is divided into train and validation text (without val_paths / hf_val_split).
+SPLITS = ("auto", "documents", "tail")
 DTYPES = ("float32", "float64", "bfloat16")  # bfloat16: float32 params, bf16 compute
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
 # The layer form: GPT-2's sequential sub-layers, or attention and MLP side by side (the form
@@ -153,13 +155,29 @@ class ODEConfig:
 class DataConfig:
     source: str = knob("python-stdlib", choices=SOURCES, doc="corpus source")
     paths: tuple[str, ...] = knob((), doc="files, directories or globs (source 'text')")
+    val_paths: tuple[str, ...] = knob((), doc="validation files, directories or globs (source 'text'), "
+                                      "used as is; files also matched by paths leave the training side")
     hf_name: str = knob("", doc="Hugging Face dataset name (source 'hf'), e.g. 'wikitext'")
     hf_config: str = knob("", doc="Hugging Face dataset config, e.g. 'wikitext-2-raw-v1'")
     hf_split: str = knob("train", doc="Hugging Face split to read")
+    hf_val_split: str = knob("", doc="Hugging Face split used as is for validation, e.g. 'validation' "
+                             "(empty: hold out part of hf_split, see split)")
+    hf_data_files: tuple[str, ...] = knob((), doc="local files for a datasets builder (hf_name 'json', "
+                                          "'parquet', 'csv' or 'text'): 'path' (split train) or "
+                                          "'split=path', globs allowed")
     text_field: str = knob("text", doc="column holding the text (sources 'text', 'hf')")
-    tokenizer: str = knob("byte", choices=TOKENIZERS, doc="tokenizer")
+    tokenizer: str = knob("byte", choices=TOKENIZERS, doc="tokenizer: bytes, corpus characters, or "
+                          "byte-level BPE trained on the training split")
+    vocab_size: int = knob(4096, ge=1, doc="BPE vocabulary, the 256 byte symbols and the "
+                           "end-of-document token included (tokenizer 'bpe')")
+    tokenizer_file: str = knob("", doc="a Hugging Face tokenizer.json to use instead of training "
+                               "BPE (tokenizer 'bpe')")
     seq_len: int = knob(128, ge=2, doc="training window length in tokens")
-    val_fraction: float = knob(0.05, gt=0.0, lt=1.0, doc="share of documents held out")
+    val_fraction: float = knob(0.05, gt=0.0, lt=1.0, doc="share of the corpus held out for validation")
+    split: str = knob("auto", choices=SPLITS, doc="documents: whole documents by hash of their name; "
+                      "tail: the last val_fraction of every document; auto: documents when the hash "
+                      "split holds out about val_fraction of the text, else tail")
+    workers: int = knob(0, ge=0, doc="processes tokenizing a large corpus (0: one per CPU core, at most 8)")
     max_bytes: int = knob(0, ge=0, doc="cap on corpus bytes read (0: everything)")
     cache_dir: str = knob("~/.cache/ode-lm", doc="where tokenized corpora are cached")
 
@@ -376,6 +394,16 @@ def _split_key(key: str, source: str) -> tuple[str, str]:
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
     """Build and validate a :class:`Config` from ``{section: {key: value}}``."""
+    sections = _build_sections(raw, source)
+    if "ode" in sections:
+        sections["ode"] = _resolve_reversible(sections["ode"], raw["ode"].get("adjoint"), source)
+    config = Config(**sections)
+    _check_consistency(config, source)
+    return config
+
+
+def _build_sections(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Each section's dataclass, every key and value checked on its own (no cross-key rules)."""
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -393,11 +421,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
                                   f"{', '.join(fields)}" + _suggest(name, fields))
             kwargs[name] = _check_value(source, section, fields[name], hints[name], value)
         sections[section] = cls(**kwargs)
-    if "ode" in sections:
-        sections["ode"] = _resolve_reversible(sections["ode"], raw["ode"].get("adjoint"), source)
-    config = Config(**sections)
-    _check_consistency(config, source)
-    return config
+    return sections
 
 
 def _resolve_reversible(ode: ODEConfig, explicit_adjoint: Any, source: str) -> ODEConfig:
@@ -467,6 +491,25 @@ def _check_consistency(c: Config, source: str) -> None:
                           "(files, directories or globs)")
     if c.data.source == "hf" and not c.data.hf_name:
         raise ConfigError(f"{source}: [data] source = \"hf\" needs hf_name (e.g. \"wikitext\")")
+    _check_data(c.data, source)
+
+
+def _check_data(d: DataConfig, source: str) -> None:
+    """Cross-key rules of [data]: validation sources, splits and tokenizer settings."""
+    for key, owner in (("val_paths", "text"), ("hf_val_split", "hf"), ("hf_data_files", "hf")):
+        if getattr(d, key) and d.source != owner:
+            raise ConfigError(f"{source}: [data] {key} belongs to source = \"{owner}\"; here source = "
+                              f"\"{d.source}\"; drop {key} or set source = \"{owner}\"")
+    given = "val_paths" if d.val_paths else "hf_val_split" if d.hf_val_split else ""
+    if given and d.split != "auto":
+        raise ConfigError(f"{source}: [data] split = \"{d.split}\" divides one corpus, but {given} already "
+                          f"gives the validation text; drop split or {given}")
+    if d.tokenizer_file and d.tokenizer != "bpe":
+        raise ConfigError(f"{source}: [data] tokenizer_file (a Hugging Face tokenizer.json) is used with "
+                          f"tokenizer = \"bpe\"; here tokenizer = \"{d.tokenizer}\"")
+    if d.tokenizer == "bpe" and not d.tokenizer_file and d.vocab_size <= 256:
+        raise ConfigError(f"{source}: [data] vocab_size = {d.vocab_size} is below the 256 byte symbols plus "
+                          "the end-of-document token of byte-level BPE; use at least 257 (default 4096)")
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -485,7 +528,13 @@ def parse_override(item: str) -> tuple[str, str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a TOML config (or the defaults when ``path`` is None) and apply overrides."""
+    """Read a TOML config (or the defaults when ``path`` is None) and apply overrides.
+
+    All overrides are applied to the file's dict first and the result is validated once, so
+    their order does not matter. Each override's own value is checked against its key first;
+    a rule spanning several keys that fails names the overrides it involves (those without
+    which the error would not be the same) or, when none does, the file.
+    """
     raw: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -497,23 +546,46 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raw = _parse_toml(p.read_text(encoding="utf-8"), source)
         except (UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"{source}: cannot read the config file: {e}") from None
-    config_from_dict(raw, source)  # report file errors against the file, before overrides
-    overridden = set()
-    for item in overrides:
-        section, name, value = parse_override(item)
-        if section not in SECTIONS:
-            config_from_dict({section: {}}, f"override '{item}'")
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raw[section] = {}
-        raw[section][name] = value
-        overridden.add(f"{section}.{name}")
-        if (section, name) == ("model", "dropout"):  # the shorthand beats the file's rates
-            for rate in DROPOUT_KEYS:
-                if f"model.{rate}" not in overridden:
-                    raw["model"].pop(rate, None)
-        config_from_dict(raw, f"override '{item}'")
-    return config_from_dict(raw, source)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    for item, section, name, value in parsed:
+        _build_sections({section: {name: value}}, f"override '{item}'")  # the key and its value
+    try:
+        return config_from_dict(_with_overrides(raw, parsed), source)
+    except ConfigError as error:
+        involved = _involved_overrides(raw, parsed, str(error))
+        if not involved:
+            raise
+        label = ", ".join(f"'{item}'" for item in involved)
+        return config_from_dict(_with_overrides(raw, parsed),
+                                f"override{'s' if len(involved) > 1 else ''} {label}")
+
+
+def _with_overrides(raw: dict[str, Any], parsed: list) -> dict[str, Any]:
+    """A copy of ``raw`` with the parsed overrides ``(item, section, name, value)`` set."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for _, section, name, value in parsed:
+        if not isinstance(out.get(section), dict):
+            out[section] = {}
+        out[section][name] = value
+    keys = {(section, name) for _, section, name, _ in parsed}
+    if ("model", "dropout") in keys and isinstance(out.get("model"), dict):  # the shorthand beats
+        for rate in DROPOUT_KEYS:                                           # the file's rates
+            if ("model", rate) not in keys:
+                out["model"].pop(rate, None)
+    return out
+
+
+def _involved_overrides(raw: dict[str, Any], parsed: list, message: str) -> list[str]:
+    """The overrides without which validation would not fail with ``message``."""
+    involved = []
+    for i, (item, *_rest) in enumerate(parsed):
+        try:
+            config_from_dict(_with_overrides(raw, parsed[:i] + parsed[i + 1:]), "")
+            involved.append(item)
+        except ConfigError as e:
+            if str(e).partition(": ")[2] != message.partition(": ")[2]:
+                involved.append(item)
+    return involved
 
 
 def config_from_toml(text: str, source: str) -> Config:

@@ -89,3 +89,37 @@ def test_shipped_configs_load():
     for path in sorted((REPO / "configs").rglob("*.toml")):
         if "ablations" not in path.parts:
             assert isinstance(load_config(path), Config)
+
+
+def test_overrides_apply_in_any_order(tmp_path):
+    import itertools
+
+    items = ["data.source=text", 'data.paths=["input.txt"]', "data.tokenizer=char"]
+    configs = {load_config(REPO / "configs" / "quickstart.toml", list(p)) for p in itertools.permutations(items)}
+    assert len(configs) == 1
+    (cfg,) = configs
+    assert (cfg.data.source, cfg.data.paths, cfg.data.tokenizer) == ("text", ("input.txt",), "char")
+
+
+@pytest.mark.parametrize("overrides, blamed, needle", [
+    (["data.source=text"], "override 'data.source=text'", 'source = "text" needs paths'),
+    (["model.dim=100", "model.heads=3", "ode.steps=2"], "overrides 'model.dim=100', 'model.heads=3'",
+     "heads = 3 does not divide dim = 100"),
+    (["ode.steps=2", "data.seq_len=0"], "override 'data.seq_len=0'", "out of range"),
+    (["data.tokenizer=bpe", "data.vocab_size=100"], "overrides 'data.tokenizer=bpe', 'data.vocab_size=100'",
+     "vocab_size = 100 is below the 256 byte symbols"),
+    (["data.tokenizer_file=tok.json"], "override 'data.tokenizer_file=tok.json'", 'with tokenizer = "bpe"'),
+    (['data.val_paths=["v.txt"]'], "override 'data.val_paths=[\"v.txt\"]'", 'belongs to source = "text"'),
+])
+def test_an_override_error_names_the_overrides_involved(overrides, blamed, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs" / "quickstart.toml", overrides)
+    message = str(info.value)
+    assert message.startswith(blamed + ": ") and needle in message, message
+
+
+def test_a_file_error_an_override_does_not_touch_names_the_file(tmp_path):
+    path = write(tmp_path, "[model]\ndim = 30\nheads = 4\n")
+    with pytest.raises(ConfigError, match="c.toml: .*heads = 4 does not divide dim = 30"):
+        load_config(path, ["ode.steps=2"])
+    assert load_config(path, ["model.dim=32"]).model.dim == 32  # an override may fix the file

@@ -3,7 +3,7 @@ import pytest
 
 from ode_lm.config import DataConfig
 from ode_lm.data import BatchSampler, ByteTokenizer, CharTokenizer, load_corpus
-from ode_lm.data.corpus import is_validation, iter_documents, stdlib_files
+from ode_lm.data.corpus import documents, is_validation, stdlib_files
 from ode_lm.errors import DataError
 
 
@@ -25,7 +25,7 @@ def test_stdlib_corpus_is_sorted_and_split_disjointly(tmp_path):
     files = stdlib_files()
     assert files == sorted(files) and len(files) > 100
     cfg = DataConfig(max_bytes=2_000_000, cache_dir=str(tmp_path))
-    keys = [d.key for d in iter_documents(cfg)]
+    keys = [d.key for d in documents(cfg)]
     val = {k for k in keys if is_validation(k, cfg.val_fraction)}
     train = set(keys) - val
     assert val and train and not (val & train)

@@ -88,7 +88,7 @@ def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | 
     run_dir = loaded.checkpoint.parent.parent
     out = Path(out) if out is not None else run_dir / "depth_ablation"
     out.mkdir(parents=True, exist_ok=True)
-    corpus = load_corpus(cfg.data)
+    corpus = load_corpus(cfg.data, tokenizer=loaded.tokenizer)  # the run's own tokens, whatever the cache holds
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
     batches = batches or cfg.train.eval_batches

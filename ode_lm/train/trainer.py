@@ -177,12 +177,17 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
             path, header, payload = found
             saved = config_from_toml(header.config_toml, str(path))
             check_compatible(saved, cfg, path)
+            if header.tokenizer != corpus.tokenizer.state():
+                raise CheckpointError(f"{path} was trained with another {corpus.tokenizer.name} tokenizer "
+                                      "than the corpus gives now; resume with the run's own config.toml "
+                                      "(data.tokenizer_file = <run>/tokenizer.json for BPE) or start a new run_name")
             model, opt_state = restore_state(path, payload, (model, opt_state))
             start = header.step
             say(f"resume: continuing from {path} (step {start})")
     try:
         if lead:
             atomic_write(run_dir / "config.toml", cfg.to_toml().encode())
+            atomic_write(run_dir / "tokenizer.json", corpus.tokenizer.to_json().encode())
     except OSError as e:
         raise RunDirError(f"cannot write to the run directory {run_dir}: {e}") from None
     n_params = count_parameters(model)
