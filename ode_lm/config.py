@@ -224,6 +224,8 @@ class GenerateConfig:
     greedy: bool = knob(False, doc="always take the most likely token")
     cache: bool = knob(True, doc="KV-cached decoding; false recomputes the whole sequence per token")
     num_samples: int = knob(1, ge=1, doc="independent samples of the same prompt (one batch)")
+    chunk: int = knob(32, ge=1, doc="tokens per device call while streaming (one compiled loop "
+                      "each; 1: a call per token)")
     seed: int = knob(0, ge=0, doc="sampling seed")
     window: int = knob(0, ge=0, doc="sliding window: tokens dropped from the front when the context "
                        "exceeds max_positions (0: off, exceeding max_positions is an error)")

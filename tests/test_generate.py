@@ -110,6 +110,22 @@ def test_generate_cached_equals_recompute_and_compiles_once(model):
     assert grown == {"prefill": 1, "decode": 1, "decode_many": 1, "recompute": 1}, grown
 
 
+@pytest.mark.parametrize("sampling", [dict(greedy=True), dict(temperature=1.0, top_k=10, top_p=0.9,
+                                                               repetition_penalty=1.2)])
+def test_chunked_device_decoding_gives_the_per_token_tokens(model, sampling):
+    """Streaming in device-side chunks (a short last chunk included) picks exactly the tokens
+    of one call per token, for a fixed seed (one loop for everything: the test above)."""
+    ode = ODEConfig(steps=1)
+    kw = dict(max_new_tokens=20, seed=7, num_samples=2, **sampling)
+    per_token = []
+    expected = generate(model, np.arange(6), ode, chunk=1, on_token=per_token.append, **kw)
+    np.testing.assert_array_equal(np.stack(per_token, 1), expected)
+    streamed = []
+    np.testing.assert_array_equal(generate(model, np.arange(6), ode, chunk=8, on_token=streamed.append, **kw),
+                                  expected)  # chunks of 8, 8 and 3 after the prefill's token
+    np.testing.assert_array_equal(np.stack(streamed, 1), expected)
+
+
 @pytest.mark.parametrize("rtol, bound", [pytest.param(1e-3, 0.5, marks=pytest.mark.slow), (1e-6, 1e-3)])
 def test_adaptive_frozen_grid_deviation_follows_the_tolerance(model, rtol, bound):
     """Adaptive decoding reuses the prompt's grid: off full recompute by about the solver error.
