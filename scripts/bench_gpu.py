@@ -73,7 +73,8 @@ VARIANTS = {"direct": dict(adjoint="direct", checkpoint_saves="states"),  # stor
             "states": dict(checkpoint_saves="states"),
             "matmuls": dict(checkpoint_saves="matmuls"),
             "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32"),
-            "unrolled": dict(unroll=True),  # ode.unroll: the steps written out, no scan
+            "unrolled": dict(unroll="unroll"),  # ode.unroll: the steps written out, no scan
+            "scanned": dict(unroll="scan"),  # one compiled step scanned (the default before "auto")
             # XLA's own defaults, dot merger included (ode-lm's train step turns the merger
             # off: steps.py). No options at all: passing the merger's documented default
             # (32 MB) compiled the same products as turning it off (jax 0.11.2, H200).
@@ -95,7 +96,7 @@ def peak_tflops(kind: str, override: float | None) -> float | None:
 
 
 def size_config(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
-                dtype: str = "bfloat16", checkpoint_saves: str = "states", unroll: bool = False):
+                dtype: str = "bfloat16", checkpoint_saves: str = "states", unroll: str = "auto"):
     """The ode-lm config of one benchmark size (dropout 0; ``standard`` has ``steps`` layers)."""
     from ode_lm.config import config_from_dict
 
@@ -118,7 +119,7 @@ def train_flops_per_step(size: dict, family: str) -> float:
 
 def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
                     dtype: str = "bfloat16", checkpoint_saves: str = "states",
-                    compiler_options: dict | None = None, unroll: bool = False):
+                    compiler_options: dict | None = None, unroll: str = "auto"):
     """ode-lm's real jitted train step (forward, backward, AdamW) on random tokens, as a
     zero-argument callable that returns the loss."""
     from ode_lm.train.precision import compute_dtype
@@ -146,7 +147,7 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
 
 def ours(size: dict, family: str, repeats: int, adjoint: str = "checkpoint", attention: str = "auto",
          dtype: str = "bfloat16", checkpoint_saves: str = "states", compiler_options: dict | None = None,
-         unroll: bool = False) -> StepTime:
+         unroll: str = "auto") -> StepTime:
     step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves, compiler_options, unroll)
     start = time.perf_counter()
     jax.block_until_ready(step())
@@ -227,6 +228,8 @@ def time_peers(name: str, size: dict, args) -> dict[str, StepTime]:
 def record(name: str, size: dict, t_ours: StepTime, t_std: StepTime | None, peers: dict[str, StepTime],
            variants: list[dict], peak: float | None) -> dict:
     """One size's JSON record (the keys of earlier results kept, peers added)."""
+    from ode_lm.ode.sensitivities import unrolls
+
     tokens = size["batch"] * size["seq"]
     flops = {f: train_flops_per_step(size, f) for f in ("time_indexed", "standard")}
 
@@ -241,6 +244,7 @@ def record(name: str, size: dict, t_ours: StepTime, t_std: StepTime | None, peer
             "standard_model_tflops_per_step": flops["standard"] / 1e12,
             "ours_ms": _ms(t_ours), "ours_tokens_per_s": tokens / t_ours.back_to_back, "ours_mfu": mfu(t_ours),
             "ours_ms_synced": _ms(t_ours, "synced"), "ours_first_call_s": t_ours.first_call,
+            "ours_unrolled": unrolls(size_config(size, "time_indexed").ode),  # ode.unroll = "auto"'s pick
             "peer_ms": _ms(eager), "peer_ms_synced": _ms(eager, "synced"),
             "speedup_vs_peer": eager and eager.back_to_back / t_ours.back_to_back,
             "speedup_vs_peer_synced": eager and eager.synced / t_ours.synced,
