@@ -20,6 +20,7 @@ is already one kernel per group of tensors).
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 
@@ -155,8 +156,13 @@ def time_peer(name: str, size: dict, repeats: int) -> StepTime:
     start = time.perf_counter()
     assert math.isfinite(float(step().detach()))
     first_call = time.perf_counter() - start
-    timing = time_steps(step, repeats, 3, lambda _: sync())._replace(first_call=first_call)
-    del model, opt, loss_of
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # give the cached blocks back before the next side runs
-    return timing
+    return time_steps(step, repeats, 3, lambda _: sync())._replace(first_call=first_call)
+
+
+def release() -> None:
+    """Give a finished peer's cached GPU blocks back before the next side runs."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

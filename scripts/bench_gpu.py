@@ -41,7 +41,7 @@ import jax
 import numpy as np
 
 from _timing import StepTime, machine, print_table, time_steps, write_json
-from _torch_peers import COMPILED, ODE_PEERS, time_peer
+from _torch_peers import COMPILED, ODE_PEERS, release, time_peer
 from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
@@ -219,7 +219,7 @@ def time_peers(name: str, size: dict, args) -> dict[str, StepTime]:
     times = {}
     for p in peers:
         times[p] = time_peer(p, size, args.repeats)
-        gc.collect()
+        release()
         print(f"peer {name}: {p}: {times[p].back_to_back * 1e3:.2f} ms/step ({times[p].synced * 1e3:.2f} "
               f"synced; first call with compilation {times[p].first_call:.1f} s)")
     return times

@@ -28,7 +28,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Int, PRNGKeyArray
+from jaxtyping import Array, Int
 
 from ode_lm.config import GenerateConfig, ODEConfig, config_from_dict
 from ode_lm.errors import ConfigError, GenerationError
