@@ -35,10 +35,16 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
-import jax
-import numpy as np
+# JAX and the PyTorch peers share the GPU in one process: JAX reserves half of its memory
+# (instead of 75%), leaving the other half to PyTorch's allocator (GPT-2 small's vocab-50304
+# logits and their gradients alone take ~10 GB there). Set it yourself to override.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from _timing import StepTime, machine, print_table, time_steps, write_json
 from _torch_peers import COMPILED, ODE_PEERS, release, time_peer
