@@ -6,9 +6,11 @@ equal tokens. The loop keeps one invariant: the context holds ``n`` tokens at po
 
 - cached: ``prefill`` runs the context once, filling every evaluation's cache slot; each
   later token costs one ``decode_step`` (one position through the whole solve). Buffers
-  have a fixed size and the position is a traced scalar, so the step compiles once. When
-  nobody watches tokens arrive (no ``on_token``), the steps up to the next window slide run
-  as one device loop; streaming calls one jitted step per token.
+  have a fixed size and the position is a traced scalar, so the step compiles once. The
+  token loop runs on the device (``fori_loop``; sampling there too): when nobody watches
+  tokens arrive (no ``on_token``), the steps up to the next window slide are one device
+  loop; streaming runs ``generate.chunk`` tokens per call (a traced count, so a short last
+  chunk reuses the program) and hands each chunk to ``on_token`` while the next one runs.
 - recompute (``cache = false``): every token re-runs the model on the whole context, padded
   to a multiple of ``bucket`` positions so it compiles once per bucket; causality makes the
   padding irrelevant. Adaptive solves see exactly the context (no padding), because padding
@@ -187,7 +189,8 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
 
     ``settings`` (default ``GenerateConfig()``) and keyword ``overrides`` such as
     ``temperature=0.5, top_k=40, cache=False`` choose the sampling; ``on_token`` receives each
-    step's tokens (one per sample) as they are chosen, for streaming. ``bucket`` is the
+    step's tokens (one per sample), in order, a chunk of ``chunk`` steps at a time (``chunk=1``:
+    each as soon as it is chosen), for streaming. ``bucket`` is the
     padding granularity of full recomputation.
     """
     s = check_settings(settings, **overrides)
