@@ -187,6 +187,10 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
              **overrides) -> np.ndarray:
     """Continue ``prompt_ids``; return the new tokens, ``[num_samples, max_new_tokens]``.
 
+    ``prompt_ids``: one prompt (a sequence of token ids), or several of one length as a
+    ``[prompts, length]`` array, decoded as one batch: then ``[prompts * num_samples,
+    max_new_tokens]``, each prompt's samples in consecutive rows.
+
     ``settings`` (default ``GenerateConfig()``) and keyword ``overrides`` such as
     ``temperature=0.5, top_k=40, cache=False`` choose the sampling; ``on_token`` receives each
     step's tokens (one per sample), in order, a chunk of ``chunk`` steps at a time (``chunk=1``:
@@ -194,25 +198,16 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
     padding granularity of full recomputation.
     """
     s = check_settings(settings, **overrides)
-    prompt = np.asarray(prompt_ids).reshape(-1)
     vocab, limit = model.embedding.tokens.shape[0], model.embedding.positions.shape[0]
-    if prompt.size == 0:
-        raise GenerationError("the prompt is empty; give at least one token to continue")
-    if not np.issubdtype(prompt.dtype, np.integer) or prompt.min() < 0 or prompt.max() >= vocab:
-        raise GenerationError(f"prompt token ids must be integers in [0, {vocab}); got "
-                              f"{prompt.dtype} values in [{prompt.min()}, {prompt.max()}]")
-    if s.window >= limit:
-        raise GenerationError(f"window = {s.window} must be below max_positions = {limit}")
-    if not s.window and prompt.size + s.max_new_tokens > limit:
-        raise GenerationError(f"prompt ({prompt.size} tokens) + max_new_tokens ({s.max_new_tokens}) = "
-                              f"{prompt.size + s.max_new_tokens} exceeds the model's max_positions = "
-                              f"{limit}; shorten them or slide a window (--window)")
-    max_len = limit if s.window else prompt.size + s.max_new_tokens
+    prompts = _check_prompts(prompt_ids, vocab, limit, s)
+    length = prompts.shape[1]
+    max_len = limit if s.window else length + s.max_new_tokens
     runner = _Cached(model, ode, max_len) if s.cache else _Recompute(model, ode, max_len, bucket)
     sampling = Sampling.of(s)
 
-    sequence = np.tile(prompt.astype(np.int32), (s.num_samples, 1))
-    seen = jnp.zeros((s.num_samples, vocab), bool).at[:, prompt].set(True)
+    sequence = np.repeat(prompts.astype(np.int32), s.num_samples, axis=0)  # prompt-major rows
+    rows = np.arange(sequence.shape[0])[:, None]
+    seen = jnp.zeros((sequence.shape[0], vocab), bool).at[rows, sequence].set(True)
     key = jax.random.key(s.seed)
     context = sequence if sequence.shape[1] <= limit else sequence[:, -(limit - s.window):]
     n = context.shape[1]
@@ -222,7 +217,7 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
     produced = 1
     while produced < s.max_new_tokens:
         if n == limit:  # no position left for ``token``: slide the window
-            sequence = np.concatenate([sequence[:, :prompt.size], np.asarray(jnp.concatenate(new).T)], 1)
+            sequence = np.concatenate([sequence[:, :length], np.asarray(jnp.concatenate(new).T)], 1)
             context = sequence[:, -(limit - s.window):]
             n = context.shape[1]
             token, seen, key = runner.restart(context, seen, key, sampling)
@@ -242,6 +237,31 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
         delivered = _deliver(new, delivered, len(new) - 1, on_token)
     _deliver(new, delivered, len(new), on_token)
     return np.asarray(jnp.concatenate(new).T)
+
+
+def _check_prompts(prompt_ids, vocab: int, limit: int, s: GenerateConfig) -> np.ndarray:
+    """``prompt_ids`` as ``[prompts, length]`` (one prompt: a flat sequence), checked."""
+    try:
+        prompts = np.asarray(prompt_ids)
+    except ValueError:  # ragged
+        prompts = np.empty((0, 0, 0))
+    prompts = prompts.reshape(1, -1) if prompts.ndim <= 1 else prompts
+    if prompts.ndim != 2:
+        raise GenerationError(f"prompt token ids must be one sequence or a [prompts, length] array of "
+                              f"prompts of one length; got an array of shape {prompts.shape}")
+    if prompts.size == 0:
+        raise GenerationError("the prompt is empty; give at least one token to continue")
+    if not np.issubdtype(prompts.dtype, np.integer) or prompts.min() < 0 or prompts.max() >= vocab:
+        raise GenerationError(f"prompt token ids must be integers in [0, {vocab}); got "
+                              f"{prompts.dtype} values in [{prompts.min()}, {prompts.max()}]")
+    if s.window >= limit:
+        raise GenerationError(f"window = {s.window} must be below max_positions = {limit}")
+    length = prompts.shape[1]
+    if not s.window and length + s.max_new_tokens > limit:
+        raise GenerationError(f"prompt ({length} tokens) + max_new_tokens ({s.max_new_tokens}) = "
+                              f"{length + s.max_new_tokens} exceeds the model's max_positions = "
+                              f"{limit}; shorten them or slide a window (--window)")
+    return prompts
 
 
 def _deliver(chunks: list, start: int, stop: int, on_token) -> int:
