@@ -98,7 +98,7 @@ def _info(args: argparse.Namespace) -> int:
 
 # ``ode-lm generate`` flags that override the run's [generate] config (same names).
 GENERATE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "greedy",
-                  "cache", "num_samples", "seed", "window")
+                  "cache", "num_samples", "chunk", "seed", "window")
 WINDOW_AUTO = -1  # bare ``--window``: drop max_positions // 4 tokens per slide
 
 
@@ -164,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="cache", action="store_const", const=False,
                    help="recompute the whole sequence for every token (for comparison)")
     p.add_argument("--num-samples", type=int, help="independent samples of the prompt")
+    p.add_argument("--chunk", type=int, help="tokens per device call while streaming (1: one per token)")
     p.add_argument("--seed", type=int)
     p.add_argument("--window", type=int, nargs="?", const=WINDOW_AUTO, metavar="N",
                    help="slide a window past max_positions, dropping N tokens each time "

@@ -51,12 +51,18 @@ SSM_FORMS = ("channel", "head")  # the SSM's decay: per channel and state, or on
 NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
 MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
 CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
+# How a fixed-step backprop solve runs its steps: a scan, written out, or "auto" (written out
+# on a GPU up to ode_lm.ode.sensitivities.AUTO_UNROLL_MAX_NFE evaluations, scanned beyond and on a CPU). The TOML
+# booleans of earlier configs still read: true = "unroll", false = "scan".
+UNROLL_MODES = ("auto", "scan", "unroll")
+UNROLL_BOOLEANS = {True: "unroll", False: "scan"}
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
-         doc: str = "") -> Any:
-    """A config field with its allowed values. ``ge/gt/le/lt`` bound numbers."""
-    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+         doc: str = "", booleans: dict | None = None) -> Any:
+    """A config field with its allowed values. ``ge/gt/le/lt`` bound numbers; ``booleans``
+    maps ``true`` / ``false`` to a string knob's values (a knob that was boolean once)."""
+    meta = {"choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc, "booleans": booleans}
     return field(default=default, metadata=meta)
 
 
@@ -141,14 +147,21 @@ class ODEConfig:
                                      "fused attention's and the standardisation's outputs instead, "
                                      "recomputing only elementwise work ('matmuls': more memory, "
                                      "less recomputation)")
-    unroll: bool = knob(False, doc="fixed steps with adjoint \"checkpoint\" or \"direct\": write the "
-                                   "steps out one by one instead of scanning one compiled step "
-                                   "(compile time grows with steps; faster on a GPU, where the "
-                                   "scan copies every step's saved values into stacks)")
+    unroll: str = knob("auto", choices=UNROLL_MODES, booleans=UNROLL_BOOLEANS,
+                       doc="fixed steps with adjoint \"checkpoint\" or \"direct\": \"unroll\" writes the "
+                           "steps out one by one instead of scanning one compiled step (compile time "
+                           "grows with steps; faster on a GPU, where the scan copies every step's saved "
+                           "values into stacks); \"auto\": unrolled on a GPU up to 16 evaluations, "
+                           "scanned beyond, on a CPU and where unrolling does not apply; true / false "
+                           "read as \"unroll\" / \"scan\"")
     reversible: bool = knob(False, doc="alias: true selects adjoint = \"reversible\"")
     reversible_coupling: float = knob(0.999, gt=0.0, le=1.0,
                                       doc="coupling lambda of the reversible scheme; < 1 damps its "
                                       "parasitic mode, 1 is the undamped (least stable) scheme")
+
+    def __post_init__(self):
+        if isinstance(self.unroll, bool):  # the knob's earlier boolean form
+            object.__setattr__(self, "unroll", UNROLL_BOOLEANS[self.unroll])
 
 
 @dataclass(frozen=True)
@@ -251,6 +264,8 @@ class GenerateConfig:
     greedy: bool = knob(False, doc="always take the most likely token")
     cache: bool = knob(True, doc="KV-cached decoding; false recomputes the whole sequence per token")
     num_samples: int = knob(1, ge=1, doc="independent samples of the same prompt (one batch)")
+    chunk: int = knob(32, ge=1, doc="tokens per device call while streaming (one compiled loop "
+                      "each; 1: a call per token)")
     seed: int = knob(0, ge=0, doc="sampling seed")
     window: int = knob(0, ge=0, doc="sliding window: tokens dropped from the front when the context "
                        "exceeds max_positions (0: off, exceeding max_positions is an error)")
@@ -337,6 +352,8 @@ def _type_name(tp: Any) -> str:
 def _check_value(source: str, section: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
     """Coerce ``value`` to the field's type and check its bounds; raise ConfigError if not."""
     where = f"{source}: [{section}] {f.name} = {value!r}"
+    if tp is str and isinstance(value, bool) and f.metadata.get("booleans"):
+        value = f.metadata["booleans"][value]  # a knob that was boolean once
     if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
             value = tuple(v for v in value.split(",") if v)
@@ -470,11 +487,11 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"adjoint = \"checkpoint\" with fixed steps (adaptive = false); here adjoint = "
                           f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
                           f"leave checkpoint_saves = \"states\"")
-    if c.ode.unroll and (c.ode.adjoint not in ("checkpoint", "direct") or c.ode.adaptive):
-        raise ConfigError(f"{source}: [ode] unroll = true writes out the fixed steps of adjoint = "
-                          f"\"checkpoint\" or \"direct\" (adaptive = false); here adjoint = "
+    if c.ode.unroll == "unroll" and (c.ode.adjoint not in ("checkpoint", "direct") or c.ode.adaptive):
+        raise ConfigError(f"{source}: [ode] unroll = \"unroll\" (or true) writes out the fixed steps of "
+                          f"adjoint = \"checkpoint\" or \"direct\" (adaptive = false); here adjoint = "
                           f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
-                          f"leave unroll = false")
+                          f"leave unroll = \"auto\" or \"scan\"")
     t = c.train
     if not t.distributed and (t.coordinator_address or t.num_processes or t.process_id != -1):
         raise ConfigError(f"{source}: [train] coordinator_address, num_processes and process_id "

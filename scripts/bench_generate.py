@@ -7,11 +7,18 @@ generation runs once before it is timed. ``generate`` returns host arrays, so th
 stops after the device has finished. Tokens/s counts new tokens over the whole call
 (prefill included).
 
+Batched rows: ``--batch`` sizes (default 1, 8, 64) sample that many sequences of one prompt in
+one batch (``num_samples``; temperature 1) for ``--batch-new-tokens`` new tokens (default
+1024): tokens/s counts every sequence's new tokens. ``streamed_tokens_per_s`` is batch-1
+cached decoding with an ``on_token`` callback (chunks of ``generate.chunk`` tokens per device
+call, the path ``ode-lm generate`` streams through).
+
 Also measures how far adaptive decoding on the frozen prompt grid drifts from a full
 adaptive recomputation (docs/generation.md).
 
     python scripts/bench_generate.py                      # 128, 512, 1024 new tokens
     python scripts/bench_generate.py --new-tokens 128 512 # a subset
+    python scripts/bench_generate.py --batch 1 8 64 --batch-new-tokens 1024
 """
 
 from __future__ import annotations
@@ -59,6 +66,23 @@ def adaptive_deviation(model, prompt, new_tokens: int, rtol: float) -> dict:
             "greedy_agreement": float(jnp.mean(jnp.argmax(full[:, :-1], -1) == new[:, 1:]))}
 
 
+def batch_throughput(model, prompt, ode, batches: list[int], new_tokens: int) -> list[dict]:
+    """Cached sampling of ``batch`` sequences at once; compile excluded (one untimed run each)."""
+    rows, results = [], []
+    for batch in batches:
+        def run():
+            return generate(model, prompt, ode, temperature=1.0, max_new_tokens=new_tokens, num_samples=batch)
+        run()
+        seconds = timed(run)
+        rate = batch * new_tokens / seconds
+        rows.append([batch, new_tokens, round(rate, 1), round(rate / batch, 1), round(seconds, 3)])
+        results.append({"batch": batch, "new_tokens": new_tokens, "tokens_per_s": rate,
+                        "tokens_per_s_per_sequence": rate / batch, "seconds": seconds})
+    if rows:
+        print_table(["batch", "new tokens", "tok/s (all sequences)", "tok/s per sequence", "seconds"], rows)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512, 1024])
@@ -68,11 +92,14 @@ def main() -> None:
     parser.add_argument("--solver", default="euler")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--bucket", type=int, default=128, help="padding granularity of --no-cache")
+    parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64], help="batched rows (none: skip)")
+    parser.add_argument("--batch-new-tokens", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=32, help="generate.chunk of the streamed row")
     parser.add_argument("--rtol", type=float, default=1e-3, help="adaptive-deviation tolerance")
     parser.add_argument("--out", default=None, help="JSON path (default docs/results/generate_<backend>.json)")
     args = parser.parse_args()
 
-    longest = args.prompt_len + max(args.new_tokens)
+    longest = args.prompt_len + max(args.new_tokens + ([args.batch_new_tokens] if args.batch else []))
     cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=longest, dropout=0.0)
     model = build_model(cfg, 256, jax.random.key(0))
     ode = ODEConfig(solver=args.solver, steps=args.steps)
@@ -90,20 +117,26 @@ def main() -> None:
     for n in args.new_tokens:
         run = {c: (lambda c=c: generate(model, prompt, ode, greedy=True, max_new_tokens=n, cache=c,
                                         bucket=args.bucket)) for c in (True, False)}
-        run[True]()  # compile the cached path (--no-cache's lengths are compiled above)
+        run["streamed"] = lambda: generate(model, prompt, ode, greedy=True, max_new_tokens=n, chunk=args.chunk,
+                                           on_token=lambda _: None)
+        run[True]()  # compile the cached paths (--no-cache's lengths are compiled above)
+        run["streamed"]()
         tokens, seconds = {}, {}
-        for c in (True, False):
+        for c in (True, False, "streamed"):
             seconds[c] = timed(lambda c=c: tokens.__setitem__(c, run[c]()))
         agree = float(np.mean(tokens[True] == tokens[False]))
-        rate = {c: n / seconds[c] for c in (True, False)}
-        rows.append([n, round(rate[True], 1), round(rate[False], 1), round(rate[True] / rate[False], 1),
-                     round(seconds[True], 3), round(seconds[False], 3), agree])
+        rate = {c: n / seconds[c] for c in seconds}
+        rows.append([n, round(rate[True], 1), round(rate["streamed"], 1), round(rate[False], 1),
+                     round(rate[True] / rate[False], 1), round(seconds[True], 3), round(seconds[False], 3), agree])
         results.append({"new_tokens": n, "cached_tokens_per_s": rate[True],
                         "recompute_tokens_per_s": rate[False], "speedup": rate[True] / rate[False],
                         "cached_s": seconds[True], "recompute_s": seconds[False],
-                        "greedy_token_agreement": agree})
-    print_table(["new tokens", "cached tok/s", "no-cache tok/s", "speedup", "cached s", "no-cache s",
-                 "greedy agree"], rows)
+                        "greedy_token_agreement": agree, "streamed_tokens_per_s": rate["streamed"],
+                        "streamed_chunk": args.chunk,
+                        "streamed_same_tokens": bool(np.array_equal(tokens["streamed"], tokens[True]))})
+    print_table(["new tokens", "cached tok/s", f"streamed (chunk {args.chunk}) tok/s", "no-cache tok/s",
+                 "speedup", "cached s", "no-cache s", "greedy agree"], rows)
+    batch_results = batch_throughput(model, prompt, ode, args.batch, args.batch_new_tokens)
 
     deviation = adaptive_deviation(model, jnp.asarray(prompt)[None], min(64, max(args.new_tokens)), args.rtol)
     print(f"adaptive tsit5 rtol {args.rtol}: prompt grid {deviation['prompt_grid_steps']} steps, "
@@ -111,7 +144,7 @@ def main() -> None:
           f"{deviation['max_abs_logit_deviation']:.3g}, greedy agreement {deviation['greedy_agreement']:.3f}")
     out = args.out or f"docs/results/generate_{jax.default_backend()}.json"
     write_json(out, {"machine": machine(), "config": vars(args), "results": results,
-                     "adaptive_deviation": deviation})
+                     "batch_results": batch_results, "adaptive_deviation": deviation})
 
 
 if __name__ == "__main__":

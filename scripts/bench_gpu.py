@@ -1,50 +1,71 @@
-"""Training-step speed on a GPU: ours vs a PyTorch + torchdiffeq peer, vs the discrete
-baseline, and model FLOPs utilisation (MFU).
+"""Training-step speed on a GPU: ours vs PyTorch peers (eager and ``torch.compile``), vs the
+discrete baseline, and model FLOPs utilisation (MFU).
 
-For each size (reference: dim 256, 4 heads, 6 Euler steps, seq 512, batch 32; large: dim 1024,
-16 heads, 12 steps, seq 1024) one run measures, compile time excluded:
+For each size one run measures, compile time excluded (and reported on its own):
 
-- ours: ode-lm's real jitted train step (forward, backward, AdamW) in bf16 mixed precision;
-- peer: the same time-indexed model and step written in PyTorch with torchdiffeq's ``odeint``
-  (Euler, same steps), bf16 autocast, fused AdamW, SDPA attention;
-- standard: ode-lm's discrete ``standard`` family with as many layers as Euler steps (same
-  FLOPs), when that family is available.
+- ours: ode-lm's real jitted train step (forward, backward, AdamW) in bf16 mixed precision,
+  family ``time_indexed`` (Euler);
+- standard: ode-lm's discrete ``standard`` family (GPT-2) with as many layers as Euler steps
+  (same FLOPs up to the modulation MLP);
+- the PyTorch peers (``_torch_peers.py``; same model, same step: bf16 autocast, fused AdamW,
+  SDPA): at the ODE sizes the time-indexed model under torchdiffeq eager, torchdiffeq +
+  ``torch.compile`` and a hand-written Euler loop + ``torch.compile``; at ``gpt2_small``
+  (124M parameters, vocab 50304) a PyTorch GPT-2 under ``torch.compile`` against our ``standard``.
 
-MFU = model FLOPs per step / step time / the GPU's dense bf16 peak. Model FLOPs per token use
-the PaLM convention: 3 x forward, forward = NFE x (24 d^2 + 4 T d) + 2 d V (matmuls of the
-block with MLP ratio 4, attention scores and values over the full context, LM head);
-recomputation by checkpointing is not counted.
+``speedup_vs_compiled_peer`` = the fastest compiled peer's step time / ours (``time_indexed``
+at the ODE sizes, ``standard`` at ``gpt2_small``: like for like). The eager torchdiffeq peer
+stays a column (``speedup_vs_peer``) so older results read the same.
+
+MFU = model FLOPs per step / step time / the GPU's dense bf16 peak, with the FLOPs of
+``ode_lm.models.accounting.flops_per_token`` (what ``ode-lm info`` prints: 3 x forward,
+matmuls only, attention over the full context; recomputation by checkpointing not counted).
 
 Steps are timed two ways, on both sides alike. The headline is back to back: ``repeats``
 steps queued as a training loop queues them (ode-lm's trainer queues step n + 1 before it
 reads step n's loss; PyTorch returns from a step before the GPU has run it), with one
 synchronisation at the end. "Synced" waits for every step before queueing the next, so each
-step also pays the host's time to dispatch it while the GPU idles.
+step also pays the host's time to dispatch it while the GPU idles. ``first_call_s`` is the
+first step with its tracing and compilation (``torch.compile``'s, for the peers).
 
     python scripts/bench_gpu.py --out docs/results/gpu.json [--markdown table.md]
+    python scripts/bench_gpu.py --smoke --out /tmp/gpu.json   # every code path, tiny, on CPU
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 
-import jax
-import numpy as np
+# JAX and the PyTorch peers share the GPU in one process: JAX reserves half of its memory
+# (instead of 75%), leaving the other half to PyTorch's allocator (GPT-2 small's vocab-50304
+# logits and their gradients alone take ~10 GB there). Set it yourself to override.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from _timing import StepTime, machine, print_table, time_steps, write_json
+from _torch_peers import COMPILED, ODE_PEERS, release, time_peer
 from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
                     "H200": 989.4, "A100": 312.0}
 
+VOCAB = 256  # the byte vocabulary of the ODE sizes
 SIZES = {
-    "reference": dict(dim=256, heads=4, steps=6, seq=512, batch=32),
-    "large": dict(dim=1024, heads=16, steps=12, seq=1024, batch=16),
+    "reference": dict(dim=256, heads=4, steps=6, seq=512, batch=32, vocab=VOCAB),
+    "large": dict(dim=1024, heads=16, steps=12, seq=1024, batch=16, vocab=VOCAB),
+    # GPT-2 small: 124M parameters (12 layers; for ours time_indexed, 12 Euler steps).
+    "gpt2_small": dict(dim=768, heads=12, steps=12, seq=1024, batch=16, vocab=50304),
 }
-VOCAB = 256
+# The peers of each size, and which of ours the compiled peers are compared with.
+SIZE_PEERS = {"reference": ODE_PEERS, "large": ODE_PEERS, "gpt2_small": ("gpt2_compiled",)}
+COMPARED = {"reference": "time_indexed", "large": "time_indexed", "gpt2_small": "standard"}
+# --smoke: every size shrunk to run on a CPU in seconds (checks the code paths, not speed).
+SMOKE = dict(dim=64, heads=2, steps=2, seq=32, batch=2)
 
 
 def options_less(option: str) -> dict:
@@ -58,7 +79,8 @@ VARIANTS = {"direct": dict(adjoint="direct", checkpoint_saves="states"),  # stor
             "states": dict(checkpoint_saves="states"),
             "matmuls": dict(checkpoint_saves="matmuls"),
             "xla_attention": dict(attention="xla"), "float32": dict(dtype="float32"),
-            "unrolled": dict(unroll=True),  # ode.unroll: the steps written out, no scan
+            "unrolled": dict(unroll="unroll"),  # ode.unroll: the steps written out, no scan
+            "scanned": dict(unroll="scan"),  # one compiled step scanned (the default before "auto")
             # XLA's own defaults, dot merger included (ode-lm's train step turns the merger
             # off: steps.py). No options at all: passing the merger's documented default
             # (32 MB) compiled the same products as turning it off (jax 0.11.2, H200).
@@ -79,33 +101,44 @@ def peak_tflops(kind: str, override: float | None) -> float | None:
     return None
 
 
-def train_flops_per_token(dim: int, seq: int, nfe: int, vocab: int = VOCAB) -> float:
-    forward = nfe * (24 * dim * dim + 4 * seq * dim) + 2 * dim * vocab
-    return 3.0 * forward
+def size_config(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
+                dtype: str = "bfloat16", checkpoint_saves: str = "states", unroll: str = "auto"):
+    """The ode-lm config of one benchmark size (dropout 0; ``standard`` has ``steps`` layers)."""
+    from ode_lm.config import config_from_dict
+
+    model_cfg = {"family": family, "dim": size["dim"], "heads": size["heads"], "layers": size["steps"],
+                 "max_positions": size["seq"], "dropout": 0.0, "attention": attention}
+    return config_from_dict({"model": model_cfg,
+                             "ode": {"solver": "euler", "steps": size["steps"], "adjoint": adjoint,
+                                     "checkpoint_saves": checkpoint_saves, "unroll": unroll},
+                             "data": {"seq_len": size["seq"]},
+                             "train": {"batch_size": size["batch"], "dtype": dtype}})
+
+
+def train_flops_per_step(size: dict, family: str) -> float:
+    """Model FLOPs of one training step, by ode-lm's accounting (``ode-lm info``)."""
+    from ode_lm.models.accounting import flops_per_token
+
+    count = flops_per_token(size_config(size, family), size["vocab"])
+    return count.per_batch(count.train_step)
 
 
 def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
                     dtype: str = "bfloat16", checkpoint_saves: str = "states",
-                    compiler_options: dict | None = None, unroll: bool = False):
+                    compiler_options: dict | None = None, unroll: str = "auto"):
     """ode-lm's real jitted train step (forward, backward, AdamW) on random tokens, as a
     zero-argument callable that returns the loss."""
-    from ode_lm.config import config_from_dict
     from ode_lm.train.precision import compute_dtype
     from ode_lm.train.steps import TrainStep
     from ode_lm.train.trainer import init_state
 
-    model_cfg = {"family": family, "dim": size["dim"], "heads": size["heads"], "layers": size["steps"],
-                 "max_positions": size["seq"], "dropout": 0.0, "attention": attention}
-    cfg = config_from_dict({"model": model_cfg,
-                            "ode": {"solver": "euler", "steps": size["steps"], "adjoint": adjoint,
-                                    "checkpoint_saves": checkpoint_saves, "unroll": unroll},
-                            "data": {"seq_len": size["seq"]},
-                            "train": {"batch_size": size["batch"], "dtype": dtype}})
-    model, optimizer, opt_state = init_state(cfg, VOCAB)
+    cfg = size_config(size, family, adjoint, attention, dtype, checkpoint_saves, unroll)
+    vocab = size.get("vocab", VOCAB)
+    model, optimizer, opt_state = init_state(cfg, vocab)
     step_fn = TrainStep(optimizer, cfg.ode, compute_dtype(cfg), compiler_options)
     rng = np.random.default_rng(0)
-    x = jax.device_put(rng.integers(0, VOCAB, (size["batch"], size["seq"]), dtype=np.int32))
-    y = jax.device_put(rng.integers(0, VOCAB, (size["batch"], size["seq"]), dtype=np.int32))
+    x = jax.device_put(rng.integers(0, vocab, (size["batch"], size["seq"]), dtype=np.int32))
+    y = jax.device_put(rng.integers(0, vocab, (size["batch"], size["seq"]), dtype=np.int32))
     state = {"model": model, "opt": opt_state}
     key = jax.random.key(0)
 
@@ -120,7 +153,7 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
 
 def ours(size: dict, family: str, repeats: int, adjoint: str = "checkpoint", attention: str = "auto",
          dtype: str = "bfloat16", checkpoint_saves: str = "states", compiler_options: dict | None = None,
-         unroll: bool = False) -> StepTime:
+         unroll: str = "auto") -> StepTime:
     step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves, compiler_options, unroll)
     start = time.perf_counter()
     jax.block_until_ready(step())
@@ -133,168 +166,162 @@ def ours(size: dict, family: str, repeats: int, adjoint: str = "checkpoint", att
     return timing
 
 
-def peer(size: dict, repeats: int) -> StepTime:
-    """The same time-indexed model and training step in PyTorch + torchdiffeq."""
-    import math
-
-    import torch
-    import torch.nn.functional as F
-    from torchdiffeq import odeint
-
-    d, heads, steps, seq, batch = (size[k] for k in ("dim", "heads", "steps", "seq", "batch"))
-    dev = torch.device("cuda")
-    temb, hidden = 32, 64
-    gate_sizes = [3 * d, d, 4 * d, d]
-
-    class TimeIndexed(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok = torch.nn.Embedding(VOCAB, d)
-            self.pos = torch.nn.Parameter(0.02 * torch.randn(seq, d))
-            self.ln_attn, self.ln_mlp, self.ln_f = (torch.nn.LayerNorm(d) for _ in range(3))
-            self.qkv, self.proj = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-            self.fc1, self.fc2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
-            self.mod = torch.nn.Sequential(torch.nn.Linear(temb, hidden), torch.nn.SiLU(),
-                                           torch.nn.Linear(hidden, sum(gate_sizes)))
-            freqs = 100.0 ** (torch.arange(temb // 2) / max(temb // 2 - 1, 1))
-            self.register_buffer("freqs", freqs)
-
-        def field(self, t, x):
-            angles = t * self.freqs
-            g_qkv, g_proj, g_fc1, g_fc2 = torch.sigmoid(
-                self.mod(torch.cat([angles.sin(), angles.cos()]))).split(gate_sizes)
-            b, n, _ = x.shape
-            q, k, v = (F.linear(self.ln_attn(x), self.qkv.weight) * g_qkv + self.qkv.bias).split(d, -1)
-            shape = (b, n, heads, d // heads)
-            a = F.scaled_dot_product_attention(*(z.view(shape).transpose(1, 2) for z in (q, k, v)),
-                                               is_causal=True).transpose(1, 2).reshape(b, n, d)
-            a = F.linear(a, self.proj.weight) * g_proj + self.proj.bias
-            h = F.gelu(F.linear(self.ln_mlp(x), self.fc1.weight) * g_fc1 + self.fc1.bias, approximate="tanh")
-            m = F.linear(h, self.fc2.weight) * g_fc2 + self.fc2.bias
-            return (a + m).to(x.dtype)
-
-        def forward(self, tokens):
-            x0 = self.tok(tokens) + self.pos[: tokens.shape[1]]
-            ts = torch.tensor([0.0, 1.0], device=tokens.device)
-            x1 = odeint(self.field, x0, ts, method="euler", options={"step_size": 1.0 / steps})[-1]
-            return self.ln_f(x1) @ self.tok.weight.T
-
-    torch.manual_seed(0)
-    model = TimeIndexed().to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    x = torch.randint(0, VOCAB, (batch, seq), device=dev)
-    y = torch.randint(0, VOCAB, (batch, seq), device=dev)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, VOCAB), y.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
-
-    assert math.isfinite(float(step()))
-    return time_steps(step, repeats, 3, lambda _: torch.cuda.synchronize())
-
-
 def machine_versions(info: dict) -> dict:
-    """``info`` with the peer's torch, CUDA and torchdiffeq versions where installed."""
+    """``info`` with the peers' torch, CUDA and torchdiffeq versions where installed."""
     versions = dict(info)
     try:
         import torch
+        versions.update(torch=torch.__version__, cuda=torch.version.cuda)
         import torchdiffeq
-        versions.update(torch=torch.__version__, cuda=torch.version.cuda, torchdiffeq=torchdiffeq.__version__)
+        versions.update(torchdiffeq=torchdiffeq.__version__)
     except ImportError:
         pass
     return versions
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the bf16 peak")
-    ap.add_argument("--no-peer", action="store_true", help="skip the PyTorch + torchdiffeq peer")
+    ap.add_argument("--no-peer", action="store_true", help="skip every PyTorch peer")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers "
+                    "(torch.compile on a CPU needs a C compiler and takes minutes)")
     ap.add_argument("--no-standard", action="store_true", help="skip the discrete baseline")
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint of ours")
     ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves of ours")
     ap.add_argument("--attention", default="auto", help="model.attention of ours")
     ap.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
                     help="also time ours under these other settings (no names: all)")
+    ap.add_argument("--smoke", action="store_true", help=f"shrink every size to {SMOKE} (CPU check)")
     ap.add_argument("--out", default="docs/results/gpu.json")
     ap.add_argument("--markdown", default=None, help="also write the table as Markdown here")
-    args = ap.parse_args()
-    variant_names = list(VARIANTS) if args.variants == [] else args.variants or []
+    return ap.parse_args()
 
+
+def _ms(t: StepTime | None, field: str = "back_to_back") -> float | None:
+    return None if t is None else getattr(t, field) * 1e3
+
+
+def time_variants(size: dict, name: str, args, flops: float, peak: float | None) -> list[dict]:
+    variants = []
+    for variant_name in list(VARIANTS) if args.variants == [] else args.variants or []:
+        variant = VARIANTS[variant_name]  # on top of this run's settings of ours
+        settings = dict(adjoint=args.adjoint, attention=args.attention,
+                        checkpoint_saves=args.checkpoint_saves) | variant
+        t = ours(size, "time_indexed", args.repeats, **settings)
+        variants.append({"name": variant_name, **variant, "ms": _ms(t), "ms_synced": _ms(t, "synced"),
+                         "first_call_s": t.first_call,
+                         "mfu": flops / t.back_to_back / (peak * 1e12) if peak else None})
+        print(f"variant {name}: {variant}: {t.back_to_back * 1e3:.2f} ms/step "
+              f"({t.synced * 1e3:.2f} synced; first call with compilation {t.first_call:.1f} s)")
+    return variants
+
+
+def time_peers(name: str, size: dict, args) -> dict[str, StepTime]:
+    if args.no_peer:
+        return {}
+    peers = [p for p in SIZE_PEERS[name] if not (args.no_compile and p in COMPILED)]
+    times = {}
+    for p in peers:
+        times[p] = time_peer(p, size, args.repeats)
+        release()
+        print(f"peer {name}: {p}: {times[p].back_to_back * 1e3:.2f} ms/step ({times[p].synced * 1e3:.2f} "
+              f"synced; first call with compilation {times[p].first_call:.1f} s)")
+    return times
+
+
+def record(name: str, size: dict, t_ours: StepTime, t_std: StepTime | None, peers: dict[str, StepTime],
+           variants: list[dict], peak: float | None) -> dict:
+    """One size's JSON record (the keys of earlier results kept, peers added)."""
+    from ode_lm.ode.sensitivities import unrolls
+
+    tokens = size["batch"] * size["seq"]
+    flops = {f: train_flops_per_step(size, f) for f in ("time_indexed", "standard")}
+
+    def mfu(t, family="time_indexed"):
+        return flops[family] / t.back_to_back / (peak * 1e12) if peak and t else None
+    compared = {"time_indexed": t_ours, "standard": t_std}[COMPARED[name]]
+    compiled = {p: t for p, t in peers.items() if p in COMPILED}
+    fastest = min(compiled, key=lambda p: compiled[p].back_to_back) if compiled else None
+    eager = peers.get("torchdiffeq")
+    peer_family = "standard" if name == "gpt2_small" else "time_indexed"
+    return {"size": name, **size, "tokens_per_step": tokens, "model_tflops_per_step": flops["time_indexed"] / 1e12,
+            "standard_model_tflops_per_step": flops["standard"] / 1e12,
+            "ours_ms": _ms(t_ours), "ours_tokens_per_s": tokens / t_ours.back_to_back, "ours_mfu": mfu(t_ours),
+            "ours_ms_synced": _ms(t_ours, "synced"), "ours_first_call_s": t_ours.first_call,
+            "ours_unrolled": unrolls(size_config(size, "time_indexed").ode),  # ode.unroll = "auto"'s pick
+            "peer_ms": _ms(eager), "peer_ms_synced": _ms(eager, "synced"),
+            "speedup_vs_peer": eager and eager.back_to_back / t_ours.back_to_back,
+            "speedup_vs_peer_synced": eager and eager.synced / t_ours.synced,
+            "peers": {p: {"ms": _ms(t), "ms_synced": _ms(t, "synced"), "first_call_s": t.first_call,
+                          "mfu": mfu(t, peer_family), "compiled": p in COMPILED} for p, t in peers.items()},
+            "compiled_peer": fastest, "compared_with_compiled_peer": COMPARED[name],
+            "speedup_vs_compiled_peer": (compiled[fastest].back_to_back / compared.back_to_back
+                                         if fastest and compared else None),
+            "speedup_vs_compiled_peer_synced": (compiled[fastest].synced / compared.synced
+                                                if fastest and compared else None),
+            "standard_ms": _ms(t_std), "standard_ms_synced": _ms(t_std, "synced"),
+            "standard_first_call_s": t_std and t_std.first_call, "standard_mfu": mfu(t_std, "standard"),
+            "ode_overhead_vs_standard": t_std and t_ours.back_to_back / t_std.back_to_back - 1,
+            "variants": variants}
+
+
+def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{suffix}"
+
+
+HEADERS = ["size", "ours ms/step", "ours tokens/s", "MFU (bf16)", "standard ms/step", "ODE overhead",
+           "torchdiffeq ms/step", "speed-up", "torchdiffeq+compile ms", "Euler+compile ms", "GPT-2+compile ms",
+           "vs fastest compiled", "compile s: ours / standard / peers", "synced: ours / standard ms"]
+
+
+def table_row(rec: dict) -> list[str]:
+    peers = rec["peers"]
+
+    def peer_ms(p):
+        return _fmt(peers[p]["ms"], ".2f") if p in peers else "n/a"
+    compile_s = " / ".join([_fmt(rec["ours_first_call_s"], ".1f"), _fmt(rec["standard_first_call_s"], ".1f")]
+                           + [_fmt(v["first_call_s"], ".1f") for v in peers.values()])
+    vs = rec["speedup_vs_compiled_peer"]
+    return [rec["size"], _fmt(rec["ours_ms"], ".2f"), _fmt(rec["ours_tokens_per_s"], ",.0f"),
+            _fmt(rec["ours_mfu"] and 100 * rec["ours_mfu"], ".1f", "%"), _fmt(rec["standard_ms"], ".2f"),
+            _fmt(rec["ode_overhead_vs_standard"] and 100 * rec["ode_overhead_vs_standard"], "+.1f", "%"),
+            peer_ms("torchdiffeq"), _fmt(rec["speedup_vs_peer"], ".2f", "x"), peer_ms("torchdiffeq_compiled"),
+            peer_ms("euler_compiled"), peer_ms("gpt2_compiled"),
+            "n/a" if vs is None else f"{vs:.2f}x ({rec['compared_with_compiled_peer']} vs {rec['compiled_peer']})",
+            compile_s, f"{rec['ours_ms_synced']:.2f} / {_fmt(rec['standard_ms_synced'], '.2f')}"]
+
+
+def main() -> None:
+    args = parse_args()
     from ode_lm.config import FAMILIES
 
     info = machine()
     versions = machine_versions(info)
     peak = peak_tflops(info["device"], args.peak_tflops)
-    rows, records = [], []
+    records = []
     for name in args.sizes:
-        size = SIZES[name]
-        tokens = size["batch"] * size["seq"]
-        flops = train_flops_per_token(size["dim"], size["seq"], size["steps"]) * tokens
+        size = SIZES[name] | (SMOKE if args.smoke else {})
         t_ours = ours(size, "time_indexed", args.repeats, args.adjoint, args.attention,
                       checkpoint_saves=args.checkpoint_saves)
         t_std = (ours(size, "standard", args.repeats, args.adjoint, args.attention)
                  if "standard" in FAMILIES and not args.no_standard else None)
-        variants = []
-        for variant_name in variant_names:
-            variant = VARIANTS[variant_name]  # on top of this run's settings of ours
-            settings = dict(adjoint=args.adjoint, attention=args.attention,
-                            checkpoint_saves=args.checkpoint_saves) | variant
-            t = ours(size, "time_indexed", args.repeats, **settings)
-            variants.append({"name": variant_name, **variant, "ms": t.back_to_back * 1e3,
-                             "ms_synced": t.synced * 1e3, "first_call_s": t.first_call,
-                             "mfu": flops / t.back_to_back / (peak * 1e12) if peak else None})
-            print(f"variant {name}: {variant}: {t.back_to_back * 1e3:.2f} ms/step "
-                  f"({t.synced * 1e3:.2f} synced; first call with compilation {t.first_call:.1f} s)")
-        t_peer = None if args.no_peer else peer(size, args.repeats)
-        if t_peer is not None:
-            import torch
-            gc.collect()
-            torch.cuda.empty_cache()  # give the peer's cached blocks back before ours runs again
-        ms = t_ours.back_to_back * 1e3
-        mfu = flops / t_ours.back_to_back / (peak * 1e12) if peak else None
-        rec = {"size": name, **size, "tokens_per_step": tokens, "model_tflops_per_step": flops / 1e12,
-               "ours_ms": ms, "ours_tokens_per_s": tokens / t_ours.back_to_back, "ours_mfu": mfu,
-               "ours_ms_synced": t_ours.synced * 1e3, "ours_first_call_s": t_ours.first_call,
-               "peer_ms": t_peer and t_peer.back_to_back * 1e3,
-               "peer_ms_synced": t_peer and t_peer.synced * 1e3,
-               "speedup_vs_peer": t_peer and t_peer.back_to_back / t_ours.back_to_back,
-               "speedup_vs_peer_synced": t_peer and t_peer.synced / t_ours.synced,
-               "standard_ms": t_std and t_std.back_to_back * 1e3,
-               "standard_ms_synced": t_std and t_std.synced * 1e3,
-               "standard_first_call_s": t_std and t_std.first_call,
-               "ode_overhead_vs_standard": t_std and t_ours.back_to_back / t_std.back_to_back - 1,
-               "variants": variants}
-        records.append(rec)
+        variants = time_variants(size, name, args, train_flops_per_step(size, "time_indexed"), peak)
+        peers = time_peers(name, size, args)
+        records.append(record(name, size, t_ours, t_std, peers, variants, peak))
         # Written after every size: a run cut short keeps what it measured.
-        write_json(args.out, {"benchmark": "gpu_train_step", "machine": versions,
+        write_json(args.out, {"benchmark": "gpu_train_step", "machine": versions, "smoke": args.smoke,
                               "peak_bf16_tflops": peak, "results": records})
-        rows.append([name, f"{ms:.2f}", f"{rec['ours_tokens_per_s']:,.0f}",
-                     "n/a" if mfu is None else f"{100 * mfu:.1f}%",
-                     "n/a" if t_peer is None else f"{rec['peer_ms']:.2f}",
-                     "n/a" if t_peer is None else f"{rec['speedup_vs_peer']:.2f}x",
-                     "n/a" if t_std is None else f"{rec['standard_ms']:.2f}",
-                     "n/a" if t_std is None else f"{100 * rec['ode_overhead_vs_standard']:+.1f}%",
-                     f"{rec['ours_ms_synced']:.2f}" + ("" if t_peer is None else
-                                                       f" / {rec['peer_ms_synced']:.2f}"
-                                                       f" = {rec['speedup_vs_peer_synced']:.2f}x")])
-    headers = ["size", "ours ms/step", "ours tokens/s", "MFU (bf16)", "torchdiffeq ms/step",
-               "speed-up", "standard ms/step", "ODE overhead", "each step synced: ours / peer ms"]
-    print(f"{info['device']}, jax {info['jax']}, bf16 peak {peak} TFLOP/s")
-    print_table(headers, rows)
+    rows = [table_row(r) for r in records]
+    print(f"{info['device']}, jax {info['jax']}, torch {versions.get('torch')}, bf16 peak {peak} TFLOP/s")
+    print_table(HEADERS, rows)
     if args.markdown:
         lines = [f"GPU: {info['device']}; jax {info['jax']}"
                  + (f"; torch {versions.get('torch')} (CUDA {versions.get('cuda')}), torchdiffeq "
                     f"{versions.get('torchdiffeq')}" if "torch" in versions else "")
                  + f"; bf16 peak {peak} TFLOP/s.", "",
-                 "| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+                 "| " + " | ".join(HEADERS) + " |", "|" + " --- |" * len(HEADERS)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         from pathlib import Path
         Path(args.markdown).write_text("\n".join(lines) + "\n")

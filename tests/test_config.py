@@ -2,7 +2,7 @@ import tomllib
 
 import pytest
 
-from ode_lm.config import (ADJOINTS, FAMILIES, SOLVERS, Config, ConfigError, config_from_dict,
+from ode_lm.config import (ADJOINTS, FAMILIES, SOLVERS, Config, ConfigError, ODEConfig, config_from_dict,
                            load_config)
 from tests.conftest import REPO, run_cli
 
@@ -49,7 +49,8 @@ def test_resolved_config_round_trips():
     ("[ode]\nadjoint = 'backsolve'\ncheckpoint_saves = 'matmuls'\n", None,
      ['checkpoint_saves = "matmuls"', 'adjoint = "backsolve"', 'leave checkpoint_saves = "states"']),
     ("[ode]\nsolver = 'heun'\nadaptive = true\n", "ode.unroll=true",
-     ["unroll = true", "adaptive = true", "leave unroll = false"]),
+     ['unroll = "unroll"', "adaptive = true", 'leave unroll = "auto" or "scan"']),
+    ("", "ode.unroll=sometimes", ["unroll = 'sometimes'", "auto, scan, unroll"]),
 ])
 def test_every_error_kind_names_the_key(tmp_path, text, override, needles):
     with pytest.raises(ConfigError) as info:
@@ -123,3 +124,18 @@ def test_a_file_error_an_override_does_not_touch_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match="c.toml: .*heads = 4 does not divide dim = 30"):
         load_config(path, ["ode.steps=2"])
     assert load_config(path, ["model.dim=32"]).model.dim == 32  # an override may fix the file
+
+
+def test_unroll_reads_its_old_booleans_and_auto_unrolls_short_gpu_solves(tmp_path):
+    from ode_lm.ode.sensitivities import AUTO_UNROLL_MAX_NFE, unrolls
+
+    assert load_config(write(tmp_path, "[ode]\nunroll = true\n"), []).ode.unroll == "unroll"
+    assert load_config(write(tmp_path, "[ode]\nunroll = false\n"), []).ode.unroll == "scan"
+    assert load_config(write(tmp_path, ""), ["ode.unroll=scan"]).ode.unroll == "scan"
+    assert ODEConfig(unroll=True).unroll == "unroll"  # the Python form too
+    auto = ODEConfig(solver="euler", steps=12)
+    assert auto.unroll == "auto" and unrolls(auto, "gpu") and not unrolls(auto, "cpu")
+    assert not unrolls(ODEConfig(solver="heun", steps=AUTO_UNROLL_MAX_NFE // 2 + 1), "gpu")  # too long
+    assert unrolls(ODEConfig(solver="heun", steps=AUTO_UNROLL_MAX_NFE // 2), "gpu")
+    assert not unrolls(ODEConfig(solver="tsit5", adaptive=True), "gpu")
+    assert unrolls(ODEConfig(unroll="unroll"), "cpu") and not unrolls(ODEConfig(unroll="scan", steps=2), "gpu")

@@ -124,6 +124,33 @@ def test_generate_cached_equals_recompute_and_compiles_once(model):
     assert grown == {"prefill": 1, "decode": 1, "decode_many": 1, "recompute": 1}, grown
 
 
+@pytest.mark.parametrize("sampling", [dict(greedy=True), dict(temperature=1.0, top_k=10, top_p=0.9,
+                                                               repetition_penalty=1.2)])
+def test_chunked_device_decoding_gives_the_per_token_tokens(model, sampling):
+    """Streaming in device-side chunks (a short last chunk included) picks exactly the tokens
+    of one call per token, for a fixed seed (one loop for everything: the test above)."""
+    ode = ODEConfig(steps=1)
+    kw = dict(max_new_tokens=20, seed=7, num_samples=2, **sampling)
+    per_token = []
+    expected = generate(model, np.arange(6), ode, chunk=1, on_token=per_token.append, **kw)
+    np.testing.assert_array_equal(np.stack(per_token, 1), expected)
+    streamed = []
+    np.testing.assert_array_equal(generate(model, np.arange(6), ode, chunk=8, on_token=streamed.append, **kw),
+                                  expected)  # chunks of 8, 8 and 3 after the prefill's token
+    np.testing.assert_array_equal(np.stack(streamed, 1), expected)
+
+
+def test_several_prompts_decode_as_one_batch(model):
+    """A [prompts, length] array: each prompt's rows are what it gives alone (greedy)."""
+    ode = ODEConfig(steps=1)
+    prompts = np.asarray(tokens(6))
+    both = generate(model, prompts, ode, greedy=True, max_new_tokens=12, num_samples=2)
+    assert both.shape == (4, 12)
+    for i, prompt in enumerate(prompts):
+        alone = generate(model, prompt, ode, greedy=True, max_new_tokens=12)
+        np.testing.assert_array_equal(both[2 * i: 2 * i + 2], np.tile(alone, (2, 1)))
+
+
 @pytest.mark.parametrize("rtol, bound", [pytest.param(1e-3, 0.5, marks=pytest.mark.slow), (1e-6, 1e-3)])
 def test_adaptive_frozen_grid_deviation_follows_the_tolerance(model, rtol, bound):
     """Adaptive decoding reuses the prompt's grid: off full recompute by about the solver error.
@@ -191,6 +218,8 @@ def test_stream_holds_back_split_utf8():
     (dict(max_new_tokens=PROMPT + DECODED), "max_positions"),
     (dict(prompt_ids=[VOCAB]), "token ids"),
     (dict(window=PROMPT + DECODED), "window"),
+    (dict(prompt_ids=[[1, 2], [3]]), "prompts of one length"),
+    (dict(prompt_ids=np.zeros((2, 2, 2), int)), "prompts of one length"),
 ])
 def test_bad_input_is_a_user_error(model, kwargs, needle):
     kwargs = {"prompt_ids": [1, 2], **kwargs}

@@ -6,9 +6,11 @@ equal tokens. The loop keeps one invariant: the context holds ``n`` tokens at po
 
 - cached: ``prefill`` runs the context once, filling every evaluation's cache slot; each
   later token costs one ``decode_step`` (one position through the whole solve). Buffers
-  have a fixed size and the position is a traced scalar, so the step compiles once. When
-  nobody watches tokens arrive (no ``on_token``), the steps up to the next window slide run
-  as one device loop; streaming calls one jitted step per token.
+  have a fixed size and the position is a traced scalar, so the step compiles once. The
+  token loop runs on the device (``fori_loop``; sampling there too): when nobody watches
+  tokens arrive (no ``on_token``), the steps up to the next window slide are one device
+  loop; streaming runs ``generate.chunk`` tokens per call (a traced count, so a short last
+  chunk reuses the program) and hands each chunk to ``on_token`` while the next one runs.
 - recompute (``cache = false``): every token re-runs the model on the whole context, padded
   to a multiple of ``bucket`` positions so it compiles once per bucket; causality makes the
   padding irrelevant. Adaptive solves see exactly the context (no padding), because padding
@@ -28,7 +30,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Int, PRNGKeyArray
+from jaxtyping import Array, Int
 
 from ode_lm.config import GenerateConfig, ODEConfig, config_from_dict
 from ode_lm.errors import ConfigError, GenerationError
@@ -45,49 +47,61 @@ def _choose(logits, seen, key, s: Sampling):
     return token, seen.at[jnp.arange(token.shape[0]), token].set(True), key
 
 
-# The decode functions donate their inputs (all but the model), so the cache is updated in
-# place instead of copied for every token.
-@eqx.filter_jit(donate="all-except-first")
+# The decode functions are plain ``jax.jit`` (every leaf of a model and of a cache is an
+# array): a call returns once its work is queued, so the host hands one chunk of tokens to the
+# caller while the device computes the next (``eqx.filter_jit`` would wait for the device on
+# every call; see ode_lm/train/steps.py). They donate their inputs (all but the model), so
+# the cache, the seen-token mask and the key are updated in place instead of copied per call.
 def _prefill(model: LanguageModel, context: Int[Array, "batch n"], cache, seen, key, s: Sampling):
     TRACES["prefill"] += 1
     logits, cache = model.prefill(context, cache)
     return (*_choose(logits[:, -1], seen, key, s), cache)
 
 
-def _decode_body(model, token, position, cache, seen, key, s):
-    logits, cache = model.decode_step(token, position, cache)
-    return (*_choose(logits, seen, key, s), cache, position + 1)
+_prefill = jax.jit(_prefill, static_argnames="s", donate_argnums=(2, 3, 4))
 
 
-@eqx.filter_jit(donate="all-except-first")
+def _decode_loop(model, token, position, cache, seen, key, s, size: int, count):
+    """Up to ``size`` tokens after ``token`` in one device loop, the first ``count`` of them
+    chosen (``count`` = ``size`` makes the trip count static): ``(tokens [size, batch], last
+    token, seen, key, cache, position)``. Rows past ``count`` stay 0."""
+
+    def body(i, carry):
+        tokens, token, seen, key, cache, position = carry
+        logits, cache = model.decode_step(token, position, cache)
+        token, seen, key = _choose(logits, seen, key, s)
+        return tokens.at[i].set(token), token, seen, key, cache, position + 1
+    tokens = jnp.zeros((size, token.shape[0]), jnp.int32)
+    return jax.lax.fori_loop(0, count, body, (tokens, token, seen, key, cache, position))
+
+
 def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
-            seen, key, s: Sampling):
-    """One token (the streaming path: the host sees every token as soon as it exists)."""
+            seen, key, count: Int[Array, ""], s: Sampling, size: int):
+    """A chunk of ``count <= size`` tokens (the streaming path: ``size`` = ``generate.chunk``;
+    ``count`` is traced, so a short last chunk reuses the program)."""
     TRACES["decode"] += 1
-    return _decode_body(model, token, position, cache, seen, key, s)
+    return _decode_loop(model, token, position, cache, seen, key, s, size, count)
 
 
-@eqx.filter_jit(donate="all-except-first")
 def _decode_many(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
                  seen, key, s: Sampling, count: int):
-    """``count`` tokens in one device loop (no host round trip per token)."""
+    """``count`` tokens in one device loop of static length (nobody watches them arrive)."""
     TRACES["decode_many"] += 1
-
-    def body(carry, _):
-        token, seen, key, cache, position = carry
-        carry = _decode_body(model, token, position, cache, seen, key, s)
-        return carry, carry[0]
-    (_, seen, key, cache, position), tokens = jax.lax.scan(
-        body, (token, seen, key, cache, position), None, length=count)
-    return tokens, seen, key, cache, position
+    return _decode_loop(model, token, position, cache, seen, key, s, count, count)
 
 
-@eqx.filter_jit
+_decode = jax.jit(_decode, static_argnames=("s", "size"), donate_argnums=(1, 2, 3, 4, 5))
+_decode_many = jax.jit(_decode_many, static_argnames=("s", "count"), donate_argnums=(1, 2, 3, 4, 5))
+
+
 def _recompute(model: LanguageModel, window: Int[Array, "batch length"], read: Int[Array, ""],
                seen, key, s: Sampling, ode: ODEConfig):
     TRACES["recompute"] += 1
     logits, _ = model(window, ode)
     return _choose(jax.lax.dynamic_index_in_dim(logits, read, axis=1, keepdims=False), seen, key, s)
+
+
+_recompute = jax.jit(_recompute, static_argnames=("s", "ode"))
 
 
 @eqx.filter_jit
@@ -118,19 +132,21 @@ class _Cached:
     def restart(self, context, seen, key, s):
         context = jnp.asarray(context)
         self.cache = self.model.init_cache(context, self.ode, self.max_len)
-        token, seen, key, self.cache = _prefill(self.model, context, self.cache, seen, key, s)
+        token, seen, key, self.cache = _prefill(self.model, context, self.cache, seen, key, s=s)
         self.position = jnp.asarray(context.shape[1], jnp.int32)  # on device: no transfer per token
         return token, seen, key
 
-    def advance(self, token, n, count, seen, key, s):
-        """``count`` tokens after ``token``, placed at ``n``: ``([count, batch], seen, key)``."""
-        if count == 1:
-            token, seen, key, self.cache, self.position = _decode(self.model, token, self.position,
-                                                                  self.cache, seen, key, s)
-            return token[None], seen, key
-        tokens, seen, key, self.cache, self.position = _decode_many(
-            self.model, token, self.position, self.cache, seen, key, s, count)
-        return tokens, seen, key
+    def advance(self, token, n, count, seen, key, s, chunk=None):
+        """``count`` tokens after ``token``, placed at ``n``: ``(tokens [count, batch], last
+        token, seen, key)``; ``chunk``: the program's fixed chunk size (streaming), else one
+        program of exactly ``count`` steps."""
+        if chunk is None:
+            tokens, token, seen, key, self.cache, self.position = _decode_many(
+                self.model, token, self.position, self.cache, seen, key, s=s, count=count)
+            return tokens, token, seen, key
+        tokens, token, seen, key, self.cache, self.position = _decode(
+            self.model, token, self.position, self.cache, seen, key, jnp.asarray(count, jnp.int32), s=s, size=chunk)
+        return tokens[:count], token, seen, key
 
 
 class _Recompute:
@@ -141,19 +157,19 @@ class _Recompute:
     def _run(self, length, seen, key, s):
         padded = min(self.max_len, -(-length // self.bucket) * self.bucket)
         return _recompute(self.model, self.buffer[:, :padded], jnp.asarray(length - 1, jnp.int32),
-                          seen, key, s, self.ode)
+                          seen, key, s=s, ode=self.ode)
 
     def restart(self, context, seen, key, s):
         self.buffer = jnp.zeros((context.shape[0], self.max_len), jnp.int32).at[:, :context.shape[1]].set(context)
         return self._run(context.shape[1], seen, key, s)
 
-    def advance(self, token, n, count, seen, key, s):
+    def advance(self, token, n, count, seen, key, s, chunk=None):
         tokens = []
         for i in range(count):
             self.buffer = self.buffer.at[:, n + i].set(token)
             token, seen, key = self._run(n + i + 1, seen, key, s)
             tokens.append(token)
-        return jnp.stack(tokens), seen, key
+        return jnp.stack(tokens), token, seen, key
 
 
 def check_settings(settings: GenerateConfig | None = None, **overrides) -> GenerateConfig:
@@ -171,54 +187,87 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
              **overrides) -> np.ndarray:
     """Continue ``prompt_ids``; return the new tokens, ``[num_samples, max_new_tokens]``.
 
+    ``prompt_ids``: one prompt (a sequence of token ids), or several of one length as a
+    ``[prompts, length]`` array, decoded as one batch: then ``[prompts * num_samples,
+    max_new_tokens]``, each prompt's samples in consecutive rows.
+
     ``settings`` (default ``GenerateConfig()``) and keyword ``overrides`` such as
     ``temperature=0.5, top_k=40, cache=False`` choose the sampling; ``on_token`` receives each
-    step's tokens (one per sample) as they are chosen, for streaming. ``bucket`` is the
+    step's tokens (one per sample), in order, a chunk of ``chunk`` steps at a time (``chunk=1``:
+    each as soon as it is chosen), for streaming. ``bucket`` is the
     padding granularity of full recomputation.
     """
     s = check_settings(settings, **overrides)
-    prompt = np.asarray(prompt_ids).reshape(-1)
     vocab, limit = model.embedding.tokens.shape[0], model.embedding.positions.shape[0]
-    if prompt.size == 0:
-        raise GenerationError("the prompt is empty; give at least one token to continue")
-    if not np.issubdtype(prompt.dtype, np.integer) or prompt.min() < 0 or prompt.max() >= vocab:
-        raise GenerationError(f"prompt token ids must be integers in [0, {vocab}); got "
-                              f"{prompt.dtype} values in [{prompt.min()}, {prompt.max()}]")
-    if s.window >= limit:
-        raise GenerationError(f"window = {s.window} must be below max_positions = {limit}")
-    if not s.window and prompt.size + s.max_new_tokens > limit:
-        raise GenerationError(f"prompt ({prompt.size} tokens) + max_new_tokens ({s.max_new_tokens}) = "
-                              f"{prompt.size + s.max_new_tokens} exceeds the model's max_positions = "
-                              f"{limit}; shorten them or slide a window (--window)")
-    max_len = limit if s.window else prompt.size + s.max_new_tokens
+    prompts = _check_prompts(prompt_ids, vocab, limit, s)
+    length = prompts.shape[1]
+    max_len = limit if s.window else length + s.max_new_tokens
     runner = _Cached(model, ode, max_len) if s.cache else _Recompute(model, ode, max_len, bucket)
     sampling = Sampling.of(s)
 
-    sequence = np.tile(prompt.astype(np.int32), (s.num_samples, 1))
-    seen = jnp.zeros((s.num_samples, vocab), bool).at[:, prompt].set(True)
+    sequence = np.repeat(prompts.astype(np.int32), s.num_samples, axis=0)  # prompt-major rows
+    rows = np.arange(sequence.shape[0])[:, None]
+    seen = jnp.zeros((sequence.shape[0], vocab), bool).at[rows, sequence].set(True)
     key = jax.random.key(s.seed)
     context = sequence if sequence.shape[1] <= limit else sequence[:, -(limit - s.window):]
     n = context.shape[1]
     token, seen, key = runner.restart(context, seen, key, sampling)
-    new = [token[None]]  # chunks of [count, batch] tokens
+    new = [token[None]]  # chunks of [count, batch] tokens, on device until read
+    delivered = 0  # chunks handed to on_token
     produced = 1
-    while True:
-        if on_token is not None:
-            for row in np.asarray(new[-1]):
-                on_token(row)
-        if produced == s.max_new_tokens:
-            break
+    while produced < s.max_new_tokens:
         if n == limit:  # no position left for ``token``: slide the window
-            sequence = np.concatenate([sequence[:, :prompt.size], np.asarray(jnp.concatenate(new).T)], 1)
+            sequence = np.concatenate([sequence[:, :length], np.asarray(jnp.concatenate(new).T)], 1)
             context = sequence[:, -(limit - s.window):]
             n = context.shape[1]
             token, seen, key = runner.restart(context, seen, key, sampling)
             chunk = token[None]
         else:
-            # Streaming: one token per call. Otherwise everything up to the next slide at once.
-            count = 1 if on_token is not None else min(s.max_new_tokens - produced, limit - n)
-            chunk, seen, key = runner.advance(token, n, count, seen, key, sampling)
-            token, n = chunk[-1], n + count
+            # Streaming: chunks of s.chunk tokens. Otherwise everything up to the next slide at once.
+            count = min(s.max_new_tokens - produced, limit - n)
+            if on_token is not None:
+                count = min(count, s.chunk)
+            chunk, token, seen, key = runner.advance(token, n, count, seen, key, sampling,
+                                                     s.chunk if on_token is not None else None)
+            n += count
         new.append(chunk)
         produced += chunk.shape[0]
+        # The next chunk is queued (calls return before the device finishes): hand the
+        # previous ones to on_token while it runs.
+        delivered = _deliver(new, delivered, len(new) - 1, on_token)
+    _deliver(new, delivered, len(new), on_token)
     return np.asarray(jnp.concatenate(new).T)
+
+
+def _check_prompts(prompt_ids, vocab: int, limit: int, s: GenerateConfig) -> np.ndarray:
+    """``prompt_ids`` as ``[prompts, length]`` (one prompt: a flat sequence), checked."""
+    try:
+        prompts = np.asarray(prompt_ids)
+    except ValueError:  # ragged
+        prompts = np.empty((0, 0, 0))
+    prompts = prompts.reshape(1, -1) if prompts.ndim <= 1 else prompts
+    if prompts.ndim != 2:
+        raise GenerationError(f"prompt token ids must be one sequence or a [prompts, length] array of "
+                              f"prompts of one length; got an array of shape {prompts.shape}")
+    if prompts.size == 0:
+        raise GenerationError("the prompt is empty; give at least one token to continue")
+    if not np.issubdtype(prompts.dtype, np.integer) or prompts.min() < 0 or prompts.max() >= vocab:
+        raise GenerationError(f"prompt token ids must be integers in [0, {vocab}); got "
+                              f"{prompts.dtype} values in [{prompts.min()}, {prompts.max()}]")
+    if s.window >= limit:
+        raise GenerationError(f"window = {s.window} must be below max_positions = {limit}")
+    length = prompts.shape[1]
+    if not s.window and length + s.max_new_tokens > limit:
+        raise GenerationError(f"prompt ({length} tokens) + max_new_tokens ({s.max_new_tokens}) = "
+                              f"{length + s.max_new_tokens} exceeds the model's max_positions = "
+                              f"{limit}; shorten them or slide a window (--window)")
+    return prompts
+
+
+def _deliver(chunks: list, start: int, stop: int, on_token) -> int:
+    """Give ``on_token`` every token of ``chunks[start:stop]``, one step (all samples) a call."""
+    if on_token is not None:
+        for chunk in chunks[start:stop]:
+            for row in np.asarray(chunk):
+                on_token(row)
+    return stop

@@ -19,7 +19,8 @@ computation. The memory policy names what each step keeps for the backward pass:
   elementwise work is recomputed, and attention too where it runs as plain XLA ops
   (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
 
-``ode.unroll = true`` writes the steps out one after another instead (``unrolled``): the
+``ode.unroll = "unroll"`` writes the steps out one after another instead (``unrolled``;
+``"auto"``, the default, does so for short solves on a GPU: ``ode.sensitivities.unrolls``): the
 program, and its compile time, grow with ``N``, but each step's saved values stay where they
 were computed. In a scan they are copied into per-step stacks after the products and
 attention kernels that make them (XLA cannot make those kernels write into a stack), and out
