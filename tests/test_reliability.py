@@ -423,6 +423,6 @@ def test_loader_fixes_found_by_fuzzing(tmp_path):
             config_from_dict(raw)
     with pytest.raises(ConfigError, match="nested too deeply"):
         config_from_toml("a = " + "[" * 50_000, "deep.toml")
-    cfg = config_from_dict({"train": {"run_name": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
+    cfg = config_from_dict({"train": {"sample_prompt": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
     assert config_from_toml(cfg.to_toml(), "rt") == cfg
-    assert tomllib.loads(cfg.to_toml())["train"]["run_name"] == 'a\x01\t"\\\x7fz'
+    assert tomllib.loads(cfg.to_toml())["train"]["sample_prompt"] == 'a\x01\t"\\\x7fz'

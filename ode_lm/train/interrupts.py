@@ -14,6 +14,7 @@ convention for "ended by this signal", for a clean stop and an immediate one ali
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -104,3 +105,165 @@ class InterruptGuard:
                     os.write(2, f"\nreceived {name} again: quitting now; the checkpoints "
                                 "already written are intact\n".encode())
                     os._exit(128 + signum)
+
+
+# ---- before the first step ------------------------------------------------------------------
+#
+# Until a run's first step has finished there is nothing to save, so a signal then stops the
+# process (exit 128 + signal) and leaves the run directory as it was. The command line installs
+# a StartupGuard before its heavy imports: a signal raises :class:`EarlyInterrupt` in the main
+# thread, so Python code unwinds through its ``finally`` blocks (a run directory claimed but not
+# yet started releases its lock). Two things can stop that exception: the main thread may sit
+# in a long XLA compilation, where Python handlers cannot run, or the exception may land in a
+# callback whose errors Python ignores (a garbage-collection hook: "Exception ignored in ...").
+# So the watcher thread also sees every signal, and if the process is still alive
+# ``GRACE_SECONDS`` later (or at a second signal) it runs the registered cleanups itself,
+# prints the line and ends the process with ``os._exit``. The trainer also checks
+# :func:`pending_signal` when its first step is done, so a swallowed signal still stops it
+# before anything is written.
+
+GRACE_SECONDS = 2.0
+
+
+class EarlyInterrupt(KeyboardInterrupt):
+    """A signal outside the training loop: before the first step (nothing written) or after it."""
+
+    def __init__(self, signum: int, before_start: bool):
+        self.signum, self.exit_status, self.before_start = signum, 128 + signum, before_start
+        super().__init__(signal.Signals(signum).name)
+
+    def message(self) -> str:
+        name = signal.Signals(self.signum).name
+        if self.before_start:
+            return f"ode-lm: interrupted by {name} before the first training step; nothing was written"
+        return f"ode-lm: interrupted by {name}"
+
+
+class StartupGuard:
+    """SIGINT/SIGTERM outside the training loop, for the command line (main thread only)."""
+
+    def __init__(self) -> None:
+        self.pending: int | None = None
+        self.started = False  # a run's first step is done: a stop now is no longer "before it"
+        self._cleanups: list = []
+        self._lock = threading.Lock()  # one thread ends the process, once
+        self._announced = False
+        self._wakeup: socket.socket | None = None
+        self._defer, self._raised = 0, False
+        self._previous: dict[int, object] = {}
+        self._previous_wakeup = -1
+
+    def install(self) -> "StartupGuard":
+        global _startup
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        caught = set()
+        for signum in SIGNALS:
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup / background jobs: keep ignoring
+                self._previous[signum] = signal.signal(signum, self._handle)
+                caught.add(signum)
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)
+        self._previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup = writer
+        threading.Thread(target=self._watch, args=(reader, caught), daemon=True,
+                         name="ode-lm-startup-signals").start()
+        _startup = self
+        return self
+
+    def uninstall(self) -> None:
+        """Put the previous handlers back (``main()`` called from Python, e.g. a test)."""
+        global _startup
+        if self._wakeup is None:
+            return
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_wakeup)
+        self._wakeup.close()  # the watcher sees the end of its socket and returns
+        self._wakeup, _startup = None, None
+
+    def add_cleanup(self, fn) -> None:
+        """Run ``fn()`` if the watcher has to end the process (it must be safe from any thread)."""
+        self._cleanups.append(fn)
+
+    def remove_cleanup(self, fn) -> None:
+        if fn in self._cleanups:
+            self._cleanups.remove(fn)
+
+    def announce(self, line: str) -> None:
+        """Print the one line about the interruption (once, whichever thread gets here first)."""
+        with self._lock:
+            if not self._announced:
+                self._announced = True
+                os.write(2, (line + "\n").encode())
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """A signal inside this block is raised at its end (around a few file operations)."""
+        self._defer += 1
+        try:
+            yield
+        finally:
+            self._defer -= 1
+        if self._defer == 0 and self.pending is not None and not self._raised:
+            self._raised = True
+            raise EarlyInterrupt(self.pending, before_start=not self.started)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.pending = self.pending or signum
+        if not self._defer and not self._raised:
+            self._raised = True
+            raise EarlyInterrupt(signum, before_start=not self.started)
+
+    def _watch(self, reader: socket.socket, caught: set[int]) -> None:
+        reader.settimeout(None)
+        seen = None
+        while True:
+            try:
+                data = reader.recv(64) if seen is None else _recv_within(reader, GRACE_SECONDS)
+            except OSError:
+                return
+            if data == b"":  # uninstalled
+                return
+            signums = [s for s in (data or b"") if s in caught]
+            if seen is None:
+                if signums:
+                    seen = signums[0]  # give the main thread GRACE_SECONDS to stop cleanly
+            elif data is None or signums:  # the grace is over, or a second signal: end it here
+                self._end(signums[0] if signums else seen)
+
+    def _end(self, signum: int) -> None:
+        for fn in list(self._cleanups):
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - the process ends anyway; the lock dies with it
+                pass
+        self.announce(EarlyInterrupt(signum, before_start=not self.started).message())
+        os._exit(128 + signum)
+
+
+def _recv_within(reader: socket.socket, seconds: float) -> bytes | None:
+    """The next bytes of ``reader``, or None when none arrive within ``seconds``."""
+    reader.settimeout(seconds)
+    try:
+        return reader.recv(64)
+    except TimeoutError:
+        return None
+
+
+_startup: StartupGuard | None = None
+
+
+def startup_guard() -> StartupGuard | None:
+    """The StartupGuard the command line installed, if any (None in library use)."""
+    return _startup
+
+
+def pending_signal() -> int | None:
+    """A signal received outside the training loop, if any (the process is stopping)."""
+    return _startup.pending if _startup is not None else None
+
+
+def signals_deferred():
+    """``StartupGuard.deferred`` of the installed guard; nothing to defer without one."""
+    return _startup.deferred() if _startup is not None else contextlib.nullcontext()
