@@ -18,6 +18,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 from pathlib import Path
 
@@ -152,6 +153,7 @@ class StartupGuard:
         self._defer, self._raised = 0, False
         self._previous: dict[int, object] = {}
         self._previous_wakeup = -1
+        self._previous_hook = sys.unraisablehook
 
     def install(self) -> "StartupGuard":
         global _startup
@@ -166,6 +168,8 @@ class StartupGuard:
         writer.setblocking(False)
         self._previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._wakeup = writer
+        self._previous_hook = sys.unraisablehook
+        sys.unraisablehook = self._unraisable
         threading.Thread(target=self._watch, args=(reader, caught), daemon=True,
                          name="ode-lm-startup-signals").start()
         _startup = self
@@ -179,6 +183,7 @@ class StartupGuard:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self._previous_wakeup)
+        sys.unraisablehook = self._previous_hook
         self._wakeup.close()  # the watcher sees the end of its socket and returns
         self._wakeup, _startup = None, None
 
@@ -208,6 +213,12 @@ class StartupGuard:
         if self._defer == 0 and self.pending is not None and not self._raised:
             self._raised = True
             raise EarlyInterrupt(self.pending, before_start=not self.started)
+
+    def _unraisable(self, unraisable) -> None:
+        """Our exception landed where Python ignores errors: no traceback; the watcher (or
+        the trainer's check after the first step) stops the process instead."""
+        if not isinstance(unraisable.exc_value, EarlyInterrupt):
+            self._previous_hook(unraisable)
 
     def _handle(self, signum: int, frame) -> None:
         self.pending = self.pending or signum

@@ -101,7 +101,7 @@ class RunDir:
 
     def __init__(self, path: Path, replace: bool, lead: bool):
         self.path, self.replace, self.lead = path, replace, lead
-        self.started = False
+        self.started = self.made = False
         self.lock: RunLock | None = None
         self._created: list[Path] = []  # directories made to hold the lock, removed if unused
         self._closing = threading.Lock()
@@ -173,11 +173,17 @@ class RunDir:
             if isinstance(e, RunDirError):
                 raise
             raise RunDirError(f"cannot write to the run directory {self.path}: {e}") from None
-        self.started = True
+        self.started, self.made = True, made
         # The old run, and any left by a replacement that was killed half way (we hold the lock).
         for old in self.path.parent.glob(f".{self.path.name}.replaced-*"):
             shutil.rmtree(old, ignore_errors=True)
         return logs
+
+    def discard(self) -> None:
+        """After a write failed (a full disk): remove the run directory this call created if
+        it holds no checkpoint yet, so that no partial run is left."""
+        if self.lead and self.made and not any((self.path / "checkpoints").glob("step_*.ckpt")):
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def close(self) -> None:
         """Release the lock; if the run never started, remove the directories made for it."""

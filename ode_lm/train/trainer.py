@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ode_lm.config import ODE_FAMILIES, Config, config_from_toml
 from ode_lm.data import BatchSampler, TokenizedCorpus, load_corpus
-from ode_lm.errors import CheckpointError, ConfigError, UserError
+from ode_lm.errors import CheckpointError, ConfigError, RunDirError, UserError
 from ode_lm.generate import generate
 from ode_lm.models import LanguageModel, build_model, count_parameters
 from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
@@ -134,6 +134,9 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
         # Traced into every step compiled below; "default" leaves JAX's own setting alone.
         with contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision):
             return _train(cfg, run, resume, say, check_resources)
+    except RunDirError:
+        run.discard()
+        raise
     finally:
         run.close()
 
@@ -307,7 +310,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
         interrupts.restore()
         bar.close()
         if log is not None:
-            log.close()
+            log.close(quiet=sys.exc_info()[1] is not None)
     if train_step.traces > 1:
         raise AssertionError(f"the train step was compiled {train_step.traces} times; it must compile once")
     if evaluation is None:  # resumed a finished run
