@@ -652,7 +652,7 @@ def test_full_disk_at_the_first_writes_is_one_line_and_leaves_nothing(tiny, tmp_
     disk = tmp_path / "disk"
     if tmpfs(disk, "8k"):
         try:
-            cfg = tiny(**{"train.runs_dir": str(disk / "runs"), "log.tensorboard": True, "train.steps": 3})
+            cfg = tiny(**{"train.runs_dir": str(disk / "runs"), "log.tensorboard": True})
             from ode_lm.train.resources import ResourceError
             with pytest.raises(ResourceError, match="KiB free, but a checkpoint of this model needs"):
                 train(cfg, say=lambda m: None)  # refused before any work
