@@ -157,7 +157,7 @@ def load_ablation(path: str | Path, overrides: Sequence[str] = (), out: str | Pa
     if not isinstance(cache, bool):
         raise ConfigError(f"{path}: compilation_cache = {cache!r}: expected true or false")
     out_value = out if out is not None else raw.get("out", f"runs/ablations/{path.stem}")
-    if not isinstance(out_value, str):
+    if not isinstance(out_value, (str, Path)):
         raise ConfigError(f"{path}: out = {out_value!r}: expected a directory path (a string)")
     out_dir = check_output_dir(out_value, "--out" if out is not None else f"{path}: out",
                                markers=("results.jsonl",))
