@@ -264,6 +264,13 @@ def _main(argv: list[str] | None) -> int:
     except TrainingError as e:
         print(f"ode-lm: training stopped: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 - XLA's allocator: a size the up-front estimate let through
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        print(f"ode-lm: error: out of memory ({first}); lower train.batch_size, data.seq_len or the model's "
+              "size (for generate: --num-samples or --max-new-tokens)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

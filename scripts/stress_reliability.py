@@ -112,15 +112,16 @@ def bad_inputs(h: Harness, workdir: Path, can_mount: bool) -> list[dict]:
         ("unknown solver", ["ode.solver=rk5"]),
         ("unknown key", ["ode.stepz=4"]),
         ("seq_len above max_positions", ["data.seq_len=128"]),
-        ("sample prompt outside the char alphabet", ["data.tokenizer=char", "train.sample_prompt=\u2603"]),
+        ("sample prompt outside the char alphabet", ["data.tokenizer=char", "train.sample_prompt=\u2603",
+                                                     "train.sample_tokens=8"]),
         ("checkpoint of another model on --resume", ["model.dim=64", "--resume"]),
     )]
     cases += [("resources", what, over + extra) for what, extra in (
         ("train.batch_size = 10^7", ["train.batch_size=10000000"]),
         ("model.max_positions = 10^9", ["model.max_positions=1000000000"]),
         ("model.dim = 65536", ["model.dim=65536"]),
-        ("model.dim = 4096 with ode.adjoint = direct, 64 steps", ["model.dim=4096", "ode.adjoint=direct",
-                                                                  "ode.steps=64", "train.batch_size=64"]),
+        ("ode.adjoint = direct over 4096 steps, batch 256", ["ode.adjoint=direct", "ode.steps=4096",
+                                                             "train.batch_size=256"]),
     )]
     cases += [("resources", "generate --num-samples 10^8", ["generate", str(runs / "tiny"), "--prompt", "def ",
                                                             "--num-samples", "100000000"])]

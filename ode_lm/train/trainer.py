@@ -363,6 +363,8 @@ def check_sample_prompt(cfg: Config, tokenizer) -> None:
 
 
 def end_of_training_sample(model: LanguageModel, cfg: Config, corpus: TokenizedCorpus) -> str:
+    if cfg.train.sample_tokens == 0:
+        return ""
     prompt = corpus.tokenizer.encode(cfg.train.sample_prompt)
     n = min(cfg.train.sample_tokens, cfg.model.max_positions - len(prompt))
     if n <= 0 or len(prompt) == 0:
