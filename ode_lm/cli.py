@@ -4,6 +4,9 @@ User errors (config, paths, checkpoints, prompts, data) print one line and exit 
 status 2; a training failure prints one line and exits with status 1. Training stopped by
 Ctrl-C or SIGTERM saves a checkpoint, prints how to resume and exits with 130 / 143
 (128 + the signal number); a second signal ends the process at once, by the signal itself.
+Outside the training loop (imports, data, the first compilation, other commands) a signal
+ends the command at once with one line and the same status; before a run's first step has
+run nothing of it has been written (ode_lm/train/interrupts.py, ode_lm/train/rundir.py).
 """
 
 from __future__ import annotations
@@ -235,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt as e:  # outside the training loop: nothing to save
-        if not isinstance(e, EarlyInterrupt):
-            e = EarlyInterrupt(signal.SIGINT, before_start=False)
+        if not isinstance(e, EarlyInterrupt):  # e.g. a grid's run stopped after its checkpoint
+            e = EarlyInterrupt(getattr(e, "signum", signal.SIGINT), before_start=False)
         guard.announce(e.message())
         return e.exit_status
     finally:

@@ -151,7 +151,8 @@ def bad_inputs(h: Harness, workdir: Path, can_mount: bool) -> list[dict]:
         problem = clean_failure(rc, output) or ("something changed or was left behind" if lost else None)
         message = next((ln for ln in output.splitlines() if ln.startswith("ode-lm: ")), "")
         rows.append({"kind": kind, "input": what, "exit": rc, "seconds": round(seconds, 1),
-                     "clean": problem is None, "problem": problem, "message": message[:300]})
+                     "clean": problem is None, "problem": problem, "message": message[:300],
+                     **({"output": output[-2000:]} if problem else {})})
         print(f"{'ok ' if problem is None else 'BAD'} {kind}: {what}: exit {rc} in {seconds:.1f} s; {message[:160]}",
               flush=True)
     return rows
@@ -196,9 +197,9 @@ def lock_trials(h: Harness, workdir: Path, trials: int, rng: random.Random) -> l
 
 
 def sigint_trials(h: Harness, workdir: Path, trials: int, rng: random.Random, base: Path) -> list[dict]:
-    """SIGINT at a random moment of start-up or training (a third of them into an existing run
-    with --overwrite): exit 130, one line; before the first step nothing may have changed,
-    after it a readable checkpoint must exist."""
+    """SIGINT at a random moment of start-up (even trials) or of training (odd trials; a third
+    of all go into an existing run with --overwrite): exit 130, one line; before the first
+    step nothing may have changed, after it a readable checkpoint must exist."""
     rows = []
     for trial in range(trials):
         runs = workdir / f"sigint{trial}"
@@ -206,9 +207,14 @@ def sigint_trials(h: Harness, workdir: Path, trials: int, rng: random.Random, ba
         if overwrite:
             shutil.copytree(base, runs / "tiny")
         before = snapshot(runs)
-        delay = rng.uniform(0.1, 10.0)
         proc = h.start("train", str(h.long), f"train.runs_dir={runs}", *(["--overwrite"] if overwrite else []))
-        time.sleep(delay)
+        t0 = time.monotonic()
+        if trial % 2 == 0:  # start-up: imports, data, JAX, the first compilation
+            time.sleep(rng.uniform(0.1, 8.0))
+        else:  # in the loop: a random 0-50 ms after a random step was logged
+            wait_for_step(proc, runs / "tiny", rng.randint(1, 30))
+            time.sleep(rng.uniform(0.0, 0.05))
+        delay = time.monotonic() - t0
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=TIMEOUT)
         output = out + err
@@ -228,7 +234,8 @@ def sigint_trials(h: Harness, workdir: Path, trials: int, rng: random.Random, ba
         where = "before the first step" if early else (f"step {late[0].split()[3].rstrip(';')}" if late else "?")
         rows.append({"trial": trial, "delay_s": round(delay, 2), "into": "an existing run, --overwrite"
                      if overwrite else "a new run", "exit": proc.returncode,
-                     "stopped": where, "clean": problem is None, "problem": problem})
+                     "stopped": where, "clean": problem is None, "problem": problem,
+                     **({"output": output[-2000:]} if problem else {})})
         print(f"{'ok ' if problem is None else 'BAD'} SIGINT trial {trial} at {delay:.2f} s"
               f"{' (--overwrite)' if overwrite else ''}: exit {proc.returncode}, {where}", flush=True)
     return rows

@@ -18,7 +18,6 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -108,22 +107,20 @@ class InterruptGuard:
                     os._exit(128 + signum)
 
 
-# ---- before the first step ------------------------------------------------------------------
+# ---- outside the training loop ----------------------------------------------------------------
 #
-# Until a run's first step has finished there is nothing to save, so a signal then stops the
-# process (exit 128 + signal) and leaves the run directory as it was. The command line installs
-# a StartupGuard before its heavy imports: a signal raises :class:`EarlyInterrupt` in the main
-# thread, so Python code unwinds through its ``finally`` blocks (a run directory claimed but not
-# yet started releases its lock). Two things can stop that exception: the main thread may sit
-# in a long XLA compilation, where Python handlers cannot run, or the exception may land in a
-# callback whose errors Python ignores (a garbage-collection hook: "Exception ignored in ...").
-# So the watcher thread also sees every signal, and if the process is still alive
-# ``GRACE_SECONDS`` later (or at a second signal) it runs the registered cleanups itself,
-# prints the line and ends the process with ``os._exit``. The trainer also checks
-# :func:`pending_signal` when its first step is done, so a swallowed signal still stops it
-# before anything is written.
-
-GRACE_SECONDS = 2.0
+# Before a run's first step has finished there is nothing to save, so a signal then ends the
+# process at once (exit 128 + signal) and leaves the run directory as it was. The command line
+# installs a StartupGuard before its heavy imports. Its Python handler only records the signal:
+# an exception raised at an arbitrary point (inside a C extension's import, a garbage-collection
+# callback, XLA's compiler) can be swallowed, turned into an ImportError or even crash the
+# interpreter. The signal number also reaches a watcher thread through ``signal.set_wakeup_fd``,
+# at once even while the main thread sits in a long compilation; the watcher waits for any
+# ``critical()`` section of the main thread (a few file operations on the run directory), runs
+# the registered cleanups (releasing the run's lock, removing directories made for it), prints
+# one line and ends the process with ``os._exit``: the same guarantees as a SIGKILL, which every
+# writer in ode-lm already survives (atomic renames, torn lines skipped). While the training
+# loop's InterruptGuard is installed the signals go to it instead (finish the step, checkpoint).
 
 
 class EarlyInterrupt(KeyboardInterrupt):
@@ -146,14 +143,14 @@ class StartupGuard:
     def __init__(self) -> None:
         self.pending: int | None = None
         self.started = False  # a run's first step is done: a stop now is no longer "before it"
+        self.forward: InterruptGuard | None = None  # the training loop's guard, while installed
         self._cleanups: list = []
-        self._lock = threading.Lock()  # one thread ends the process, once
+        self._critical = threading.RLock()  # held by the main thread around file operations
+        self._announce_lock = threading.Lock()
         self._announced = False
         self._wakeup: socket.socket | None = None
-        self._defer, self._raised = 0, False
         self._previous: dict[int, object] = {}
         self._previous_wakeup = -1
-        self._previous_hook = sys.unraisablehook
 
     def install(self) -> "StartupGuard":
         global _startup
@@ -168,8 +165,6 @@ class StartupGuard:
         writer.setblocking(False)
         self._previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         self._wakeup = writer
-        self._previous_hook = sys.unraisablehook
-        sys.unraisablehook = self._unraisable
         threading.Thread(target=self._watch, args=(reader, caught), daemon=True,
                          name="ode-lm-startup-signals").start()
         _startup = self
@@ -183,12 +178,15 @@ class StartupGuard:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         signal.set_wakeup_fd(self._previous_wakeup)
-        sys.unraisablehook = self._previous_hook
         self._wakeup.close()  # the watcher sees the end of its socket and returns
         self._wakeup, _startup = None, None
 
+    def critical(self):
+        """A block the watcher lets finish before it ends the process."""
+        return self._critical
+
     def add_cleanup(self, fn) -> None:
-        """Run ``fn()`` if the watcher has to end the process (it must be safe from any thread)."""
+        """Run ``fn()`` before the watcher ends the process (it must be safe from any thread)."""
         self._cleanups.append(fn)
 
     def remove_cleanup(self, fn) -> None:
@@ -197,69 +195,38 @@ class StartupGuard:
 
     def announce(self, line: str) -> None:
         """Print the one line about the interruption (once, whichever thread gets here first)."""
-        with self._lock:
+        with self._announce_lock:
             if not self._announced:
                 self._announced = True
                 os.write(2, (line + "\n").encode())
 
-    @contextlib.contextmanager
-    def deferred(self):
-        """A signal inside this block is raised at its end (around a few file operations)."""
-        self._defer += 1
-        try:
-            yield
-        finally:
-            self._defer -= 1
-        if self._defer == 0 and self.pending is not None and not self._raised:
-            self._raised = True
-            raise EarlyInterrupt(self.pending, before_start=not self.started)
-
-    def _unraisable(self, unraisable) -> None:
-        """Our exception landed where Python ignores errors: no traceback; the watcher (or
-        the trainer's check after the first step) stops the process instead."""
-        if not isinstance(unraisable.exc_value, EarlyInterrupt):
-            self._previous_hook(unraisable)
-
     def _handle(self, signum: int, frame) -> None:
-        self.pending = self.pending or signum
-        if not self._defer and not self._raised:
-            self._raised = True
-            raise EarlyInterrupt(signum, before_start=not self.started)
+        self.pending = self.pending or signum  # the watcher acts on it
 
     def _watch(self, reader: socket.socket, caught: set[int]) -> None:
-        reader.settimeout(None)
-        seen = None
         while True:
             try:
-                data = reader.recv(64) if seen is None else _recv_within(reader, GRACE_SECONDS)
+                data = reader.recv(64)
             except OSError:
                 return
-            if data == b"":  # uninstalled
+            if not data:  # uninstalled
                 return
-            signums = [s for s in (data or b"") if s in caught]
-            if seen is None:
-                if signums:
-                    seen = signums[0]  # give the main thread GRACE_SECONDS to stop cleanly
-            elif data is None or signums:  # the grace is over, or a second signal: end it here
-                self._end(signums[0] if signums else seen)
+            signums = [s for s in data if s in caught]
+            if signums:
+                with self._critical:
+                    if self.forward is not None:  # just handed over to the training loop's guard
+                        self.forward.requested = self.forward.requested or signums[0]
+                    else:
+                        self._end(signums[0])
 
     def _end(self, signum: int) -> None:
         for fn in list(self._cleanups):
             try:
                 fn()
-            except Exception:  # noqa: BLE001 - the process ends anyway; the lock dies with it
+            except Exception:  # noqa: BLE001 - the process ends anyway; its lock dies with it
                 pass
         self.announce(EarlyInterrupt(signum, before_start=not self.started).message())
         os._exit(128 + signum)
-
-
-def _recv_within(reader: socket.socket, seconds: float) -> bytes | None:
-    """The next bytes of ``reader``, or None when none arrive within ``seconds``."""
-    reader.settimeout(seconds)
-    try:
-        return reader.recv(64)
-    except TimeoutError:
-        return None
 
 
 _startup: StartupGuard | None = None
@@ -276,5 +243,5 @@ def pending_signal() -> int | None:
 
 
 def signals_deferred():
-    """``StartupGuard.deferred`` of the installed guard; nothing to defer without one."""
-    return _startup.deferred() if _startup is not None else contextlib.nullcontext()
+    """``StartupGuard.critical`` of the installed guard; nothing to defer without one."""
+    return _startup.critical() if _startup is not None else contextlib.nullcontext()

@@ -34,7 +34,7 @@ from ode_lm.generate import generate
 from ode_lm.models import LanguageModel, build_model, count_parameters
 from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
 from ode_lm.train.interrupts import (EarlyInterrupt, InterruptGuard, TrainingInterrupted, pending_signal,
-                                     startup_guard)
+                                     signals_deferred, startup_guard)
 from ode_lm.train.logging import MetricsLog
 from ode_lm.train.optim import build_optimizer, learning_rate_schedule
 from ode_lm.train.parallel import (DataParallel, agreed_signal, barrier, is_lead, local_copy,
@@ -307,6 +307,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
                 saved = last_good if saved_step == done else checkpoint(done)
                 raise TrainingInterrupted(stop, done, saved)
     finally:
+        if startup_guard() is not None:
+            startup_guard().forward = None
         interrupts.restore()
         bar.close()
         if log is not None:
@@ -331,13 +333,14 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
 def start_run(run: RunDir, cfg: Config, start: int, interrupts: InterruptGuard) -> MetricsLog:
     """After the first step: stop if a signal came before it; else hand signals to the
     training loop's guard and create (or replace) the run directory with its logs."""
-    signum = pending_signal()
-    if signum is not None:  # its KeyboardInterrupt was swallowed (a callback) or is still coming
-        raise EarlyInterrupt(signum, before_start=True)
-    interrupts.install()
     guard = startup_guard()
-    if guard is not None:
-        guard.started = True
+    with signals_deferred():
+        signum = pending_signal()
+        if signum is not None:  # the start-up guard is ending the process already
+            raise EarlyInterrupt(signum, before_start=True)
+        interrupts.install()
+        if guard is not None:
+            guard.started, guard.forward = True, interrupts
 
     def open_logs() -> MetricsLog:
         log = MetricsLog(run.path, cfg.log.tensorboard, write=run.lead)
