@@ -9,9 +9,9 @@ touched:
   ``runs_dir / name`` is always a child of ``runs_dir``, never ``runs_dir`` itself, its parent
   or an absolute path elsewhere;
 - an output *directory* may be relative or absolute, but its last component is a plain
-  name (not ``.``, ``..`` or ``/``), it is not an existing file, and an existing non-empty directory must already be one of ode-lm's
-  outputs (it holds one of the ``markers`` files), so ``--out ~`` cannot scatter reports
-  over a home directory.
+  name (not ``.``, ``..`` or ``/``), it is not an existing file, and an existing non-empty
+  directory must already be one of ode-lm's outputs (it holds :data:`OUTPUT_MARKER` or one
+  of the ``markers`` files), so ``--out ~`` cannot scatter reports over a home directory.
 
 Kept free of JAX so the config loader can use it.
 """

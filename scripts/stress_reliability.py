@@ -120,8 +120,8 @@ def bad_inputs(h: Harness, workdir: Path, can_mount: bool) -> list[dict]:
         ("train.batch_size = 10^7", ["train.batch_size=10000000"]),
         ("model.max_positions = 10^9", ["model.max_positions=1000000000"]),
         ("model.dim = 65536", ["model.dim=65536"]),
-        ("ode.adjoint = direct over 4096 steps, batch 256", ["ode.adjoint=direct", "ode.steps=4096",
-                                                             "train.batch_size=256"]),
+        ("ode.adjoint = direct over 65536 steps, batch 256", ["ode.adjoint=direct", "ode.steps=65536",
+                                                              "train.batch_size=256"]),
     )]
     cases += [("resources", "generate --num-samples 10^8", ["generate", str(runs / "tiny"), "--prompt", "def ",
                                                             "--num-samples", "100000000"])]

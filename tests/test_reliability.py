@@ -615,7 +615,10 @@ def test_generation_resource_check_names_num_samples():
 @pytest.mark.parametrize("variant", [{}, pytest.param({"ode.solver": "rk4"}, marks=pytest.mark.slow),
                                      pytest.param({"ode.adjoint": "direct", "model.dropout": 0.1},
                                                   marks=pytest.mark.slow),
-                                     pytest.param({"model.family": "standard"}, marks=pytest.mark.slow)])
+                                     pytest.param({"model.family": "standard"}, marks=pytest.mark.slow),
+                                     pytest.param({"ode.checkpoint_saves": "matmuls"}, marks=pytest.mark.slow),
+                                     pytest.param({"ode.solver": "heun", "ode.adaptive": True},
+                                                  marks=pytest.mark.slow)])
 def test_memory_estimate_is_a_lower_bound_of_xlas_analysis(tiny, variant):
     from ode_lm.data import BatchSampler, load_corpus
     from ode_lm.models import count_parameters

@@ -191,14 +191,15 @@ class MemoryEstimate:
 
 def _evaluation_bytes(cfg: Config, batch: int, length: int, compute: int, *, scores: bool = True) -> int:
     """Activations one evaluation of the block keeps for its backward pass (a lower bound):
-    q, k, v, the attention output and the MLP hidden layer; the attention scores when XLA
-    materialises them (not with cuDNN's fused kernel)."""
+    per token its input, the two standardised inputs, q, k, v, the attention and projection
+    outputs, the MLP's two hidden layers (before and after the GELU) and its output; the
+    attention scores and probabilities when XLA materialises them (not cuDNN's fused kernel)."""
     m = cfg.model
-    stored = batch * length * m.dim * (4 + m.mlp_ratio) * compute
+    stored = batch * length * m.dim * (8 + 2 * m.mlp_ratio) * compute
     fused = m.attention == "cudnn" or (m.attention == "auto" and cfg.train.dtype == "bfloat16"
                                        and jax.default_backend() == "gpu")
     if scores and not fused:
-        stored += batch * m.heads * length * length * compute
+        stored += 2 * batch * m.heads * length * length * compute
     if m.family == "time_indexed_ssm" and m.ssm_scan == "associative":
         stored += batch * length * m.dim * m.ssm_state_size * 4  # one level of the scan
     return stored
@@ -216,14 +217,15 @@ def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1) -> 
     spec = SOLVER_SPECS[ode.solver]
     if m.family == "standard":
         solve = m.layers * evaluation
-    elif ode.adaptive or ode.adjoint in ("backsolve", "reversible"):
-        solve = 2 * state + spec.evals_per_step * evaluation
-    elif ode.adjoint == "direct":
+    elif ode.adjoint == "direct" and not ode.adaptive:
         solve = nfe(m, ode) * evaluation
-    elif ode.checkpoint_saves == "matmuls":
-        solve = (ode.steps + 1) * state + nfe(m, ode) * _evaluation_bytes(cfg, b, t, compute, scores=False)
-    else:  # checkpoint: every step's state, and one step's internals while it is recomputed
-        solve = (ode.steps + 1) * state + spec.evals_per_step * evaluation
+    elif ode.checkpoint_saves == "matmuls":  # every evaluation's products (q, k, v, fc1, ...)
+        solve = (ode.steps + 1) * state + nfe(m, ode) * b * t * m.dim * (4 + m.mlp_ratio) * compute
+    else:
+        # checkpoint: every step's state; while one step is recomputed, its stages' states and
+        # one evaluation's internals. Adaptive, backsolve, reversible: a few states at a time.
+        kept = 2 if ode.adaptive or ode.adjoint in ("backsolve", "reversible") else ode.steps + 1
+        solve = (kept + spec.evals_per_step) * state + evaluation
     return MemoryEstimate({"parameters": parameters * p, "gradients": parameters * p,
                            "optimizer": 2 * parameters * p, "activations": solve,
                            "logits": 2 * b * t * vocab * 4})
