@@ -4,6 +4,9 @@ User errors (config, paths, checkpoints, prompts, data) print one line and exit 
 status 2; a training failure prints one line and exits with status 1. Training stopped by
 Ctrl-C or SIGTERM saves a checkpoint, prints how to resume and exits with 130 / 143
 (128 + the signal number); a second signal ends the process at once, by the signal itself.
+Outside the training loop (imports, data, the first compilation, other commands) a signal
+ends the command at once with one line and the same status; before a run's first step has
+run nothing of it has been written (ode_lm/train/interrupts.py, ode_lm/train/rundir.py).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite,
+                       check_resources=not args.skip_resource_check)
     except TrainingInterrupted as e:
         again = shlex.join(["ode-lm", "train", args.config, *args.overrides, "--resume"])
         if is_lead():  # the process that wrote the checkpoint
@@ -60,6 +64,8 @@ def _generate(args: argparse.Namespace) -> int:
         flags["window"] = max(1, limit // 4)
     settings = check_settings(run.config.generate, **flags)
     prompt = run.tokenizer.encode(args.prompt)
+    if not args.skip_resource_check:
+        check_generation_memory(run, settings, len(prompt))
     if settings.num_samples == 1:
         stream = TextStream(run.tokenizer)
         out = [args.prompt]  # printed with the first token, after generate() has checked its input
@@ -73,6 +79,17 @@ def _generate(args: argparse.Namespace) -> int:
     for i, ids in enumerate(generate(run.model, prompt, run.config.ode, settings)):
         print(f"--- sample {i + 1} of {settings.num_samples} ---\n{args.prompt}{run.tokenizer.decode(ids)}")
     return 0
+
+
+def check_generation_memory(run, settings, prompt_tokens: int) -> None:
+    """Refuse ``--num-samples`` / lengths whose caches cannot fit, before compiling anything."""
+    from ode_lm.models import count_parameters
+    from ode_lm.train.resources import check_generation_resources
+
+    limit = run.config.model.max_positions
+    length = limit if settings.window else min(limit, prompt_tokens + settings.max_new_tokens)
+    check_generation_resources(run.config, run.tokenizer.vocab_size, count_parameters(run.model),
+                               settings.num_samples, length, min(prompt_tokens, limit), settings.cache)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -147,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="config overrides, e.g. ode.solver=rk4 train.steps=200")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory "
+                   "(the old one is deleted once the new run's first step has run)")
+    p.add_argument("--skip-resource-check", action="store_true",
+                   help="train even when the memory or disk estimate says it cannot fit")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("generate", help="generate text from a trained run (streams to the terminal)")
@@ -169,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, nargs="?", const=WINDOW_AUTO, metavar="N",
                    help="slide a window past max_positions, dropping N tokens each time "
                         "(default N: max_positions // 4)")
+    p.add_argument("--skip-resource-check", action="store_true",
+                   help="generate even when the memory estimate says it cannot fit")
     p.set_defaults(func=_generate)
 
     p = sub.add_parser("info", help="parameters per component, FLOPs per token and memory of a config's model")
@@ -208,6 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all, before the heavy imports: Ctrl-C / SIGTERM from now on stop the command in
+    # one line (ode_lm/train/interrupts.py), wherever they land.
+    from ode_lm.train.interrupts import EarlyInterrupt, StartupGuard, startup_guard
+
+    ours = startup_guard() is None
+    guard = StartupGuard().install() if ours else startup_guard()
+    try:
+        return _main(argv)
+    except KeyboardInterrupt as e:  # outside the training loop: nothing to save
+        if not isinstance(e, EarlyInterrupt):  # e.g. a grid's run stopped after its checkpoint
+            e = EarlyInterrupt(getattr(e, "signum", signal.SIGINT), before_start=False)
+        guard.announce(e.message())
+        return e.exit_status
+    finally:
+        if ours:
+            guard.uninstall()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     # Overrides may come after flags (``train cfg --resume ode.steps=8``): collect them here.
     args, extra = parser.parse_known_args(argv)
@@ -227,10 +268,17 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         print(f"ode-lm: training stopped: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing to save
-        print("ode-lm: interrupted", file=sys.stderr)
-        return 130
+    except Exception as e:  # noqa: BLE001 - XLA's allocator: a size the up-front estimate let through
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), "")[:300]
+        print(f"ode-lm: error: out of memory ({first}); lower train.batch_size, data.seq_len or the model's "
+              "size (for generate: --num-samples or --max-new-tokens)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before main() could install its handler
+        sys.exit(130)

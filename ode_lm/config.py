@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ode_lm.errors import ConfigError
+from ode_lm.paths import plain_name_problem
 
 # One name per concept: these tuples are the registry keys, config values and CLI values.
 FAMILIES = ("standard", "hypernetwork", "time_indexed", "time_indexed_ssm", "constant")
@@ -197,7 +198,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    run_name: str = knob("run", doc="run directory name under runs_dir")
+    run_name: str = knob("run", doc="run directory name under runs_dir: one plain name (no '/', "
+                         "not '.' or '..'), since --overwrite replaces runs_dir/run_name")
     runs_dir: str = knob("runs", doc="parent directory of run directories")
     steps: int = knob(1000, ge=1, doc="optimizer steps")
     batch_size: int = knob(32, ge=1, doc="sequences per step")
@@ -493,6 +495,10 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
                           f"leave unroll = \"auto\" or \"scan\"")
     t = c.train
+    problem = plain_name_problem(t.run_name)
+    if problem:  # runs_dir / run_name is replaced by --overwrite: it must stay inside runs_dir
+        raise ConfigError(f"{source}: [train] run_name = {t.run_name!r} {problem}; it must be one plain "
+                          "directory name (no '/', not '.' or '..'), e.g. \"quickstart\"")
     if not t.distributed and (t.coordinator_address or t.num_processes or t.process_id != -1):
         raise ConfigError(f"{source}: [train] coordinator_address, num_processes and process_id "
                           "configure a multi-process run; set train.distributed = true to use them")

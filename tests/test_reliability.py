@@ -423,6 +423,254 @@ def test_loader_fixes_found_by_fuzzing(tmp_path):
             config_from_dict(raw)
     with pytest.raises(ConfigError, match="nested too deeply"):
         config_from_toml("a = " + "[" * 50_000, "deep.toml")
-    cfg = config_from_dict({"train": {"run_name": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
+    cfg = config_from_dict({"train": {"sample_prompt": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
     assert config_from_toml(cfg.to_toml(), "rt") == cfg
-    assert tomllib.loads(cfg.to_toml())["train"]["run_name"] == 'a\x01\t"\\\x7fz'
+    assert tomllib.loads(cfg.to_toml())["train"]["sample_prompt"] == 'a\x01\t"\\\x7fz'
+
+
+# ---- run directories: names, locks, --overwrite, signals before the first step, resources --
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes (a run directory, compared before and after)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "/etc", "../x", "x/..", "a\\b", "a\nb", "a\x00b", "x" * 256])
+def test_run_names_that_are_not_one_plain_directory_are_refused(name):
+    with pytest.raises(ConfigError, match=r"\[train\] run_name = .* plain directory name"):
+        config_from_dict({"train": {"run_name": name}})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=20), st.lists(st.sampled_from(["..", ".", "/", "a", "\\", "~", " ", "\x00"]),
+                                                  max_size=6).map("".join)))
+def test_no_accepted_run_name_resolves_outside_runs_dir(name):
+    try:
+        cfg = config_from_dict({"train": {"run_name": name, "runs_dir": "/srv/runs"}})
+    except ConfigError:
+        event("refused")
+        return
+    event("accepted")
+    runs = Path("/srv/runs").resolve()
+    run_dir = (runs / cfg.train.run_name).resolve()
+    assert run_dir.parent == runs and run_dir != runs
+
+
+def test_output_directories_must_end_in_a_plain_name_and_be_ode_lms_own(tmp_path):
+    from ode_lm.errors import UserError
+    from ode_lm.paths import OUTPUT_MARKER, check_output_dir, prepare_output_dir
+
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.md").write_text("mine")
+    for bad, needle in ((".", "plain directory name"), (str(tmp_path / ".."), "plain directory name"),
+                        ("/", "plain directory name"), ("", "empty"), (str(tmp_path / "file"), "existing file"),
+                        (str(tmp_path / "home"), "not an ode-lm output")):
+        with pytest.raises(UserError, match=needle):
+            check_output_dir(bad, "--out")
+    out = prepare_output_dir(tmp_path / "new" / "abl", "--out")
+    (out / "report.md").write_text("an earlier report")
+    assert (out / OUTPUT_MARKER).exists() and check_output_dir(out, "--out") == out
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "results.jsonl").write_text("")
+    assert check_output_dir(legacy, "--out", markers=("results.jsonl",)) == legacy
+
+
+def test_ablation_out_is_checked_before_anything_runs(tmp_path):
+    from ode_lm.ablate import load_ablation
+    from ode_lm.errors import UserError
+
+    base = tmp_path / "base.toml"
+    base.write_text(tiny_config(tmp_path).to_toml())
+    spec = tmp_path / "abl.toml"
+    spec.write_text(f'base = "{base}"\n[grid]\n"ode.steps" = [1, 2]\n')
+    with pytest.raises(UserError, match="plain directory name"):
+        load_ablation(spec, out=".")
+    with pytest.raises(UserError, match="not an ode-lm output"):
+        load_ablation(spec, out=str(REPO))
+
+
+def test_a_run_name_that_is_an_existing_file_is_one_clear_error(tiny, tmp_path):
+    cfg = tiny()
+    Path(cfg.train.runs_dir).mkdir(parents=True)
+    (Path(cfg.train.runs_dir) / "tiny").write_text("my notes")
+    for overwrite in (False, True):
+        with pytest.raises(RunDirError, match="is an existing file"):
+            train(cfg, overwrite=overwrite, say=lambda m: None)
+    assert (Path(cfg.train.runs_dir) / "tiny").read_text() == "my notes"
+    assert sorted(p.name for p in Path(cfg.train.runs_dir).iterdir()) == ["tiny"]  # no lock left
+
+
+def test_overwrite_with_a_bad_data_path_leaves_the_old_run_intact(ref, tmp_path):
+    from ode_lm.errors import DataError
+
+    run = tmp_path / "tiny"
+    shutil.copytree(ref.run_dir, run)
+    before = tree(run)
+    cfg = load_config(ref.config, [f"train.runs_dir={tmp_path}", 'data.paths=["/no/such/corpus.txt"]',
+                                   "data.source=text"])
+    with pytest.raises(DataError, match="/no/such/corpus.txt"):
+        train(cfg, overwrite=True, say=lambda m: None)
+    assert tree(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+@pytest.mark.slow  # trains in this process; test_train covers --overwrite's result, the test below its timing
+def test_overwrite_replaces_the_old_run_only_after_the_first_step(ref, tmp_path):
+    run = tmp_path / "tiny"
+    shutil.copytree(ref.run_dir, run)
+    cfg = load_config(ref.config, [f"train.runs_dir={tmp_path}", "train.steps=4", "checkpoint.every=2"])
+    result = train(cfg, overwrite=True, say=lambda m: None)
+    assert [r["step"] for r in read_metrics(run, "train") if "lr" not in r] == [1, 2, 3, 4]
+    assert [read_checkpoint(p)[0].step for p in list_checkpoints(run)] == [2, 4] and result.run_dir == run
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]  # no lock, nothing moved aside
+
+
+def test_a_second_trainer_is_refused_naming_the_first_ones_pid(ref, tmp_path):
+    """A real trainer holds the run; a second one (this process) is refused at once, and the
+    first one's metrics are not duplicated."""
+    proc = launch(ref.config, tmp_path, "train.steps=100000", "checkpoint.every=1000")
+    try:
+        wait_for_step(proc, tmp_path / "tiny", 2)
+        for flags in ({}, {"resume": True}, {"overwrite": True}):
+            t0 = time.monotonic()
+            with pytest.raises(RunDirError, match=f"in use by another ode-lm train \\(PID {proc.pid}"):
+                train(load_config(ref.config, [f"train.runs_dir={tmp_path}"]), say=lambda m: None, **flags)
+            assert time.monotonic() - t0 < 30
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc, output = finish(proc)
+    assert rc == 130, output
+    steps = [r["step"] for r in read_metrics(tmp_path / "tiny", "train") if "lr" not in r]
+    assert steps == list(range(1, len(steps) + 1))  # one row per step, none twice
+    assert not (tmp_path / ".tiny.lock").exists()
+
+
+def sigint_after(ref: Reference, runs: Path, delay: float, *extra: str) -> tuple[int, str]:
+    proc = launch(ref.config, runs, "train.steps=100000", "checkpoint.every=1000", *extra)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    return finish(proc)
+
+
+def check_stopped_by_sigint(rc: int, output: str, runs: Path) -> str:
+    """Exit 130 and one line; before the first step nothing is left, after it a checkpoint."""
+    assert rc == 130 and "Traceback" not in output and "Exception ignored" not in output, output
+    early = [ln for ln in output.splitlines() if "before the first training step; nothing was written" in ln]
+    late = [ln for ln in output.splitlines() if ln.startswith("interrupted at step")]
+    assert len(early) + len(late) == 1, output
+    if early:
+        assert not runs.exists() or not any(runs.iterdir()), list(runs.iterdir())
+        return "before the first step"
+    found = latest_checkpoint(runs / "tiny", warn=pytest.fail)
+    assert found is not None and found[1].step < 100000
+    return "in the training loop"
+
+
+def test_sigint_in_the_first_second_stops_before_the_first_step(ref, tmp_path):
+    runs = tmp_path / "runs"
+    assert check_stopped_by_sigint(*sigint_after(ref, runs, 1.0), runs) == "before the first step"
+    shutil.copytree(ref.run_dir, runs / "tiny")  # --overwrite: the old run stays as it was
+    before = tree(runs)
+    rc, output = sigint_after(ref, runs, 1.0, "--overwrite")
+    assert rc == 130 and "nothing was written" in output and tree(runs) == before, output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.5, 2.0, 5.0])
+def test_sigint_at_any_moment_of_start_up_exits_130(ref, tmp_path, delay):
+    runs = tmp_path / "runs"
+    check_stopped_by_sigint(*sigint_after(ref, runs, delay), runs)
+
+
+def test_resource_check_refuses_without_building_or_compiling_anything(tiny, monkeypatch):
+    from ode_lm.train import trainer
+    from ode_lm.train.resources import ResourceError
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built or the step compiled before the check")
+    monkeypatch.setattr(trainer, "init_state", never)
+    monkeypatch.setattr(trainer, "TrainStep", never)
+    for dotted, needle in (({"train.batch_size": 10**7}, "lower train.batch_size"),
+                           ({"model.max_positions": 10**9}, "lower model.max_positions"),
+                           ({"model.dim": 2**16, "model.heads": 2}, "lower model.dim")):
+        t0 = time.monotonic()
+        with pytest.raises(ResourceError, match=rf"needs at least .* GiB of memory .* free; {needle}.*"
+                                                "--skip-resource-check"):
+            train(tiny(**dotted), say=lambda m: None)
+        assert time.monotonic() - t0 < 20
+    assert not Path(tiny().train.runs_dir).exists()  # nothing written
+
+
+def test_generation_resource_check_names_num_samples():
+    from ode_lm.train.resources import ResourceError, check_generation_resources
+
+    cfg = config_from_dict({})
+    with pytest.raises(ResourceError, match="--num-samples 100000000.*lower --num-samples"):
+        check_generation_resources(cfg, 256, 10**6, 10**8, 512, 8, cache=True)
+    check_generation_resources(cfg, 256, 10**6, 4, 512, 8, cache=True)  # fits
+
+
+@pytest.mark.parametrize("variant", [{}, pytest.param({"ode.solver": "rk4"}, marks=pytest.mark.slow),
+                                     pytest.param({"ode.adjoint": "direct", "model.dropout": 0.1},
+                                                  marks=pytest.mark.slow),
+                                     pytest.param({"model.family": "standard"}, marks=pytest.mark.slow),
+                                     pytest.param({"ode.checkpoint_saves": "matmuls"}, marks=pytest.mark.slow),
+                                     pytest.param({"ode.solver": "heun", "ode.adaptive": True},
+                                                  marks=pytest.mark.slow)])
+def test_memory_estimate_is_a_lower_bound_of_xlas_analysis(tiny, variant):
+    from ode_lm.data import BatchSampler, load_corpus
+    from ode_lm.models import count_parameters
+    from ode_lm.models.accounting import train_memory
+    from ode_lm.train.steps import TrainStep
+    from ode_lm.train.trainer import init_state
+
+    cfg = tiny(**variant)  # the step other tests compile too (shared compilation cache)
+    batch = BatchSampler(load_corpus(cfg.data), cfg.data.seq_len, cfg.train.batch_size, 0).train_batch(0)
+    model, optimizer, opt_state = init_state(cfg, 256)
+    xla = TrainStep(optimizer, cfg.ode).memory_bytes(model, opt_state, *batch, jax.random.key(0))
+    estimate = train_memory(cfg, 256, count_parameters(model)).total
+    assert xla is None or 0.25 * xla < estimate <= xla
+
+
+def test_a_sample_prompt_the_char_alphabet_lacks_is_refused_before_training(tiny, monkeypatch):
+    from ode_lm.train import trainer
+
+    monkeypatch.setattr(trainer, "init_state", lambda *a: pytest.fail("trained first"))
+    with pytest.raises(ConfigError, match="sample_prompt = '☃x' has characters the char tokenizer .* '☃'"):
+        train(tiny(**{"data.tokenizer": "char", "train.sample_prompt": "\u2603x"}), say=lambda m: None)
+
+
+def tmpfs(path: Path, size: str) -> bool:
+    """Mount a small tmpfs at ``path`` (needs the right to mount; False where it is denied)."""
+    path.mkdir()
+    if not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_full_disk_at_the_first_writes_is_one_line_and_leaves_nothing(tiny, tmp_path):
+    disk = tmp_path / "disk"
+    if tmpfs(disk, "8k"):
+        try:
+            cfg = tiny(**{"train.runs_dir": str(disk / "runs"), "log.tensorboard": True})
+            from ode_lm.train.resources import ResourceError
+            with pytest.raises(ResourceError, match="KiB free, but a checkpoint of this model needs"):
+                train(cfg, say=lambda m: None)  # refused before any work
+            with pytest.raises(RunDirError, match="No space left on device"):  # found when writing
+                train(cfg, say=lambda m: None, check_resources=False)
+            assert list(disk.iterdir()) == []
+        finally:
+            subprocess.run(["umount", str(disk)], check=False)
+        return
+    if os.geteuid() == 0:
+        pytest.skip("cannot mount a tmpfs here, and root ignores a read-only directory")
+    disk.chmod(0o500)
+    try:
+        with pytest.raises(RunDirError, match="cannot create run directory"):
+            train(tiny(**{"train.runs_dir": str(disk / "runs")}), say=lambda m: None)
+        assert list(disk.iterdir()) == []
+    finally:
+        disk.chmod(0o700)

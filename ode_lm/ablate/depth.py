@@ -25,6 +25,7 @@ from ode_lm.ablate.report import describe_hardware
 from ode_lm.config import ODE_FAMILIES, ODEConfig
 from ode_lm.data import BatchSampler, load_corpus
 from ode_lm.errors import ConfigError, UserError
+from ode_lm.paths import prepare_output_dir
 from ode_lm.train import load_run
 from ode_lm.train.precision import compute_dtype, param_dtype
 from ode_lm.train.steps import EvalStep
@@ -86,8 +87,9 @@ def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | 
     odes = [with_values(cfg, combo, "--grid " + ", ".join(f"{k}={format_value(v)}" for k, v in combo.items())).ode
             for combo in combos]
     run_dir = loaded.checkpoint.parent.parent
-    out = Path(out) if out is not None else run_dir / "depth_ablation"
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_output_dir(out if out is not None else run_dir / "depth_ablation",
+                             "--out" if out is not None else "the depth ablation directory",
+                             markers=("results.jsonl",))
     corpus = load_corpus(cfg.data, tokenizer=loaded.tokenizer)  # the run's own tokens, whatever the cache holds
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None

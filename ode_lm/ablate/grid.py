@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 from ode_lm.config import SECTIONS, Config, _check_value, _suggest, load_config
 from ode_lm.errors import ConfigError
+from ode_lm.paths import check_output_dir
 
 SEED_KEY = "train.seed"
 # The runner owns where runs go: one run directory per grid point under <out>/runs/.
@@ -155,7 +156,11 @@ def load_ablation(path: str | Path, overrides: Sequence[str] = (), out: str | Pa
     cache = raw.get("compilation_cache", True)
     if not isinstance(cache, bool):
         raise ConfigError(f"{path}: compilation_cache = {cache!r}: expected true or false")
-    out_dir = Path(out if out is not None else raw.get("out", f"runs/ablations/{path.stem}"))
+    out_value = out if out is not None else raw.get("out", f"runs/ablations/{path.stem}")
+    if not isinstance(out_value, (str, Path)):
+        raise ConfigError(f"{path}: out = {out_value!r}: expected a directory path (a string)")
+    out_dir = check_output_dir(out_value, "--out" if out is not None else f"{path}: out",
+                               markers=("results.jsonl",))
 
     grid_table = dict(raw.get("grid", {})) if isinstance(raw.get("grid", {}), dict) else None
     if not grid_table:

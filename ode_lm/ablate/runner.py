@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ode_lm.ablate.grid import Ablation, GridPoint, config_sha
 from ode_lm.errors import RunDirError, UserError
+from ode_lm.paths import prepare_output_dir
 from ode_lm.train import train
 
 ATTEMPTS = 2  # a crashed run is retried once
@@ -103,11 +104,7 @@ def run_point(point: GridPoint, say: Callable[[str], None]) -> dict:
 def run_ablation(ablation: Ablation, *, retry_failed: bool = False,
                  say: Callable[[str], None] | None = None, progress: bool = True) -> dict[str, dict]:
     """Run every missing point of the grid; return the results rows of its points by name."""
-    out = ablation.out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunDirError(f"cannot create the ablation directory {out}: {e}") from None
+    out = prepare_output_dir(ablation.out, "the ablation directory", markers=("results.jsonl",))
     say = say or tqdm.write
     rows = read_results(out)
     todo = []

@@ -195,3 +195,79 @@ def describe(cfg: Config, vocab: int, model) -> str:
     lines.append(f"parameter memory: {size / 2**20:.2f} MiB ({', '.join(dtypes)}; train.dtype = "
                  f"{cfg.train.dtype}); AdamW moments add {2 * size / 2**20:.2f} MiB")
     return "\n".join(lines)
+
+
+# ---- memory of a training step, before anything is compiled -------------------------------
+
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one device needs, by part; a lower bound of what XLA allocates (tested against
+    its memory analysis), so a config refused by it cannot fit."""
+
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def largest(self) -> str:
+        return max(self.parts, key=self.parts.get)
+
+
+def _evaluation_bytes(cfg: Config, batch: int, length: int, compute: int, *, scores: bool = True) -> int:
+    """Activations one evaluation of the block keeps for its backward pass (a lower bound):
+    per token its input, the two standardised inputs, q, k, v, the attention and projection
+    outputs, the MLP's two hidden layers (before and after the GELU) and its output; the
+    attention scores and probabilities when XLA materialises them (not cuDNN's fused kernel)."""
+    m = cfg.model
+    stored = batch * length * m.dim * (8 + 2 * m.mlp_ratio) * compute
+    fused = m.attention == "cudnn" or (m.attention == "auto" and cfg.train.dtype == "bfloat16"
+                                       and jax.default_backend() == "gpu")
+    if scores and not fused:
+        stored += 2 * batch * m.heads * length * length * compute
+    if m.family == "time_indexed_ssm" and m.ssm_scan == "associative":
+        stored += batch * length * m.dim * m.ssm_state_size * 4  # one level of the scan
+    return stored
+
+
+def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1) -> MemoryEstimate:
+    """What one training step needs per device: parameters, gradients and AdamW's two moments
+    (replicated), and the activations of ``train.batch_size / devices`` sequences."""
+    m, ode = cfg.model, cfg.ode
+    p = 8 if cfg.train.dtype == "float64" else 4
+    compute = DTYPE_BYTES[cfg.train.dtype]
+    b, t = max(1, cfg.train.batch_size // devices), cfg.data.seq_len
+    state = b * t * m.dim * p
+    evaluation = _evaluation_bytes(cfg, b, t, compute)
+    spec = SOLVER_SPECS[ode.solver]
+    if m.family == "standard":
+        solve = m.layers * evaluation
+    elif ode.adjoint == "direct" and not ode.adaptive:
+        solve = nfe(m, ode) * evaluation
+    elif ode.checkpoint_saves == "matmuls":  # every evaluation's products (q, k, v, fc1, ...)
+        solve = (ode.steps + 1) * state + nfe(m, ode) * b * t * m.dim * (4 + m.mlp_ratio) * compute
+    else:
+        # checkpoint: every step's state; while one step is recomputed, its stages' states and
+        # one evaluation's internals. Adaptive, backsolve, reversible: a few states at a time.
+        kept = 2 if ode.adaptive or ode.adjoint in ("backsolve", "reversible") else ode.steps + 1
+        solve = (kept + spec.evals_per_step) * state + evaluation
+    return MemoryEstimate({"parameters": parameters * p, "gradients": parameters * p,
+                           "optimizer": 2 * parameters * p, "activations": solve,
+                           "logits": 2 * b * t * vocab * 4})
+
+
+def generation_memory(cfg: Config, vocab: int, parameters: int, samples: int, length: int,
+                      prompt: int, cache: bool) -> MemoryEstimate:
+    """What generation needs: the parameters, every evaluation's keys and values over
+    ``length`` positions (``samples`` rows; the cached path), and the prompt's forward pass."""
+    m = cfg.model
+    compute = DTYPE_BYTES[cfg.train.dtype]
+    slots = m.layers if m.family == "standard" else nfe(m, cfg.ode)
+    kv = 2 * slots * samples * length * m.dim * compute if cache else 0
+    width = prompt if cache else length
+    forward = samples * width * m.dim * (4 + m.mlp_ratio) * compute + samples * width * vocab * 4
+    return MemoryEstimate({"parameters": parameters * (8 if cfg.train.dtype == "float64" else 4),
+                           "key/value cache": kv, "activations": forward})

@@ -1,7 +1,18 @@
-"""Training: the loop, optimizer, checkpoints, logs and loading runs back."""
+"""Training: the loop, optimizer, checkpoints, logs and loading runs back.
 
-from ode_lm.train.run import LoadedRun, load_run
-from ode_lm.train.trainer import Evaluation, TrainingError, TrainResult, evaluate, train
+The names below load on first use, so that ``ode_lm.train.interrupts`` (which the command line
+installs before anything else) can be imported without importing JAX.
+"""
 
-__all__ = ["LoadedRun", "load_run", "Evaluation", "TrainingError",
-           "TrainResult", "evaluate", "train"]
+import importlib
+
+_EXPORTS = {"LoadedRun": "run", "load_run": "run", "Evaluation": "trainer", "TrainingError": "trainer",
+            "TrainResult": "trainer", "evaluate": "trainer", "train": "trainer"}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ode_lm.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ode_lm.train.{_EXPORTS[name]}"), name)

@@ -87,6 +87,14 @@ def agreed_signal(requested: int | None) -> int | None:
     return int(np.max(every)) or None
 
 
+def all_agree(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (a check only some processes can make)."""
+    if jax.process_count() == 1:
+        return ok
+    every = multihost_utils.process_allgather(np.int32(bool(ok)))
+    return bool(np.min(every))
+
+
 def local_copy(tree):
     """``tree``'s arrays on this process's first device (for work one process does alone,
     e.g. the end-of-training sample); replicated arrays hold the whole value locally."""

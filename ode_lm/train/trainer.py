@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,23 +23,24 @@ from typing import Callable
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from ode_lm.config import ODE_FAMILIES, Config, config_from_toml
 from ode_lm.data import BatchSampler, TokenizedCorpus, load_corpus
-from ode_lm.errors import CheckpointError, RunDirError
+from ode_lm.errors import CheckpointError, ConfigError, RunDirError, UserError
 from ode_lm.generate import generate
 from ode_lm.models import LanguageModel, build_model, count_parameters
 from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
-from ode_lm.train.files import atomic_write
-from ode_lm.train.interrupts import InterruptGuard, TrainingInterrupted
+from ode_lm.train.interrupts import (EarlyInterrupt, InterruptGuard, TrainingInterrupted, pending_signal,
+                                     signals_deferred, startup_guard)
 from ode_lm.train.logging import MetricsLog
 from ode_lm.train.optim import build_optimizer, learning_rate_schedule
 from ode_lm.train.parallel import (DataParallel, agreed_signal, barrier, is_lead, local_copy,
                                    maybe_initialize_distributed)
 from ode_lm.train.precision import compute_dtype, param_dtype
+from ode_lm.train.resources import check_training_resources
+from ode_lm.train.rundir import RunDir
 from ode_lm.train.steps import EvalStep, TrainStep
 
 
@@ -99,26 +99,6 @@ def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, b
     return Evaluation(loss, loss / math.log(2) / bytes_per_token, math.exp(min(loss, 50.0)), int(nfe))
 
 
-def prepare_run_dir(cfg: Config, resume: bool, overwrite: bool, lead: bool = True) -> Path:
-    """The run's directory, created (or emptied with ``overwrite``) by the lead process; every
-    process checks it first, so all of them refuse an existing run alike."""
-    run_dir = Path(cfg.train.runs_dir) / cfg.train.run_name
-    replace = run_dir.exists() and any(run_dir.iterdir()) and not resume
-    if replace and not overwrite:
-        raise RunDirError(f"run directory {run_dir} already exists; pass --resume to continue "
-                          "it, --overwrite to replace it, or choose another train.run_name")
-    barrier("ode-lm: run directory checked")
-    if lead:
-        if replace:
-            shutil.rmtree(run_dir)
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise RunDirError(f"cannot create run directory {run_dir}: {e}") from None
-    barrier("ode-lm: run directory ready")
-    return run_dir
-
-
 def find_checkpoint(run_dir: Path, lead: bool, say: Callable[[str], None]):
     """``latest_checkpoint`` of the run: the lead sets broken files aside first, then the
     other processes find the same checkpoint."""
@@ -143,24 +123,39 @@ def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
 
 
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
-          say: Callable[[str], None] = print) -> TrainResult:
-    """Train (or resume) the run ``cfg`` describes; see the README for what it writes."""
-    precision = cfg.train.matmul_precision
-    # Traced into every step compiled below; "default" leaves JAX's own setting alone.
-    with contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision):
-        return _train(cfg, resume, overwrite, say)
+          say: Callable[[str], None] = print, check_resources: bool = True) -> TrainResult:
+    """Train (or resume) the run ``cfg`` describes; see the README for what it writes.
 
-
-def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None]) -> TrainResult:
+    The run directory is locked for the whole call and left untouched until the first step
+    has run (``rundir.py``); ``check_resources = False`` skips the memory and disk estimate
+    (``resources.py``) that refuses sizes which cannot fit.
+    """
     resume = resume or cfg.checkpoint.resume
     maybe_initialize_distributed(cfg)
-    lead = is_lead()
+    run = RunDir.claim(cfg, resume, overwrite, is_lead())
+    precision = cfg.train.matmul_precision
+    try:
+        # Traced into every step compiled below; "default" leaves JAX's own setting alone.
+        with contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision):
+            return _train(cfg, run, resume, say, check_resources)
+    except RunDirError:
+        run.discard()
+        raise
+    finally:
+        run.close()
+
+
+def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
+           check_resources: bool) -> TrainResult:
+    lead, run_dir = run.lead, run.path
     if not lead:  # one voice: the lead's
         say = lambda message: None  # noqa: E731
-    run_dir = prepare_run_dir(cfg, resume, overwrite, lead)
     corpus: TokenizedCorpus = load_corpus(cfg.data)
+    check_sample_prompt(cfg, corpus.tokenizer)
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
     say(f"data: {corpus.describe()}")
+    if check_resources:
+        check_training_resources(cfg, corpus.tokenizer.vocab_size, run_dir)
     model, optimizer, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
 
     start = 0
@@ -184,21 +179,14 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
             model, opt_state = restore_state(path, payload, (model, opt_state))
             start = header.step
             say(f"resume: continuing from {path} (step {start})")
-    try:
-        if lead:
-            atomic_write(run_dir / "config.toml", cfg.to_toml().encode())
-            atomic_write(run_dir / "tokenizer.json", corpus.tokenizer.to_json().encode())
-    except OSError as e:
-        raise RunDirError(f"cannot write to the run directory {run_dir}: {e}") from None
     n_params = count_parameters(model)
     say(f"model: {cfg.model.family}, {n_params:,} parameters; ode: {cfg.ode.solver}, "
         f"{'adaptive' if cfg.ode.adaptive else f'{cfg.ode.steps} steps'}, {cfg.ode.adjoint}")
     if cfg.model.family not in ODE_FAMILIES:
         say(f"family '{cfg.model.family}' is discrete: [ode] settings are ignored")
 
-    log = MetricsLog(run_dir, cfg.log.tensorboard, write=lead)
-    log.truncate_after(start)
-    train_s = log.last_value("train_s", 0.0)  # time in train steps, carried over a resume
+    log: MetricsLog | None = None  # opened with the run directory, after the first step
+    train_s = 0.0  # time in train steps, carried over a resume
     parallel = DataParallel(cfg)
     model, opt_state = parallel.replicate((model, opt_state))
     dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
@@ -206,7 +194,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     base_key = jax.random.key(cfg.train.seed + 1)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    last_good = list_checkpoints(run_dir)[-1] if list_checkpoints(run_dir) else None
+    last_good = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
     saved_step, skipped = start, 0
 
     def checkpoint(step: int) -> Path:
@@ -225,7 +213,7 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
     loss, best_val = float("nan"), math.inf
     evaluation = train_eval = None
     window_start, window_tokens = None, 0
-    interrupts = InterruptGuard().install()
+    interrupts = InterruptGuard()  # installed once the first step has run
     session_start = time.perf_counter()
     step_seconds, timed_steps, nfe_sum, step_memory = 0.0, 0, 0, None
     paused = 0.0  # seconds spent in evaluation, checkpoints and memory analysis since the last step
@@ -260,6 +248,9 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                 batch = tuple(map(parallel.batch, sampler.train_batch(step + 1)))
                 ahead = dispatch(step + 1, stepped_model, stepped_opt_state, batch)
             metrics = jax.device_get(metrics)  # one transfer; waits for step n only
+            if log is None:  # the first step has run: from here on a signal saves a checkpoint
+                log = start_run(run, cfg, corpus.tokenizer.to_json(), start, interrupts)
+                train_s = log.last_value("train_s", 0.0)
             loss = float(metrics["loss"])
             model, opt_state = stepped_model, stepped_opt_state
             now = time.perf_counter()
@@ -328,9 +319,12 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                 saved = last_good if saved_step == done else checkpoint(done)
                 raise TrainingInterrupted(stop, done, saved)
     finally:
+        if startup_guard() is not None:
+            startup_guard().forward = None
         interrupts.restore()
         bar.close()
-        log.close()
+        if log is not None:
+            log.close(quiet=sys.exc_info()[1] is not None)
     if train_step.traces > 1:
         raise AssertionError(f"the train step was compiled {train_step.traces} times; it must compile once")
     if evaluation is None:  # resumed a finished run
@@ -351,7 +345,46 @@ def _train(cfg: Config, resume: bool, overwrite: bool, say: Callable[[str], None
                        step_memory_bytes=step_memory)
 
 
+def start_run(run: RunDir, cfg: Config, tokenizer_json: str, start: int, interrupts: InterruptGuard
+              ) -> MetricsLog:
+    """After the first step: stop if a signal came before it; else hand signals to the
+    training loop's guard and create (or replace) the run directory (``config.toml``,
+    ``tokenizer.json``) with its logs."""
+    guard = startup_guard()
+    with signals_deferred():
+        signum = pending_signal()
+        if signum is not None:  # the start-up guard is ending the process already
+            raise EarlyInterrupt(signum, before_start=True)
+        interrupts.install()
+        if guard is not None:
+            guard.started, guard.forward = True, interrupts
+
+    def open_logs() -> MetricsLog:
+        log = MetricsLog(run.path, cfg.log.tensorboard, write=run.lead)
+        log.truncate_after(start)
+        return log
+    return run.start(cfg.to_toml(), open_logs, {"tokenizer.json": tokenizer_json.encode()})
+
+
+def check_sample_prompt(cfg: Config, tokenizer) -> None:
+    """The end-of-training sample's prompt must encode, checked before training."""
+    if cfg.train.sample_tokens == 0:
+        return
+    prompt = cfg.train.sample_prompt
+    try:
+        tokenizer.encode(prompt)
+    except UserError as e:
+        alphabet = set(getattr(tokenizer, "alphabet", ""))
+        missing = ", ".join(repr(c) for c in sorted(set(prompt) - alphabet)) if alphabet else str(e)
+        raise ConfigError(f"[train] sample_prompt = {prompt!r} has characters the {tokenizer.name} "
+                          f"tokenizer of this corpus ({tokenizer.vocab_size} tokens) cannot encode: "
+                          f"{missing}; change train.sample_prompt, set train.sample_tokens = 0, or use "
+                          "data.tokenizer = \"byte\"") from None
+
+
 def end_of_training_sample(model: LanguageModel, cfg: Config, corpus: TokenizedCorpus) -> str:
+    if cfg.train.sample_tokens == 0:
+        return ""
     prompt = corpus.tokenizer.encode(cfg.train.sample_prompt)
     n = min(cfg.train.sample_tokens, cfg.model.max_positions - len(prompt))
     if n <= 0 or len(prompt) == 0:
