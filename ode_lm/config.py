@@ -108,8 +108,8 @@ class ModelConfig:
                          doc="SSM scan over the sequence: sequential (a loop; the fastest on CPU for form "
                          "channel), associative (parallel, O(log T) depth; materialises batch x seq x dim x "
                          "state per level), chunked (chunks of ssm_chunk positions, one state carried between "
-                         "them; memory independent of seq) or auto (chunked, except sequential for form "
-                         "channel on CPU)")
+                         "them; memory independent of seq) or auto (chunked for form head; for form channel "
+                         "sequential on CPU, associative elsewhere)")
     ssm_chunk: int = knob(64, ge=1, doc="positions per chunk of ssm_scan = chunked")
     ssm_form: str = knob("channel", choices=SSM_FORMS,
                          doc="SSM decay: channel (exp(Delta A) per channel and state, Mamba) or head (one "
