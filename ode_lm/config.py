@@ -60,6 +60,9 @@ class ModelConfig:
     dropout: float = knob(0.1, ge=0.0, lt=1.0, doc="dropout rate (masks fixed over depth-time)")
     tie_embeddings: bool = knob(True, doc="share token embedding and LM head")
     time_embed_dim: int = knob(32, ge=2, doc="sinusoidal features of t (even)")
+    time_max_frequency: float = knob(100.0, gt=0.0, doc="highest frequency (rad per unit depth-time) of "
+                                     "the sinusoidal features of t; above pi * ode.steps a fixed grid "
+                                     "aliases them (nn/time_embedding.py)")
     modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP (and of the SSM's "
                                   "parameter MLP, family 'time_indexed_ssm')")
     hyper_hidden: int = knob(64, ge=1, doc="hidden units of the hypernetwork (family 'hypernetwork'); "

@@ -47,5 +47,6 @@ def build_hypernetwork(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jn
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
     block = Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=k_block, std=cfg.init_std, dtype=dtype,
                   attention=cfg.attention)
-    hyper = HyperNetwork(block, cfg.time_embed_dim, cfg.hyper_hidden, key=k_hyper, std=cfg.init_std, dtype=dtype)
+    hyper = HyperNetwork(block, cfg.time_embed_dim, cfg.hyper_hidden, key=k_hyper, std=cfg.init_std, dtype=dtype,
+                         max_frequency=cfg.time_max_frequency)
     return ODELanguageModel(embedding, HypernetworkField(block, hyper), readout, cfg.dropout)

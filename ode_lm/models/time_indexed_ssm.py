@@ -62,6 +62,7 @@ def build_time_indexed_ssm(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtyp
     k_shared, k_field, k_ssm = jax.random.split(key, 3)
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
     ssm = SelectiveSSM(cfg.dim, cfg.ssm_state_size, cfg.time_embed_dim, cfg.modulation_hidden,
-                       key=k_ssm, std=cfg.init_std, dtype=dtype, scan=cfg.ssm_scan)
+                       key=k_ssm, std=cfg.init_std, dtype=dtype, scan=cfg.ssm_scan,
+                       max_frequency=cfg.time_max_frequency)
     field = TimeIndexedSSMField(time_indexed_field(cfg, k_field, dtype), ssm)
     return ODELanguageModel(embedding, field, readout, cfg.dropout)

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.nn.block import Block
 from ode_lm.nn.layers import Linear
-from ode_lm.nn.time_embedding import sinusoidal
+from ode_lm.nn.time_embedding import MAX_FREQUENCY, sinusoidal
 
 
 def _matrices(b: Block) -> tuple[Array, ...]:
@@ -55,9 +55,10 @@ class HyperNetwork(eqx.Module):
     matrices: tuple[RankOneBasis, ...]  # qkv, proj, fc1, fc2
     vectors: Linear  # h -> the concatenated vector offsets (no bias: v_0 lives in the block)
     time_embed_dim: int = eqx.field(static=True)
+    max_frequency: float = eqx.field(static=True)
 
     def __init__(self, block: Block, time_embed_dim: int, hidden: int, *, key: PRNGKeyArray,
-                 std: float, dtype=jnp.float32):
+                 std: float, dtype=jnp.float32, max_frequency: float = MAX_FREQUENCY):
         k_hidden, k_vec, *k_mats = jax.random.split(key, 2 + 2 * 4)
         self.hidden = Linear(time_embed_dim, hidden, key=k_hidden, std=1.0 / time_embed_dim**0.5, dtype=dtype)
         scale = (std / hidden**0.5) ** 0.5
@@ -67,11 +68,11 @@ class HyperNetwork(eqx.Module):
             for m, ku, kv in zip(_matrices(block), k_mats[::2], k_mats[1::2]))
         n_vec = sum(v.shape[0] for v in _vectors(block))
         self.vectors = Linear(hidden, n_vec, key=k_vec, std=std / hidden**0.5, bias=False, dtype=dtype)
-        self.time_embed_dim = time_embed_dim
+        self.time_embed_dim, self.max_frequency = time_embed_dim, max_frequency
 
     def __call__(self, base: Block, t: Float[Array, ""]) -> Block:
         """The block with every weight generated at depth-time ``t``."""
-        h = jax.nn.silu(self.hidden(sinusoidal(t, self.time_embed_dim).astype(self.hidden.weight.dtype)))
+        h = jax.nn.silu(self.hidden(sinusoidal(t, self.time_embed_dim, self.max_frequency).astype(self.hidden.weight.dtype)))
         mats = tuple(m0 + basis(h) for m0, basis in zip(_matrices(base), self.matrices))
         offsets = self.vectors(h)
         vecs, start = [], 0

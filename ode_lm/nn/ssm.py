@@ -39,7 +39,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.nn.layers import LayerNorm, Linear
-from ode_lm.nn.time_embedding import sinusoidal
+from ode_lm.nn.time_embedding import MAX_FREQUENCY, sinusoidal
 
 DELTA_INIT_RANGE = (1e-3, 1e-1)  # initial steps Delta, log-uniform per channel (Mamba's choice)
 
@@ -67,10 +67,12 @@ class SelectiveSSM(eqx.Module):
     t_hidden: Linear  # the small hypernetwork: sinusoidal(t) -> hidden -> z(t)
     t_out: Linear
     time_embed_dim: int = eqx.field(static=True)
+    max_frequency: float = eqx.field(static=True)
     scan: str = eqx.field(static=True, default="associative")
 
     def __init__(self, dim: int, state_size: int, time_embed_dim: int, hidden: int, *,
-                 key: PRNGKeyArray, std: float, dtype=jnp.float32, scan: str = "associative"):
+                 key: PRNGKeyArray, std: float, dtype=jnp.float32, scan: str = "associative",
+                 max_frequency: float = MAX_FREQUENCY):
         k_in, k_out, k_delta, k_th, k_to = jax.random.split(key, 5)
         self.norm = LayerNorm(dim, dtype=dtype)
         self.in_proj = Linear(dim, dim + 2 * state_size, key=k_in, std=std, bias=False, dtype=dtype)
@@ -84,7 +86,7 @@ class SelectiveSSM(eqx.Module):
         bias = jnp.concatenate([jnp.zeros(dim), delta0 + jnp.log(-jnp.expm1(-delta0)),  # softplus^-1
                                 jnp.ones(dim), jnp.zeros(2 * state_size)])
         self.t_out = eqx.tree_at(lambda lin: lin.bias, t_out, bias.astype(dtype))
-        self.time_embed_dim = time_embed_dim
+        self.time_embed_dim, self.max_frequency = time_embed_dim, max_frequency
         self.scan = scan
 
     @property
@@ -102,7 +104,7 @@ class SelectiveSSM(eqx.Module):
         """The recurrence's coefficients for tokens ``x`` at depth-time ``t``, in >= float32."""
         d, n = self.dim, self.state_size
         wide = jnp.promote_types(x.dtype, jnp.float32)  # long products need float32
-        features = sinusoidal(t, self.time_embed_dim).astype(self.t_hidden.weight.dtype)
+        features = sinusoidal(t, self.time_embed_dim, self.max_frequency).astype(self.t_hidden.weight.dtype)
         z = self.t_out(jax.nn.silu(self.t_hidden(features))).astype(wide)
         alpha, delta_t, d_skip, beta, gamma = jnp.split(z, np.cumsum([d, d, d, n]).tolist())
         u = self.norm(x)
