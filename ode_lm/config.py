@@ -98,6 +98,14 @@ class ODEConfig:
                                    "steps out one by one instead of scanning one compiled step "
                                    "(compile time grows with steps; faster on a GPU, where the "
                                    "scan copies every step's saved values into stacks)")
+    grid_jitter: float = knob(0.0, ge=0.0, le=1.0, doc="training only: move each interior step time of "
+                              "the fixed grid uniformly within this fraction of a step around n/steps, "
+                              "drawn afresh per batch (0: the fixed grid; 1: one random time per cell); "
+                              "evaluation uses the fixed grid")
+    kinetic_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||f||^2 dt per "
+                                 "token (kinetic energy regulariser, Finlay et al. 2020)")
+    jacobian_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||df/dx||_F^2 dt "
+                                  "per token, by a Hutchinson estimator (Finlay et al. 2020)")
     reversible: bool = knob(False, doc="alias: true selects adjoint = \"reversible\"")
     reversible_coupling: float = knob(0.999, gt=0.0, le=1.0,
                                       doc="coupling lambda of the reversible scheme; < 1 damps its "
@@ -361,6 +369,21 @@ def _resolve_reversible(ode: ODEConfig, explicit_adjoint: Any, source: str) -> O
     return dataclasses.replace(ode, reversible=ode.adjoint == "reversible")
 
 
+def _check_training_solve(c: Config, source: str) -> None:
+    """Grid jitter and the dynamics regularisers: fixed steps, backpropagated, an ODE family."""
+    o = c.ode
+    set_ = [f"{k} = {getattr(o, k)}" for k in ("grid_jitter", "kinetic_weight", "jacobian_weight") if getattr(o, k) > 0]
+    if not set_:
+        return
+    if c.model.family not in ODE_FAMILIES:
+        raise ConfigError(f"{source}: [ode] {', '.join(set_)} applies to ODE families "
+                          f"({', '.join(ODE_FAMILIES)}), not family = \"{c.model.family}\"; set it to 0")
+    if o.adaptive or o.adjoint not in ("checkpoint", "direct"):
+        raise ConfigError(f"{source}: [ode] {', '.join(set_)} needs fixed steps (adaptive = false) and "
+                          f"adjoint = \"checkpoint\" or \"direct\"; here adjoint = \"{o.adjoint}\", "
+                          f"adaptive = {str(o.adaptive).lower()}; change those or set it to 0")
+
+
 def _check_consistency(c: Config, source: str) -> None:
     """Rules that span several keys."""
     if c.model.dim % c.model.heads:
@@ -388,6 +411,7 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"\"checkpoint\" or \"direct\" (adaptive = false); here adjoint = "
                           f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
                           f"leave unroll = false")
+    _check_training_solve(c, source)
     t = c.train
     if not t.distributed and (t.coordinator_address or t.num_processes or t.process_id != -1):
         raise ConfigError(f"{source}: [train] coordinator_address, num_processes and process_id "
