@@ -3,7 +3,7 @@
 Trains one model per variant (a named list of config overrides on top of a base config) and
 measures, on held-out data, the loss on the trained grid, the loss of a converged solve of
 the same weights (RK4 x 64, checked against RK4 x 32) and the discretisation gap
-``(trained - converged) / converged`` (``ode_lm.analyze.discretisation_gap``). Writes JSON
+``(trained - converged) / converged`` (``ode_lm.analyze.run_gap``). Writes JSON
 and a markdown table; the goal is a gap within 1% with a trained-grid loss within 1% of the
 ``default`` variant's.
 
@@ -27,11 +27,9 @@ import sys
 from pathlib import Path
 
 from _timing import machine, print_table, write_json
-from ode_lm.analyze import discretisation_gap
+from ode_lm.analyze import run_gap
 from ode_lm.config import FAMILIES, load_config
-from ode_lm.data import BatchSampler, load_corpus
-from ode_lm.train import load_run, train
-from ode_lm.train.precision import compute_dtype, param_dtype
+from ode_lm.train import train
 
 VARIANTS = {
     "default": (),
@@ -62,13 +60,8 @@ def final_train_seconds(run_dir: Path) -> float | None:
     return seconds
 
 
-def measure(cfg, run_dir: Path, batches: int) -> dict:
-    loaded = load_run(run_dir, warn=lambda m: None)
-    corpus = load_corpus(cfg.data)
-    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
-    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
-    gap = discretisation_gap(loaded.model, sampler, cfg.ode, dtype, batches, corpus.bytes_per_token)
-    return {**gap, "step": loaded.step, "train_s": final_train_seconds(run_dir)}
+def measure(run_dir: Path, batches: int) -> dict:
+    return {**run_gap(run_dir, batches), "train_s": final_train_seconds(run_dir)}
 
 
 def run_variant(args, family: str, name: str, overrides: tuple[str, ...]) -> dict:
@@ -80,7 +73,7 @@ def run_variant(args, family: str, name: str, overrides: tuple[str, ...]) -> dic
     final = run_dir / "checkpoints" / f"step_{cfg.train.steps:08d}.ckpt"
     if not (args.reuse and final.is_file()):
         train(cfg, overwrite=True, say=lambda m: None)
-    row = {"family": family, "variant": name, "overrides": list(overrides), **measure(cfg, run_dir, args.batches)}
+    row = {"family": family, "variant": name, "overrides": list(overrides), **measure(run_dir, args.batches)}
     print(f"{family} {name}: {json.dumps(row)}", flush=True)
     return row
 

@@ -120,3 +120,19 @@ def discretisation_gap(model, sampler: BatchSampler, ode: ODEConfig, dtype, batc
             "converged_check": abs(converged - results["half"]["val_loss"]) / converged,
             "converged_solve": f"{CONVERGED['solver']} x {CONVERGED['steps']}"}
 
+
+def run_gap(run_dir, batches: int | None = None) -> dict:
+    """``discretisation_gap`` of the newest checkpoint of ``run_dir`` on its own held-out data
+    (``train.eval_batches`` batches unless ``batches``), plus the checkpoint's step."""
+    from ode_lm.data import load_corpus
+    from ode_lm.train import load_run
+    from ode_lm.train.precision import compute_dtype, param_dtype
+
+    loaded = load_run(run_dir, warn=lambda m: None)
+    cfg = loaded.config
+    corpus = load_corpus(cfg.data)
+    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
+    gap = discretisation_gap(loaded.model, sampler, cfg.ode, dtype, batches or cfg.train.eval_batches,
+                             corpus.bytes_per_token)
+    return {**gap, "step": loaded.step}

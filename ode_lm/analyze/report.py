@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
