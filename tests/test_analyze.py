@@ -203,3 +203,36 @@ def test_analyze_cli_on_a_tiny_run_writes_every_part(tmp_path):
     # A previous analysis may be overwritten; the same seed gives the same numbers.
     assert main(["analyze", str(result.run_dir), "--out", str(out), "--batches", "1"]) == 0
     assert json.loads((out / "analysis.json").read_text())["lyapunov"] == data["lyapunov"]
+
+
+def write_gap_ablation(directory, analysis: str):
+    from tests.test_ablate import write_tiny_base
+
+    write_tiny_base(directory)
+    path = directory / "gap.toml"
+    path.write_text(f'base = "tiny.toml"\n{analysis}\n[grid]\n"ode.steps" = [2]\n')
+    return path
+
+
+def test_ablation_analysis_table_is_validated(tmp_path):
+    from ode_lm.ablate import load_ablation
+
+    assert load_ablation(write_gap_ablation(tmp_path, "[analysis]\nrefinement = true")).refinement
+    assert not load_ablation(write_gap_ablation(tmp_path, "")).refinement
+    for bad, needle in [("[analysis]\nrefinement = 1", "expected true or false"),
+                        ("[analysis]\nrefinment = true", "allowed keys are refinement")]:
+        with pytest.raises(ConfigError, match=needle):
+            load_ablation(write_gap_ablation(tmp_path, bad))
+
+
+@pytest.mark.slow
+def test_ablation_with_refinement_reports_the_gap(tmp_path):
+    from ode_lm.ablate import load_ablation, run_ablation, write_report
+
+    spec = load_ablation(write_gap_ablation(tmp_path, "[analysis]\nrefinement = true"), out=tmp_path / "out")
+    rows = run_ablation(spec, progress=False, say=lambda m: None)
+    (row,) = rows.values()
+    assert row["status"] == "ok" and row["trained_grid_loss"] == pytest.approx(row["val_loss"], rel=1e-4)
+    gap = 100 * (row["trained_grid_loss"] - row["converged_loss"]) / row["converged_loss"]
+    assert row["discretisation_gap_pct"] == pytest.approx(gap)
+    assert "discretisation gap" in write_report(spec, rows).read_text()
