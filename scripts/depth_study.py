@@ -3,7 +3,7 @@
 Trains one model per variant (a named list of config overrides on top of a base config) and
 measures, on held-out data, the loss on the trained grid, the loss of a converged solve of
 the same weights (RK4 x 64, checked against RK4 x 32) and the discretisation gap
-``(trained - converged) / converged`` (``ode_lm.analyze.run_gap``). Writes JSON
+``(trained - converged) / converged`` (``ode_lm.ablate.run_gap``). Writes JSON
 and a markdown table; the goal is a gap within 1% with a trained-grid loss within 1% of the
 ``default`` variant's.
 
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from _timing import machine, print_table, write_json
-from ode_lm.analyze import run_gap
+from ode_lm.ablate import run_gap
 from ode_lm.config import FAMILIES, load_config
 from ode_lm.train import train
 

@@ -19,7 +19,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from ode_lm.ablate.depth import run_gap
 from ode_lm.ablate.grid import Ablation, GridPoint, config_sha
+from ode_lm.config import ODE_FAMILIES
 from ode_lm.errors import RunDirError, UserError
 from ode_lm.train import train
 
@@ -139,10 +141,7 @@ def run_ablation(ablation: Ablation, *, retry_failed: bool = False,
 
 def _add_gaps(ablation: Ablation, rows: dict[str, dict], say: Callable[[str], None]) -> None:
     """``[analysis] refinement``: each finished run's discretisation gap (trained grid against
-    one converged solve, ``ode_lm.analyze.run_gap``), appended to the ledger once."""
-    from ode_lm.analyze import run_gap
-    from ode_lm.config import ODE_FAMILIES
-
+    one converged solve, ``depth.run_gap``), appended to the ledger once."""
     for point in ablation.points:
         row = rows.get(point.name)
         if (row is None or row["status"] != "ok" or "discretisation_gap_pct" in row

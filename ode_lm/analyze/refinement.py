@@ -14,7 +14,6 @@ discretises (the weights fit the grid, not the ODE), about zero for a resolved m
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Callable
 
@@ -24,7 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from ode_lm.ablate.depth import _evaluate
+from ode_lm.ablate.depth import eval_ode
 from ode_lm.config import ODEConfig
 from ode_lm.data import BatchSampler
 from ode_lm.ode import VectorField, integrate
@@ -33,17 +32,7 @@ SOLVERS = ("euler", "rk4", "tsit5")
 STEP_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 # The reference of refinement: a tight adaptive solve (float32 states: tolerances near 1e-6).
 REFERENCE = {"solver": "tsit5", "adaptive": True, "rtol": 1e-6, "atol": 1e-6, "max_steps": 4096, "steps": 64}
-# The converged solve of the (cheap) discretisation gap: RK4 on 64 steps, checked against 32.
-CONVERGED = {"solver": "rk4", "steps": 64, "adaptive": False}
 ERROR_FLOOR = 1e-5  # float32 logits: changes below this are rounding, not discretisation
-
-
-def eval_ode(ode: ODEConfig, **values) -> ODEConfig:
-    """``ode`` with ``values`` for an evaluation solve: no training-only options, a forward-only
-    sensitivity (the trained one may not apply to another solver)."""
-    return dataclasses.replace(ode, adjoint="checkpoint", reversible=False, unroll=False,
-                               checkpoint_saves="states", grid_jitter=0.0, kinetic_weight=0.0,
-                               jacobian_weight=0.0, **values)
 
 
 def observed_order(steps: list[int], errors: list[float], floor: float = ERROR_FLOOR) -> float | None:
@@ -103,36 +92,3 @@ def refinement(model, sampler: BatchSampler, ode: ODEConfig, batches: int, *,
             "reference": {**REFERENCE, "val_loss": converged, "nfe": float(np.mean(ref_nfe)),
                           "failed": failed},
             "converged_loss": converged, "gap": (trained_loss - converged) / converged}
-
-
-def discretisation_gap(model, sampler: BatchSampler, ode: ODEConfig, dtype, batches: int,
-                       bytes_per_token: float) -> dict:
-    """The cheap gap: the trained grid's held-out loss against one converged solve
-    (``CONVERGED``); ``converged_check`` is the converged solve's own change from half its steps."""
-    results = {name: _evaluate(model, sampler, o, dtype, batches, bytes_per_token)
-               for name, o in (("trained", eval_ode(ode)), ("converged", eval_ode(ode, **CONVERGED)),
-                               ("half", eval_ode(ode, **{**CONVERGED, "steps": CONVERGED["steps"] // 2})))}
-    if any(r["status"] != "ok" for r in results.values()):
-        return {"status": "failed", "error": "; ".join(r["error"] for r in results.values() if r["error"])}
-    trained, converged = results["trained"]["val_loss"], results["converged"]["val_loss"]
-    return {"status": "ok", "trained_loss": trained, "converged_loss": converged,
-            "gap": (trained - converged) / converged,
-            "converged_check": abs(converged - results["half"]["val_loss"]) / converged,
-            "converged_solve": f"{CONVERGED['solver']} x {CONVERGED['steps']}"}
-
-
-def run_gap(run_dir, batches: int | None = None) -> dict:
-    """``discretisation_gap`` of the newest checkpoint of ``run_dir`` on its own held-out data
-    (``train.eval_batches`` batches unless ``batches``), plus the checkpoint's step."""
-    from ode_lm.data import load_corpus
-    from ode_lm.train import load_run
-    from ode_lm.train.precision import compute_dtype, param_dtype
-
-    loaded = load_run(run_dir, warn=lambda m: None)
-    cfg = loaded.config
-    corpus = load_corpus(cfg.data)
-    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
-    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
-    gap = discretisation_gap(loaded.model, sampler, cfg.ode, dtype, batches or cfg.train.eval_batches,
-                             corpus.bytes_per_token)
-    return {**gap, "step": loaded.step}
