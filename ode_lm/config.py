@@ -40,6 +40,8 @@ SSM_SCANS = ("associative", "sequential")  # how the SSM runs along the sequence
 NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
 MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
 CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
+# Sensitivities a training solve with grid jitter or dynamics regularisers runs under.
+TRAINING_SOLVE_ADJOINTS = ("checkpoint", "direct")
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -378,7 +380,7 @@ def _check_training_solve(c: Config, source: str) -> None:
     if c.model.family not in ODE_FAMILIES:
         raise ConfigError(f"{source}: [ode] {', '.join(set_)} applies to ODE families "
                           f"({', '.join(ODE_FAMILIES)}), not family = \"{c.model.family}\"; set it to 0")
-    if o.adaptive or o.adjoint not in ("checkpoint", "direct"):
+    if o.adaptive or o.adjoint not in TRAINING_SOLVE_ADJOINTS:
         raise ConfigError(f"{source}: [ode] {', '.join(set_)} needs fixed steps (adaptive = false) and "
                           f"adjoint = \"checkpoint\" or \"direct\"; here adjoint = \"{o.adjoint}\", "
                           f"adaptive = {str(o.adaptive).lower()}; change those or set it to 0")

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ode_lm.config import ODEConfig
+from ode_lm.config import TRAINING_SOLVE_ADJOINTS, ODEConfig
 from ode_lm.ode.field import VectorField
 from ode_lm.ode.regularise import Augmented, augment
 from ode_lm.ode.sensitivities import SENSITIVITIES
@@ -51,10 +51,6 @@ def integrate(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig,
     (x1, kinetic, jacobian), stats = SENSITIVITIES[ode.adjoint](Augmented(field, probe), augment(x0), ode,
                                                                 grid=grid)
     return x1, stats._replace(kinetic=kinetic, jacobian=None if probe is None else jacobian)
-
-
-# Sensitivities that a training solve (jittered grid, regularisers) runs under.
-TRAINING_SOLVE_ADJOINTS = ("checkpoint", "direct")
 
 
 def training_solve(ode: ODEConfig) -> bool:
