@@ -132,10 +132,12 @@ def analyze(run: str | Path, out: str | Path, *, batches: int = 4, seed: int = 0
 
 
 def _report(r: dict, out: Path) -> str:
+    trained = (f"{r['energy']['layers']} discrete layers (no vector field: refinement, spectrum, Lyapunov "
+               "exponents and gates do not apply)" if "refinement" not in r else
+               f"trained with {r['trained_ode']['solver']} x {r['trained_ode']['steps']}"
+               f"{' (adaptive)' if r['trained_ode']['adaptive'] else ''}")
     lines = [f"# Analysis of {Path(r['run']).name}", "",
-             f"- Checkpoint: `{r['checkpoint']}` (step {r['step']}); family {r['family']}; trained with "
-             f"{r['trained_ode']['solver']} x {r['trained_ode']['steps']}"
-             f"{' (adaptive)' if r['trained_ode']['adaptive'] else ''}",
+             f"- Checkpoint: `{r['checkpoint']}` (step {r['step']}); family {r['family']}; {trained}",
              f"- Held-out data: {r['batches']} batches; seed {r['seed']}",
              f"- Hardware: {describe_hardware()}", ""]
     if "refinement" in r:
