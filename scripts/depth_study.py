@@ -104,10 +104,15 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=20, help="held-out batches per measurement")
     p.add_argument("--reuse", action="store_true", help="measure finished runs instead of retraining")
     p.add_argument("--out", default="docs/results/continuous_depth_cpu.json")
+    p.add_argument("--append", action="store_true", help="keep the rows of --out for variants not run now")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides for every variant")
     args = p.parse_args()
     variants = [parse_variant(v) for v in args.variants]
     rows = [run_variant(args, family, name, overrides) for family in args.families for name, overrides in variants]
+    if args.append and Path(args.out).is_file():  # keep the rows of variants not measured now
+        done = {(r["family"], r["variant"]) for r in rows}
+        old = [r for r in json.loads(Path(args.out).read_text())["rows"] if (r["family"], r["variant"]) not in done]
+        rows = old + rows
     base = {r["family"]: r["trained_loss"] for r in rows if r["variant"] == "default" and r["status"] == "ok"}
     table = markdown(rows, base)
     print_table(["family", "variant", "trained", "converged", "gap %"],
