@@ -115,7 +115,6 @@ def analyze(run: str | Path, out: str | Path, *, batches: int = 4, seed: int = 0
               "family": cfg.model.family, "trained_ode": {"solver": cfg.ode.solver, "steps": cfg.ode.steps,
                                                           "adaptive": cfg.ode.adaptive},
               "seed": seed, "batches": batches}
-    np.random.seed(seed)
     if cfg.model.family in ODE_FAMILIES:
         say(f"analysing {loaded.checkpoint} (step {loaded.step}, {cfg.model.family}, trained with "
             f"{cfg.ode.solver} x {cfg.ode.steps}) on {batches} held-out batches")
