@@ -151,8 +151,16 @@ def test_regularisers_equal_hand_computed_integrals():
     assert float(jterm) == pytest.approx(want, rel=1e-4)
     assert float(k) == pytest.approx(float(kinetic), rel=1e-5)
     np.testing.assert_allclose(x1, integrate(field, x0, ODEConfig(steps=2))[0], rtol=1e-6)
-    # Hutchinson: over random probes, the mean is ||J||_F^2 integrated.
-    frob = 0.5 * sum(float(jnp.sum(j ** 2)) for j in jac) / tokens_n
+
+
+@pytest.mark.slow
+def test_hutchinson_jacobian_term_averages_to_the_frobenius_integral():
+    model, tokens = tiny_model(), jax.random.randint(jax.random.key(2), (1, 4), 0, 32)
+    field, x0 = model.field, model.embedding(tokens)
+    f = lambda t, x: field(jnp.float32(t), x)  # noqa: E731
+    x_half = x0 + 0.5 * f(0.0, x0)
+    jac = [jax.jacrev(lambda x: f(t, x))(x).reshape(x0.size, x0.size) for t, x in ((0.0, x0), (0.5, x_half))]
+    frob = 0.5 * sum(float(jnp.sum(j ** 2)) for j in jac) / (x0.size // x0.shape[-1])
     ode = ODEConfig(steps=2, jacobian_weight=1.0)
     draws = jax.vmap(lambda k: integrate(field, x0, ode, key=k)[1].jacobian)(jax.random.split(jax.random.key(4), 256))
     assert float(draws.mean()) == pytest.approx(frob, rel=0.1)
