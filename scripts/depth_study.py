@@ -38,6 +38,8 @@ VARIANTS = {
     "kinetic": ("ode.kinetic_weight=0.01",),
     "jacobian": ("ode.jacobian_weight=0.01",),
     "kinetic+jitter": ("ode.kinetic_weight=0.01", "ode.grid_jitter=1.0"),
+    "kinetic0.1+jitter": ("ode.kinetic_weight=0.1", "ode.grid_jitter=1.0"),
+    "kinetic1+jitter": ("ode.kinetic_weight=1.0", "ode.grid_jitter=1.0"),
 }
 
 
