@@ -1,4 +1,4 @@
-"""``ode-lm train | generate | info | ablate | crosscheck``: the command line.
+"""``ode-lm train | generate | info | ablate | analyze | crosscheck``: the command line.
 
 User errors (config, paths, checkpoints, prompts, data) print one line and exit with
 status 2; a training failure prints one line and exits with status 1. Training stopped by
@@ -148,6 +148,14 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from ode_lm.analyze import analyze
+
+    report = analyze(args.run, args.out, batches=args.batches, seed=args.seed)
+    print(f"done: report in {report}")
+    return 0
+
+
 def _crosscheck(args: argparse.Namespace) -> int:
     from ode_lm.interop.command import run_crosscheck
     from ode_lm.interop.settings import from_arguments
@@ -213,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batches", type=int, default=None,
                    help="with --eval-only: held-out batches per setting (default: train.eval_batches)")
     p.set_defaults(func=_ablate)
+
+    p = sub.add_parser("analyze", help="refinement, Jacobian spectrum, Lyapunov exponents, energy and "
+                       "gates of a trained run (docs/analysis.md)")
+    p.add_argument("run", help="run directory (runs/<name>) or checkpoint file")
+    p.add_argument("--out", required=True, help="output directory: new, empty, or a previous analysis")
+    p.add_argument("--batches", type=int, default=4, help="held-out batches of the refinement (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probes (default 0)")
+    p.set_defaults(func=_analyze)
 
     from ode_lm.interop.settings import BACKENDS, add_arguments
 

@@ -57,6 +57,8 @@ CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps f
 # booleans of earlier configs still read: true = "unroll", false = "scan".
 UNROLL_MODES = ("auto", "scan", "unroll")
 UNROLL_BOOLEANS = {True: "unroll", False: "scan"}
+# Sensitivities a training solve with grid jitter or dynamics regularisers runs under.
+TRAINING_SOLVE_ADJOINTS = ("checkpoint", "direct")
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -94,6 +96,9 @@ class ModelConfig:
     bias: bool = knob(True, doc="biases in every Linear and LayerNorm (false: none, as nanoGPT's bias=False)")
     tie_embeddings: bool = knob(True, doc="share token embedding and LM head")
     time_embed_dim: int = knob(32, ge=2, doc="sinusoidal features of t (even)")
+    time_max_frequency: float = knob(100.0, gt=0.0, doc="highest frequency (rad per unit depth-time) of "
+                                     "the sinusoidal features of t; above pi * ode.steps a fixed grid "
+                                     "aliases them (nn/time_embedding.py)")
     modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP (and of the SSM's "
                                   "parameter MLP, family 'time_indexed_ssm')")
     hyper_form: str = knob("dense", choices=HYPER_FORMS,
@@ -155,6 +160,14 @@ class ODEConfig:
                            "values into stacks); \"auto\": unrolled on a GPU up to 16 evaluations, "
                            "scanned beyond, on a CPU and where unrolling does not apply; true / false "
                            "read as \"unroll\" / \"scan\"")
+    grid_jitter: float = knob(0.0, ge=0.0, le=1.0, doc="training only: move each interior step time of "
+                              "the fixed grid uniformly within this fraction of a step around n/steps, "
+                              "drawn afresh per batch (0: the fixed grid; 1: one random time per cell); "
+                              "evaluation uses the fixed grid")
+    kinetic_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||f||^2 dt per "
+                                 "token (kinetic energy regulariser, Finlay et al. 2020)")
+    jacobian_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||df/dx||_F^2 dt "
+                                  "per token, by a Hutchinson estimator (Finlay et al. 2020)")
     reversible: bool = knob(False, doc="alias: true selects adjoint = \"reversible\"")
     reversible_coupling: float = knob(0.999, gt=0.0, le=1.0,
                                       doc="coupling lambda of the reversible scheme; < 1 damps its "
@@ -453,6 +466,21 @@ def _resolve_reversible(ode: ODEConfig, explicit_adjoint: Any, source: str) -> O
     return dataclasses.replace(ode, reversible=ode.adjoint == "reversible")
 
 
+def _check_training_solve(c: Config, source: str) -> None:
+    """Grid jitter and the dynamics regularisers: fixed steps, backpropagated, an ODE family."""
+    o = c.ode
+    set_ = [f"{k} = {getattr(o, k)}" for k in ("grid_jitter", "kinetic_weight", "jacobian_weight") if getattr(o, k) > 0]
+    if not set_:
+        return
+    if c.model.family not in ODE_FAMILIES:
+        raise ConfigError(f"{source}: [ode] {', '.join(set_)} applies to ODE families "
+                          f"({', '.join(ODE_FAMILIES)}), not family = \"{c.model.family}\"; set it to 0")
+    if o.adaptive or o.adjoint not in TRAINING_SOLVE_ADJOINTS:
+        raise ConfigError(f"{source}: [ode] {', '.join(set_)} needs fixed steps (adaptive = false) and "
+                          f"adjoint = \"checkpoint\" or \"direct\"; here adjoint = \"{o.adjoint}\", "
+                          f"adaptive = {str(o.adaptive).lower()}; change those or set it to 0")
+
+
 def _check_consistency(c: Config, source: str) -> None:
     """Rules that span several keys."""
     if c.model.dim % c.model.heads:
@@ -463,7 +491,7 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"family '{c.model.family}' has the parallel block as its vector field "
                           "(one evaluation is one f); use block = \"auto\" or \"parallel\"")
     if c.model.dropout_masks == "per_step" and c.model.family != "standard" and (
-            c.ode.adaptive or c.ode.adjoint not in ("checkpoint", "direct")):
+            c.ode.adaptive or c.ode.adjoint not in TRAINING_SOLVE_ADJOINTS):
         raise ConfigError(f"{source}: [model] dropout_masks = \"per_step\" renews the masks at every "
                           "fixed step, so it needs ode.adaptive = false and ode.adjoint = \"checkpoint\" "
                           f"or \"direct\" (here adaptive = {str(c.ode.adaptive).lower()}, adjoint = "
@@ -494,6 +522,7 @@ def _check_consistency(c: Config, source: str) -> None:
                           f"adjoint = \"checkpoint\" or \"direct\" (adaptive = false); here adjoint = "
                           f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
                           f"leave unroll = \"auto\" or \"scan\"")
+    _check_training_solve(c, source)
     t = c.train
     problem = plain_name_problem(t.run_name)
     if problem:  # runs_dir / run_name is replaced by --overwrite: it must stay inside runs_dir

@@ -3,12 +3,15 @@
 A continuous-depth model is a vector field, not a stack of layers, so the same weights can
 be integrated at test time with another solver or another number of steps. This evaluates
 the held-out loss of one trained run under every combination of the ``[ode]`` values given
-(no retraining) and reports loss against NFE, the cost of a forward pass.
+(no retraining) and reports loss against NFE, the cost of a forward pass; and the
+*discretisation gap* of a run, its trained grid's loss against a converged solve
+(``run_gap``; docs/analysis.md).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -31,6 +34,8 @@ from ode_lm.train.precision import compute_dtype, param_dtype
 from ode_lm.train.steps import EvalStep
 
 ODE_STEPS = "ode.steps"
+# The converged solve of the (cheap) discretisation gap: RK4 on 64 steps, checked against 32.
+CONVERGED = {"solver": "rk4", "steps": 64, "adaptive": False}
 
 
 def _check_keys(grid: dict[str, tuple]) -> None:
@@ -150,3 +155,40 @@ def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
         w.writerow([*keys, *fields])
         for r in rows:
             w.writerow([format_value(r["values"][k]) for k in keys] + [r.get(k, "") for k in fields])
+
+
+def eval_ode(ode: ODEConfig, **values) -> ODEConfig:
+    """``ode`` with ``values`` for an evaluation solve: no training-only options, a forward-only
+    sensitivity (the trained one may not apply to another solver)."""
+    return dataclasses.replace(ode, adjoint="checkpoint", reversible=False, unroll=False,
+                               checkpoint_saves="states", grid_jitter=0.0, kinetic_weight=0.0,
+                               jacobian_weight=0.0, **values)
+
+
+def discretisation_gap(model, sampler: BatchSampler, ode: ODEConfig, dtype, batches: int,
+                       bytes_per_token: float) -> dict:
+    """The cheap gap: the trained grid's held-out loss against one converged solve
+    (``CONVERGED``); ``converged_check`` is the converged solve's own change from half its steps."""
+    results = {name: _evaluate(model, sampler, o, dtype, batches, bytes_per_token)
+               for name, o in (("trained", eval_ode(ode)), ("converged", eval_ode(ode, **CONVERGED)),
+                               ("half", eval_ode(ode, **{**CONVERGED, "steps": CONVERGED["steps"] // 2})))}
+    if any(r["status"] != "ok" for r in results.values()):
+        return {"status": "failed", "error": "; ".join(r["error"] for r in results.values() if r["error"])}
+    trained, converged = results["trained"]["val_loss"], results["converged"]["val_loss"]
+    return {"status": "ok", "trained_loss": trained, "converged_loss": converged,
+            "gap": (trained - converged) / converged,
+            "converged_check": abs(converged - results["half"]["val_loss"]) / converged,
+            "converged_solve": f"{CONVERGED['solver']} x {CONVERGED['steps']}"}
+
+
+def run_gap(run_dir, batches: int | None = None) -> dict:
+    """``discretisation_gap`` of the newest checkpoint of ``run_dir`` on its own held-out data
+    (``train.eval_batches`` batches unless ``batches``), plus the checkpoint's step."""
+    loaded = load_run(run_dir, warn=lambda m: None)
+    cfg = loaded.config
+    corpus = load_corpus(cfg.data)
+    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
+    gap = discretisation_gap(loaded.model, sampler, cfg.ode, dtype, batches or cfg.train.eval_batches,
+                             corpus.bytes_per_token)
+    return {**gap, "step": loaded.step}

@@ -16,6 +16,9 @@ An ablation file is TOML::
     [baseline]                       # optional; the cell the others are tested against
     "ode.solver" = "euler"
 
+    [analysis]                       # optional
+    refinement = true                # add each finished run's discretisation gap (ode-lm analyze)
+
 A baseline that names only some grid keys is a baseline per group: cell ``c`` is compared
 with ``c`` where those keys take the baseline values. Without ``[baseline]`` the first value
 of every key is the baseline. ``baseline = {...}`` inside ``[grid]`` is read the same way.
@@ -43,7 +46,8 @@ from ode_lm.paths import check_output_dir
 SEED_KEY = "train.seed"
 # The runner owns where runs go: one run directory per grid point under <out>/runs/.
 RESERVED_KEYS = ("train.run_name", "train.runs_dir", "checkpoint.resume")
-TOP_LEVEL_KEYS = ("base", "out", "compilation_cache", "overrides", "grid", "baseline")
+TOP_LEVEL_KEYS = ("base", "out", "compilation_cache", "overrides", "grid", "baseline", "analysis")
+ANALYSIS_KEYS = ("refinement",)
 
 Cell = tuple[tuple[str, Any], ...]  # ((dotted key, value), ...) in grid order, seed excluded
 
@@ -86,6 +90,7 @@ class Ablation:
     grid: dict[str, tuple]  # every grid key, seed included, in file order
     baseline: dict[str, Any]  # cell key -> baseline value
     points: tuple[GridPoint, ...]
+    refinement: bool = False  # [analysis] refinement: the discretisation gap of every finished run
 
     @property
     def cell_keys(self) -> tuple[str, ...]:
@@ -170,7 +175,20 @@ def load_ablation(path: str | Path, overrides: Sequence[str] = (), out: str | Pa
     grid = _check_grid(grid_table, base, path)
     baseline = _check_baseline(baseline_raw, grid, path)
     points = _build_points(grid, base, out_dir, path)
-    return Ablation(str(path), str(base_path), out_dir, cache, grid, baseline, points)
+    return Ablation(str(path), str(base_path), out_dir, cache, grid, baseline, points,
+                    refinement=_check_analysis(raw.get("analysis", {}), path))
+
+
+def _check_analysis(table: Any, path: Path) -> bool:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'analysis' must be a table, e.g. [analysis] refinement = true")
+    for key, value in table.items():
+        if key not in ANALYSIS_KEYS:
+            raise ConfigError(f"{path} [analysis]: unknown key '{key}'; allowed keys are "
+                              f"{', '.join(ANALYSIS_KEYS)}" + _suggest(key, ANALYSIS_KEYS))
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} [analysis] {key} = {value!r}: expected true or false")
+    return table.get("refinement", False)
 
 
 def _check_grid(table: dict[str, Any], base: Config, path: Path) -> dict[str, tuple]:

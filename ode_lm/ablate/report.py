@@ -42,7 +42,16 @@ METRICS = (
     Metric("peak_memory_mb", "memory of one training step", "MiB", 2),
     Metric("parameters", "parameters", "", 0),
 )
+# With [analysis] refinement = true (runner._add_gaps): trained grid against a converged solve.
+GAP_METRICS = (
+    Metric("discretisation_gap_pct", "discretisation gap: (trained grid - converged) / converged", "%", 2),
+    Metric("converged_loss", "validation loss of a converged solve (RK4 x 64)", "nats/token", 4),
+)
 ODE_STEPS = "ode.steps"
+
+
+def metrics_of(ablation: Ablation) -> tuple[Metric, ...]:
+    return METRICS + (GAP_METRICS if ablation.refinement else ())
 
 
 @dataclass
@@ -67,7 +76,7 @@ def cell_results(ablation: Ablation, rows: dict[str, dict]) -> list[CellResult]:
     for cell, rs in by_cell.items():
         base = ablation.baseline_of(cell)
         stats, p = {}, {}
-        for m in METRICS:
+        for m in metrics_of(ablation):
             values = [r.get(m.key) for r in ok[cell]]
             stats[m.key] = summarize(values)
             p[m.key] = (math.nan if base == cell else
@@ -108,12 +117,12 @@ def write_summary_csv(path: Path, ablation: Ablation, cells: list[CellResult]) -
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         header = [*ablation.cell_keys, "baseline", "n_ok", "n_failed"]
-        for m in METRICS:
+        for m in metrics_of(ablation):
             header += [f"{m.key}_{s}" for s in ("mean", "std", "ci95_low", "ci95_high", "p_welch")]
         w.writerow(header)
         for c in cells:
             line = [format_value(v) for _, v in c.cell] + [c.is_baseline, len(c.runs), len(c.failed)]
-            for m in METRICS:
+            for m in metrics_of(ablation):
                 s = c.stats[m.key]
                 line += [s.mean, s.std, s.ci_low, s.ci_high, c.p_values[m.key]]
             w.writerow(["" if isinstance(v, float) and math.isnan(v) else v for v in line])
@@ -209,7 +218,12 @@ def write_report(ablation: Ablation, rows: dict[str, dict], hardware: str | None
         "compilation cache on, the first seed of a cell compiles and later seeds mostly load). NFE is the number of "
         "vector-field evaluations of one held-out forward pass.", "",
     ]
-    for m in METRICS:
+    if ablation.refinement:
+        lines += ["The discretisation gap ([analysis] refinement) compares each run's held-out loss on its "
+                  "trained grid with the same weights solved to convergence (RK4 x 64, checked against "
+                  "RK4 x 32); negative means the weights fit the grid rather than the ODE "
+                  "(docs/analysis.md).", ""]
+    for m in metrics_of(ablation):
         unit = f" ({m.unit})" if m.unit else ""
         lines += [f"## {m.title}{unit}", "", "| cell | n | mean ± std | 95% CI | p vs baseline |",
                   "| --- | --- | --- | --- | --- |"]

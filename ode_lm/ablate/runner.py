@@ -19,7 +19,9 @@ from typing import Callable
 
 from tqdm.auto import tqdm
 
+from ode_lm.ablate.depth import run_gap
 from ode_lm.ablate.grid import Ablation, GridPoint, config_sha
+from ode_lm.config import ODE_FAMILIES
 from ode_lm.errors import RunDirError, UserError
 from ode_lm.paths import prepare_output_dir
 from ode_lm.train import train
@@ -130,4 +132,24 @@ def run_ablation(ablation: Ablation, *, retry_failed: bool = False,
             bar.update(1)
     finally:
         bar.close()
+    if ablation.refinement:
+        _add_gaps(ablation, rows, say)
     return {p.name: rows[p.name] for p in ablation.points}
+
+
+def _add_gaps(ablation: Ablation, rows: dict[str, dict], say: Callable[[str], None]) -> None:
+    """``[analysis] refinement``: each finished run's discretisation gap (trained grid against
+    one converged solve, ``depth.run_gap``), appended to the ledger once."""
+    for point in ablation.points:
+        row = rows.get(point.name)
+        if (row is None or row["status"] != "ok" or "discretisation_gap_pct" in row
+                or point.config.model.family not in ODE_FAMILIES):
+            continue
+        gap = run_gap(row["run_dir"])
+        if gap["status"] != "ok":
+            say(f"{point.name}: no discretisation gap: {gap['error']}")
+            continue
+        row = {**row, "discretisation_gap_pct": 100 * gap["gap"], "converged_loss": gap["converged_loss"],
+               "trained_grid_loss": gap["trained_loss"], "converged_check_pct": 100 * gap["converged_check"]}
+        _append(ablation.out, row)
+        rows[point.name] = row

@@ -220,9 +220,11 @@ def plan_split(cfg: DataConfig) -> SplitPlan:
     share = sum(d.nbytes for d, h in zip(docs, held) if h) / sum(d.nbytes for d in docs)
     docs_with_text = [d for d in docs if d.nbytes]
     fits = any(held) and not all(held) and f / 2 <= share <= 2 * f
-    if cfg.split == "documents" and not any(held):
-        raise DataError(f"[data] split = \"documents\" held out none of the {len(docs)} documents at "
-                        f"val_fraction = {f}; use split = \"tail\" (or \"auto\"), raise val_fraction, "
+    if cfg.split == "documents" and (not any(held) or all(held)):
+        which = "none" if not any(held) else "all"
+        raise DataError(f"[data] split = \"documents\" held out {which} of the {len(docs)} documents at "
+                        f"val_fraction = {f}; use split = \"tail\" (or \"auto\"), "
+                        f"{'raise' if which == 'none' else 'lower'} val_fraction, "
                         "or give validation files (val_paths)")
     if cfg.split == "documents" or (cfg.split == "auto" and fits):
         train = [d for d, h in zip(docs, held) if not h]

@@ -30,7 +30,6 @@ import numpy as np
 
 from ode_lm.errors import UserError
 from ode_lm.models import ODELanguageModel, TimeIndexedField
-from ode_lm.nn.time_embedding import MAX_FREQUENCY
 
 FORMAT_VERSION = 1
 
@@ -91,7 +90,7 @@ def export_model(model: ODELanguageModel) -> ExportedModel:
         params[".".join(names)] = np.asarray(leaf, dtype=np.float64)
     field = model.field
     return ExportedModel(params, field.block.attn.heads, field.mlp_ratio, field.time_embed_dim,
-                         float(field.block.ln_attn.eps), float(MAX_FREQUENCY))
+                         float(field.block.ln_attn.eps), float(field.time_max_frequency))
 
 
 def save_export(exported: ExportedModel, path: str | Path) -> Path:

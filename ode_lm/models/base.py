@@ -31,6 +31,7 @@ from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted
 # Vocabularies up to this size are embedded by a one-hot product (see Embedding.__call__);
 # its cost, 2 x vocab x dim FLOPs per token, stays below one block's 24 x dim^2 there.
 ONE_HOT_MAX_VOCAB = 1024
+SOLVE_KEY = 1  # folded into the training key: the solve's randomness (grid jitter, Hutchinson probe)
 
 
 class Embedding(eqx.Module):
@@ -163,7 +164,8 @@ class ODELanguageModel(LanguageModel):
         state_dtype = jnp.promote_types(x0.dtype, jnp.float32)
         if state_dtype != x0.dtype:
             field, x0 = CastField(field, x0.dtype), x0.astype(state_dtype)
-        return integrate(field, x0, ode)
+        # A training solve (key given) may jitter its grid and integrate regularisers.
+        return integrate(field, x0, ode, None if key is None else jax.random.fold_in(key, SOLVE_KEY))
 
     def in_dtype(self, dtype) -> "ODELanguageModel":
         """Everything but the vector field in ``dtype``. The field keeps its parameters' dtype

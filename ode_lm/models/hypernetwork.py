@@ -47,8 +47,9 @@ def build_hypernetwork(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jn
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
     block = build_block(cfg, k_block, dtype)
     if cfg.hyper_form == "dense":
-        hyper = DenseHyperNetwork(block, cfg.time_embed_dim, cfg.hyper_hidden, key=k_hyper, dtype=dtype)
+        hyper = DenseHyperNetwork(block, cfg.time_embed_dim, cfg.hyper_hidden, key=k_hyper, dtype=dtype,
+                                  max_frequency=cfg.time_max_frequency)
     else:
         hyper = RankOneHyperNetwork(block, cfg.time_embed_dim, cfg.hyper_hidden, key=k_hyper,
-                                    std=cfg.init_std, dtype=dtype)
+                                    std=cfg.init_std, dtype=dtype, max_frequency=cfg.time_max_frequency)
     return ode_language_model(cfg, embedding, HypernetworkField(hyper), readout)

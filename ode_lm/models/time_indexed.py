@@ -16,7 +16,8 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.config import ModelConfig
 from ode_lm.models.base import CachedField, ODELanguageModel, build_block, build_shared, ode_language_model
-from ode_lm.nn import Block, BlockGates, Dropout, KVCache, Modulation, sinusoidal
+from ode_lm.nn import Block, BlockGates, Dropout, Modulation, sinusoidal
+from ode_lm.nn.time_embedding import MAX_FREQUENCY
 
 
 class TimeIndexedField(CachedField):
@@ -32,11 +33,12 @@ class TimeIndexedField(CachedField):
     mlp_ratio: int = eqx.field(static=True)
     dropout: Dropout | None = eqx.field(default=None, kw_only=True)  # set for a training solve
     constant: Float[Array, " time_embed_dim"] | None = None
+    time_max_frequency: float = eqx.field(static=True, default=MAX_FREQUENCY)
 
     def gates(self, t: Float[Array, ""]) -> BlockGates:
         if self.constant is None:
             # t stays float32 (bf16 would blur high-frequency features); cast the features.
-            features = sinusoidal(t, self.time_embed_dim).astype(self.modulation.hidden.weight.dtype)
+            features = sinusoidal(t, self.time_embed_dim, self.time_max_frequency).astype(self.modulation.hidden.weight.dtype)
         else:
             features = self.constant
         flat = self.modulation(features)
@@ -64,7 +66,8 @@ def time_indexed_field(cfg: ModelConfig, key: PRNGKeyArray, dtype,
         build_block(cfg, k_block, dtype),
         Modulation(cfg.time_embed_dim, cfg.modulation_hidden, n_gates, key=k_mod,
                    std=cfg.init_std, dtype=dtype),
-        cfg.time_embed_dim, cfg.mlp_ratio, constant=constant)
+        cfg.time_embed_dim, cfg.mlp_ratio, constant=constant,
+        time_max_frequency=cfg.time_max_frequency)
 
 
 def build_time_indexed(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32

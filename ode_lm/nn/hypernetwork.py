@@ -54,7 +54,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.nn.block import Block
 from ode_lm.nn.layers import Linear
-from ode_lm.nn.time_embedding import sinusoidal
+from ode_lm.nn.time_embedding import MAX_FREQUENCY, sinusoidal
 
 
 def _matrices(b: Block) -> tuple[Array, ...]:
@@ -79,6 +79,7 @@ class AbstractHyperNetwork(eqx.Module):
     """``t -> Block``: the block with every weight generated at depth-time ``t``."""
 
     time_embed_dim: eqx.AbstractVar[int]
+    max_frequency: eqx.AbstractVar[float]  # of the sinusoidal features (model.time_max_frequency)
 
     @abc.abstractmethod
     def __call__(self, t: Float[Array, ""]) -> Block:
@@ -90,7 +91,7 @@ class AbstractHyperNetwork(eqx.Module):
 
     def features(self, t: Float[Array, ""], dtype) -> Float[Array, " time_embed_dim"]:
         # t stays float32 (bf16 would blur high-frequency features); cast the features.
-        return sinusoidal(t, self.time_embed_dim).astype(dtype)
+        return sinusoidal(t, self.time_embed_dim, self.max_frequency).astype(dtype)
 
 
 def _truncated_normal(key: PRNGKeyArray, shape: tuple[int, ...], std: float, dtype) -> Array:
@@ -163,8 +164,10 @@ class DenseHyperNetwork(AbstractHyperNetwork):
     # The generated block's structure (static: its arrays are shapes only, not parameters).
     template: Block = eqx.field(static=True)
     time_embed_dim: int = eqx.field(static=True)
+    max_frequency: float = eqx.field(static=True)
 
-    def __init__(self, template: Block, time_embed_dim: int, width: int, *, key: PRNGKeyArray, dtype):
+    def __init__(self, template: Block, time_embed_dim: int, width: int, *, key: PRNGKeyArray, dtype,
+                 max_frequency: float = MAX_FREQUENCY):
         bias = template.attn.qkv.bias is not None
         k_lin, k_norm = jax.random.split(key)
         self.linears = tuple(GeneratedLinear(time_embed_dim, width, *m.shape, key=k, bias=bias, dtype=dtype)
@@ -173,7 +176,7 @@ class DenseHyperNetwork(AbstractHyperNetwork):
         self.norms = tuple(GeneratedNorm(time_embed_dim, width, dim, key=k, bias=bias, dtype=dtype)
                            for k in jax.random.split(k_norm, 2))
         self.template = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), template)
-        self.time_embed_dim = time_embed_dim
+        self.time_embed_dim, self.max_frequency = time_embed_dim, max_frequency
 
     def structure(self):
         return self.template
@@ -206,9 +209,10 @@ class RankOneHyperNetwork(AbstractHyperNetwork):
     matrices: tuple[RankOneBasis, ...]  # qkv, proj, fc1, fc2
     vectors: Linear  # h -> the concatenated vector offsets (no bias: v_0 lives in the block)
     time_embed_dim: int = eqx.field(static=True)
+    max_frequency: float = eqx.field(static=True)
 
     def __init__(self, block: Block, time_embed_dim: int, hidden: int, *, key: PRNGKeyArray,
-                 std: float, dtype=jnp.float32):
+                 std: float, dtype=jnp.float32, max_frequency: float = MAX_FREQUENCY):
         if block.attn.qkv.bias is None:
             raise ValueError("the rank-one hypernetwork generates offsets of the block's biases; "
                              "it needs model.bias = true")
@@ -222,7 +226,7 @@ class RankOneHyperNetwork(AbstractHyperNetwork):
             for m, ku, kv in zip(_matrices(block), k_mats[::2], k_mats[1::2]))
         n_vec = sum(v.shape[0] for v in _vectors(block))
         self.vectors = Linear(hidden, n_vec, key=k_vec, std=std / hidden**0.5, bias=False, dtype=dtype)
-        self.time_embed_dim = time_embed_dim
+        self.time_embed_dim, self.max_frequency = time_embed_dim, max_frequency
 
     def structure(self):
         return self.block

@@ -66,7 +66,7 @@ import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ode_lm.nn.layers import LayerNorm, Linear
-from ode_lm.nn.time_embedding import sinusoidal
+from ode_lm.nn.time_embedding import MAX_FREQUENCY, sinusoidal
 
 DELTA_INIT_RANGE = (1e-3, 1e-1)  # initial steps Delta, log-uniform per channel (Mamba's choice)
 HEAD_DECAY_RANGE = (1.0, 16.0)  # initial -A per head, form 'head' (Mamba-2's range)
@@ -158,13 +158,14 @@ class SelectiveSSM(eqx.Module):
     t_hidden: Linear  # the small hypernetwork: sinusoidal(t) -> hidden -> z(t)
     t_out: Linear
     time_embed_dim: int = eqx.field(static=True)
+    max_frequency: float = eqx.field(static=True)
     scan: str = eqx.field(static=True, default="auto")
     form: str = eqx.field(static=True, default="channel")
     chunk: int = eqx.field(static=True, default=64)
 
     def __init__(self, dim: int, state_size: int, time_embed_dim: int, hidden: int, *,
                  key: PRNGKeyArray, std: float, dtype=jnp.float32, scan: str = "auto",
-                 form: str = "channel", heads: int = 4, chunk: int = 64):
+                 form: str = "channel", heads: int = 4, chunk: int = 64, max_frequency: float = MAX_FREQUENCY):
         k_in, k_out, k_delta, k_th, k_to = jax.random.split(key, 5)
         groups = dim if form == "channel" else heads  # one Delta and alpha per channel or per head
         self.norm = LayerNorm(dim, dtype=dtype)
@@ -181,7 +182,7 @@ class SelectiveSSM(eqx.Module):
         bias = jnp.concatenate([jnp.zeros(groups), delta0 + jnp.log(-jnp.expm1(-delta0)),  # softplus^-1
                                 jnp.ones(dim), jnp.zeros(2 * state_size)])
         self.t_out = eqx.tree_at(lambda lin: lin.bias, t_out, bias.astype(dtype))
-        self.time_embed_dim = time_embed_dim
+        self.time_embed_dim, self.max_frequency = time_embed_dim, max_frequency
         self.scan, self.form, self.chunk = scan, form, chunk
 
     @property
@@ -204,7 +205,7 @@ class SelectiveSSM(eqx.Module):
         """The recurrence's factors for tokens ``x`` at depth-time ``t``, in >= float32."""
         g, n = self.groups, self.state_size
         wide = jnp.promote_types(x.dtype, jnp.float32)  # long products need float32
-        features = sinusoidal(t, self.time_embed_dim).astype(self.t_hidden.weight.dtype)
+        features = sinusoidal(t, self.time_embed_dim, self.max_frequency).astype(self.t_hidden.weight.dtype)
         z = self.t_out(jax.nn.silu(self.t_hidden(features))).astype(wide)
         alpha, delta_t, d_skip, beta, gamma = jnp.split(z, np.cumsum([g, g, self.dim, n]).tolist())
         u = self.norm(x)

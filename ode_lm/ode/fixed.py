@@ -63,13 +63,16 @@ MEMORY_POLICIES = {
 
 
 def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Array, "*state"],
-                steps: int, policy: str, unroll: bool = False) -> Float[Array, "*state"]:
-    """``x(1)`` after ``steps`` steps of ``solver`` on the grid ``fixed_grid(steps)``, scanned
-    or (``unroll``) written out step by step."""
+                steps: int, policy: str, unroll: bool = False,
+                grid: Float[Array, " steps+1"] | None = None) -> Float[Array, "*state"]:
+    """``x(1)`` after ``steps`` steps of ``solver`` on the grid ``fixed_grid(steps)`` (or the
+    traced ``grid`` of ``steps + 1`` times, e.g. a jittered one), scanned or (``unroll``)
+    written out step by step."""
     if policy not in MEMORY_POLICIES:
         raise ValueError(f"unknown memory policy {policy!r}; choose one of {', '.join(MEMORY_POLICIES)}")
     term = TERM
-    ts = fixed_grid(steps, jnp.promote_types(x0.dtype, jnp.float32))  # float64 times for float64 solves
+    dtype = jnp.promote_types(jax.tree.leaves(x0)[0].dtype, jnp.float32)  # float64 times for float64 solves
+    ts = fixed_grid(steps, dtype) if grid is None else grid.astype(dtype)
     solver_state = solver.init(term, ts[0], ts[1], x0, field.at_step(0))
 
     def step(carry, interval):

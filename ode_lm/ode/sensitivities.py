@@ -77,16 +77,19 @@ def unrolls(ode: ODEConfig, backend: str | None = None) -> bool:
 
 
 def solve_by_backprop(policy: Callable[[ODEConfig], str], adjoint: Callable[[int], diffrax.AbstractAdjoint],
-                      field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
+                      field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig,
+                      grid: Float[Array, " steps+1"] | None = None
                       ) -> tuple[Float[Array, "*state"], SolveStats]:
     """Backpropagation through the solver: a scan with memory ``policy(ode)`` on fixed steps
     (compiles once for any number of steps, no while-loop bookkeeping; written out step by step
-    with ``ode.unroll``), else ``adjoint``."""
+    with ``ode.unroll``), else ``adjoint``. ``grid``: fixed steps on these traced times."""
     if ode.adaptive:
+        if grid is not None:
+            raise ValueError("an explicit grid needs fixed steps (ode.adaptive = False)")
         return solve_with_adjoint(adjoint, field, x0, ode)
     spec = SOLVER_SPECS[ode.solver]
     steps = jnp.asarray(ode.steps)
-    x1 = solve_fixed(spec.make(), field, x0, ode.steps, policy(ode), unrolls(ode))
+    x1 = solve_fixed(spec.make(), field, x0, ode.steps, policy(ode), unrolls(ode), grid)
     return x1, SolveStats(spec.nfe(steps), steps, jnp.asarray(False))
 
 

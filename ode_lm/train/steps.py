@@ -43,6 +43,19 @@ def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets
     return loss.mean(), stats
 
 
+def objective(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
+              ode: ODEConfig, key: PRNGKeyArray | None, dtype=None):
+    """The training loss: cross-entropy ``+ ode.kinetic_weight * kinetic + ode.jacobian_weight *
+    jacobian`` (the solve's regularisers, ``ode/regularise.py``); returns ``(total, (ce, stats))``."""
+    loss, stats = cross_entropy(model, inputs, targets, ode, key, dtype)
+    total = loss
+    if ode.kinetic_weight > 0 and stats.kinetic is not None:
+        total = total + ode.kinetic_weight * stats.kinetic
+    if ode.jacobian_weight > 0 and stats.jacobian is not None:
+        total = total + ode.jacobian_weight * stats.jacobian
+    return total, (loss, stats)
+
+
 class TrainStep:
     """``(model, opt_state, inputs, targets, key) -> (model, opt_state, metrics)``.
 
@@ -70,13 +83,13 @@ class TrainStep:
 
     def _step(self, model, opt_state, inputs, targets, key):
         self.traces += 1
-        (loss, stats), grads = eqx.filter_value_and_grad(cross_entropy, has_aux=True)(
+        (total, (loss, stats)), grads = eqx.filter_value_and_grad(objective, has_aux=True)(
             model, inputs, targets, self.ode, key, self.dtype)
         params = eqx.filter(model, eqx.is_inexact_array)
         updates, new_opt_state = self.optimizer.update(eqx.filter(grads, eqx.is_inexact_array),
                                                        opt_state, params)
         grad_norm = optax.tree_utils.tree_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         apply = finite & ~stats.failed
 
         def select(new, old):
@@ -85,7 +98,8 @@ class TrainStep:
         model, opt_state = jax.tree.map(select, (eqx.apply_updates(model, updates), new_opt_state),
                                         (model, opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "nfe": stats.nfe,
-                   "solve_failed": stats.failed, "finite": finite}
+                   "solve_failed": stats.failed, "finite": finite,
+                   **{k: v for k, v in (("kinetic", stats.kinetic), ("jacobian", stats.jacobian)) if v is not None}}
         return model, opt_state, metrics
 
     def __call__(self, model, opt_state, inputs, targets, key):

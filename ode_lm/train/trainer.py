@@ -81,6 +81,11 @@ def init_state(cfg: Config, vocab: int):
     return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
 
+def regularisers(metrics: dict) -> dict[str, float]:
+    """The training solve's regulariser values (``ode.kinetic_weight``, ``ode.jacobian_weight``)."""
+    return {k: float(metrics[k]) for k in ("kinetic", "jacobian") if k in metrics}
+
+
 def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, batches: int,
              bytes_per_token: float, place=lambda a: a, split: str = "val") -> Evaluation:
     """Mean loss over the first ``batches`` batches of ``split`` without dropout: held-out
@@ -295,7 +300,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
                 log.write("train", done, {"lr": float(schedule(step)),
                                           "grad_norm": float(metrics["grad_norm"]),
                                           "nfe": int(metrics["nfe"]), "tokens_per_s": tok_s,
-                                          "train_s": train_s})
+                                          "train_s": train_s, **regularisers(metrics)})
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
             bar.update(1)
             if done % cfg.train.eval_every == 0 or done == cfg.train.steps:
