@@ -188,7 +188,7 @@ def test_analyze_out_dir_is_validated_and_a_run_needs_a_checkpoint(tmp_path, cap
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not empty"):
+    with pytest.raises(UserError, match="non-empty directory that is not an ode-lm output"):
         check_out_dir(busy)
     assert (busy / "keep.txt").read_text() == "mine"
     (tmp_path / "empty_run").mkdir()

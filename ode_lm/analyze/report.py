@@ -29,6 +29,7 @@ from ode_lm.analyze.refinement import STEP_COUNTS, refinement
 from ode_lm.config import ODE_FAMILIES
 from ode_lm.data import BatchSampler, load_corpus
 from ode_lm.errors import UserError
+from ode_lm.paths import prepare_output_dir
 from ode_lm.train import load_run
 
 TRAJECTORY_STEPS = 32  # RK4 steps of the analysed trajectory
@@ -39,18 +40,9 @@ GATE_TIMES = 65
 
 
 def check_out_dir(out: Path) -> Path:
-    """``out`` is new, empty, or holds a previous analysis (overwritten file by file); never
-    anything else, and nothing is deleted.
-
-    Issue 20 adds a shared validator of run names and output directories; this is the
-    spot to call it."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory; pass a new or empty directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "analysis.json").is_file():
-        raise UserError(f"--out {out}: directory is not empty and holds no previous analysis "
-                        "(analysis.json); pass a new or empty directory")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    """``out`` created as ode-lm's output directory (``ode_lm.paths``): new, empty, or holding
+    a previous analysis (``analysis.json``, overwritten file by file); nothing is deleted."""
+    return prepare_output_dir(out, "--out", markers=("analysis.json",))
 
 
 def _dynamics(model, x0, seed: int, bar) -> dict:
