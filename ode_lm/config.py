@@ -641,8 +641,23 @@ def _involved_overrides(raw: dict[str, Any], parsed: list, message: str) -> list
 
 
 def config_from_toml(text: str, source: str) -> Config:
-    """A config from TOML text (e.g. the one stored in a checkpoint or a run's config.toml)."""
-    return config_from_dict(_parse_toml(text, source), source)
+    """A config stored by ode-lm (a checkpoint's, or a run's config.toml): fully resolved, so
+    a key it lacks was added after it was written, and takes the behaviour of then."""
+    return config_from_dict(_as_written_then(_parse_toml(text, source)), source)
+
+
+# What a resolved config written before 2026-12-01 (no [model] block key) ran: the parallel
+# discrete block, the rank-one hypernetwork and no dropout on attention probabilities. Loaded
+# with today's defaults, its weights would run as another model.
+LEGACY_MODEL = {"block": "parallel", "hyper_form": "rank_one", "attn_dropout": 0.0}
+
+
+def _as_written_then(raw: dict[str, Any]) -> dict[str, Any]:
+    model = raw.get("model")
+    if not isinstance(model, dict) or "block" in model or "family" not in model:
+        return raw
+    legacy = {k: v for k, v in LEGACY_MODEL.items() if k != "block" or model["family"] == "standard"}
+    return {**raw, "model": {**legacy, **model}}
 
 
 def _parse_toml(text: str, source: str) -> dict[str, Any]:

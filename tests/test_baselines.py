@@ -50,6 +50,20 @@ def test_dropout_shorthand_sets_the_three_rates_and_explicit_rates_win(tmp_path)
     assert again.attn_dropout == 0.4
 
 
+def test_a_config_stored_before_the_published_forms_loads_as_the_model_it_trained():
+    from ode_lm.config import config_from_toml
+
+    old = config_from_dict({"model": {"family": "standard"}}).to_toml()
+    for key in ("block", "hyper_form", "attn_dropout", "embd_dropout", "resid_dropout", "dropout_masks", "bias"):
+        old = "\n".join(line for line in old.splitlines() if not line.startswith(f"{key} ="))
+    m = config_from_toml(old, "old checkpoint").model
+    assert (m.block, m.attn_dropout, m.resid_dropout, m.sequential) == ("parallel", 0.0, 0.1, False)
+    hyper = config_from_toml(old.replace('family = "standard"', 'family = "hypernetwork"'), "old").model
+    assert (hyper.block, hyper.hyper_form) == ("auto", "rank_one")
+    new = config_from_toml(config_from_dict({"model": {"family": "standard"}}).to_toml(), "new").model
+    assert (new.block, new.attn_dropout, new.sequential) == ("auto", 0.1, True)
+
+
 def test_block_form_and_mask_rules_are_checked():
     assert config_from_dict({"model": {"family": "standard"}}).model.sequential
     assert not config_from_dict({"model": {"family": "time_indexed"}}).model.sequential
