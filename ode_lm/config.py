@@ -316,10 +316,7 @@ class Config:
             raw["ode"].pop("adjoint")
         if "ode.adjoint" in dotted and "ode.reversible" not in dotted:
             raw["ode"].pop("reversible")
-        if "model.dropout" in dotted:  # the shorthand re-derives the rates not given with it
-            for name in DROPOUT_KEYS:
-                if f"model.{name}" not in dotted:
-                    raw["model"].pop(name)
+        _rederive_dropout(raw, {tuple(key.split(".", 1)) for key in dotted})
         for key, value in dotted.items():
             section, name = _split_key(key, "replace()")
             raw.setdefault(section, {})[name] = value
@@ -619,12 +616,17 @@ def _with_overrides(raw: dict[str, Any], parsed: list) -> dict[str, Any]:
         if not isinstance(out.get(section), dict):
             out[section] = {}
         out[section][name] = value
-    keys = {(section, name) for _, section, name, _ in parsed}
-    if ("model", "dropout") in keys and isinstance(out.get("model"), dict):  # the shorthand beats
-        for rate in DROPOUT_KEYS:                                           # the file's rates
-            if ("model", rate) not in keys:
-                out["model"].pop(rate, None)
+    _rederive_dropout(out, {(section, name) for _, section, name, _ in parsed})
     return out
+
+
+def _rederive_dropout(raw: dict[str, Any], given: set[tuple[str, str]]) -> None:
+    """A ``model.dropout`` given now beats the rates stored in ``raw`` (e.g. a resolved
+    config.toml): drop those not given with it, so they take the shorthand's value."""
+    if ("model", "dropout") in given and isinstance(raw.get("model"), dict):
+        for rate in DROPOUT_KEYS:
+            if ("model", rate) not in given:
+                raw["model"].pop(rate, None)
 
 
 def _involved_overrides(raw: dict[str, Any], parsed: list, message: str) -> list[str]:
