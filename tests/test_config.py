@@ -80,6 +80,8 @@ def test_a_section_made_in_code_is_checked_like_a_file():
         dataclasses.replace(ODEConfig(solver="rk4", adaptive=True), solver="euler")  # a rule inside [ode]
     with pytest.raises(ConfigError, match="^data.source = \"text\" needs paths"):
         DataConfig(source="text")
+    with pytest.raises(ConfigError, match="^model.bias = false: the rank-one hypernetwork"):
+        ModelConfig(family="hypernetwork", hyper_form="rank_one", bias=False)  # once a traceback in nn/
     # Values are stored as a file's would be: a list as a tuple, an integer as a float.
     assert DataConfig(paths=["a.txt"]).paths == ("a.txt",) and type(ODEConfig(rtol=1).rtol) is float
 
