@@ -85,7 +85,7 @@ class Section:
             value = getattr(self, name)
             if value is knob.default:  # the defaults are checked by a test, not on every construction
                 continue
-            checked = check_field(knob, value)
+            checked = _check_field(knob, value)
             if checked is not value:  # coerced: 1 -> 1.0, a list -> a tuple, a knob's old boolean
                 object.__setattr__(self, name, checked)
         self.check()
@@ -216,10 +216,13 @@ class ODEConfig(Section):
                                       doc="coupling lambda of the reversible scheme; < 1 damps its "
                                       "parasitic mode, 1 is the undamped (least stable) scheme")
 
-    def check(self) -> None:
+    def __post_init__(self):
         if self.adjoint == "reversible":  # ode.reversible is an alias of adjoint = "reversible"
             object.__setattr__(self, "reversible", True)
-        elif self.reversible:
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.reversible and self.adjoint != "reversible":
             raise _bad("ode.reversible", f" = true selects adjoint = \"reversible\", but adjoint = "
                        f"\"{self.adjoint}\" is also given; drop one of the two")
         fixed = f"here adjoint = \"{self.adjoint}\", adaptive = {str(self.adaptive).lower()}"
@@ -530,7 +533,7 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
                tuple: "a list of strings"}
 
 
-def check_field(knob: Knob, value: Any) -> Any:
+def _check_field(knob: Knob, value: Any) -> Any:
     """``value`` coerced to the knob's type (an int to a float, a list or "a,b" to a tuple) and
     checked against what it allows; else a ConfigError naming the knob's key and the value."""
     given, key = value, knob.key
@@ -543,7 +546,7 @@ def check_field(knob: Knob, value: Any) -> Any:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise _bad(key, f" = {given!r}: expected {_TYPE_NAMES[tp]}")
         value = tuple(value)
-    elif isinstance(value, bool) and tp is not bool or not isinstance(value, (int, float) if tp is float else tp):
+    elif not _is_a(tp, value):
         raise _bad(key, f" = {given!r}: expected {_TYPE_NAMES[tp]}")
     elif tp is float:
         try:
@@ -561,6 +564,13 @@ def check_field(knob: Knob, value: Any) -> Any:
         if not compare(value, bound):
             raise _bad(key, f" = {given!r} is out of range; it must be {text} {bound}")
     return value
+
+
+def _is_a(tp: type, value: Any) -> bool:
+    """Whether ``value`` is a ``tp`` as TOML reads it: true / false are no numbers, 1 is a float."""
+    if isinstance(value, bool):
+        return tp is bool
+    return isinstance(value, (int, float) if tp is float else tp)
 
 
 def _is_utf8(text: str) -> bool:
@@ -611,7 +621,7 @@ def _check_key(section: str, name: str, value: Any) -> Any:
     knobs = _knobs(SECTIONS[section])
     if name not in knobs:
         raise unknown_name(f"unknown key '{name}' in [{section}]", name, knobs)
-    return check_field(knobs[name], value)
+    return _check_field(knobs[name], value)
 
 
 def validate_key(key: str, value: Any, source: str) -> Any:
