@@ -166,20 +166,42 @@ def _crosscheck(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ode-lm", description="Continuous-depth transformer LMs in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_generate, _add_info, _add_ablate, _add_analyze, _add_crosscheck):
+        add(sub)
+    return parser
 
-    p = sub.add_parser("train", help="train a model from a TOML config")
-    p.add_argument("config", help="TOML config file, e.g. configs/quickstart.toml")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. ode.solver=rk4 train.steps=200")
+
+def _command(sub, name: str, func, help: str, *positional: tuple[str, str]) -> argparse.ArgumentParser:
+    """A subcommand running ``func``, with its positional ``(name, help)`` arguments."""
+    p = sub.add_parser(name, help=help)
+    for arg, arg_help in positional:
+        p.add_argument(arg, help=arg_help)
+    p.set_defaults(func=func)
+    return p
+
+
+def _overrides(p: argparse.ArgumentParser, help: str = "config overrides") -> None:
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=help)
+
+
+def _skip_resource_check(p: argparse.ArgumentParser, command: str, estimate: str) -> None:
+    p.add_argument("--skip-resource-check", action="store_true",
+                   help=f"{command} even when the {estimate} estimate says it cannot fit")
+
+
+def _add_train(sub) -> None:
+    p = _command(sub, "train", _train, "train a model from a TOML config",
+                 ("config", "TOML config file, e.g. configs/quickstart.toml"))
+    _overrides(p, "config overrides, e.g. ode.solver=rk4 train.steps=200")
     p.add_argument("--resume", action="store_true", help="continue from the run's newest checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory "
                    "(the old one is deleted once the new run's first step has run)")
-    p.add_argument("--skip-resource-check", action="store_true",
-                   help="train even when the memory or disk estimate says it cannot fit")
-    p.set_defaults(func=_train)
+    _skip_resource_check(p, "train", "memory or disk")
 
-    p = sub.add_parser("generate", help="generate text from a trained run (streams to the terminal)")
-    p.add_argument("run", help="run directory (runs/<name>) or checkpoint file")
+
+def _add_generate(sub) -> None:
+    p = _command(sub, "generate", _generate, "generate text from a trained run (streams to the terminal)",
+                 ("run", "run directory (runs/<name>) or checkpoint file"))
     p.add_argument("--prompt", required=True)
     p.add_argument("--checkpoint", default=None, help="checkpoint file name inside the run")
     # Unset flags fall back to the run's [generate] config (see ode_lm/config.py).
@@ -197,20 +219,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, nargs="?", const=WINDOW_AUTO, metavar="N",
                    help="slide a window past max_positions, dropping N tokens each time "
                         "(default N: max_positions // 4)")
-    p.add_argument("--skip-resource-check", action="store_true",
-                   help="generate even when the memory estimate says it cannot fit")
-    p.set_defaults(func=_generate)
+    _skip_resource_check(p, "generate", "memory")
 
-    p = sub.add_parser("info", help="parameters per component, FLOPs per token and memory of a config's model")
-    p.add_argument("config", help="TOML config file, e.g. configs/time_indexed.toml")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    p.set_defaults(func=_info)
 
-    p = sub.add_parser("ablate", help="run a grid of training runs with statistics, or evaluate "
-                       "one run under other solvers and step counts (--eval-only)")
+def _add_info(sub) -> None:
+    p = _command(sub, "info", _info, "parameters per component, FLOPs per token and memory of a config's model",
+                 ("config", "TOML config file, e.g. configs/time_indexed.toml"))
+    _overrides(p)
+
+
+def _add_ablate(sub) -> None:
+    p = _command(sub, "ablate", _ablate, "run a grid of training runs with statistics, or evaluate "
+                 "one run under other solvers and step counts (--eval-only)")
     p.add_argument("ablation", nargs="?", help="ablation TOML, e.g. configs/ablations/solvers.toml")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="overrides of the base config, for every run (e.g. train.steps=300)")
+    _overrides(p, "overrides of the base config, for every run (e.g. train.steps=300)")
     p.add_argument("--out", default=None, help="ablation directory (default: from the file, or "
                    "runs/ablations/<name>; with --eval-only: <run>/depth_ablation)")
     p.add_argument("--retry-failed", action="store_true", help="run again the points recorded as failed")
@@ -220,29 +242,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --eval-only: [ode] keys and values, e.g. ode.solver=euler,rk4 ode.steps=2,4,8")
     p.add_argument("--batches", type=int, default=None,
                    help="with --eval-only: held-out batches per setting (default: train.eval_batches)")
-    p.set_defaults(func=_ablate)
 
-    p = sub.add_parser("analyze", help="refinement, Jacobian spectrum, Lyapunov exponents, energy and "
-                       "gates of a trained run (docs/analysis.md)")
-    p.add_argument("run", help="run directory (runs/<name>) or checkpoint file")
+
+def _add_analyze(sub) -> None:
+    p = _command(sub, "analyze", _analyze, "refinement, Jacobian spectrum, Lyapunov exponents, energy and "
+                 "gates of a trained run (docs/analysis.md)", ("run", "run directory (runs/<name>) or checkpoint file"))
     p.add_argument("--out", required=True, help="output directory: new, empty, or a previous analysis")
     p.add_argument("--batches", type=int, default=4, help="held-out batches of the refinement (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random probes (default 0)")
-    p.set_defaults(func=_analyze)
 
+
+def _add_crosscheck(sub) -> None:
     from ode_lm.interop.settings import BACKENDS, add_arguments
 
-    p = sub.add_parser("crosscheck", help="check solves and gradients against an independent float64 "
-                       "implementation (docs/interop.md)")
-    p.add_argument("target", help="run directory or checkpoint (trained weights), or a TOML config "
-                   "(random-init model, no data needed)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (config target)")
+    p = _command(sub, "crosscheck", _crosscheck, "check solves and gradients against an independent float64 "
+                 "implementation (docs/interop.md)",
+                 ("target", "run directory or checkpoint (trained weights), or a TOML config "
+                  "(random-init model, no data needed)"))
+    _overrides(p, "config overrides (config target)")
     p.add_argument("--backend", choices=BACKENDS, default="reference",
                    help="reference: float64 NumPy/SciPy (always available); julia: OrdinaryDiffEq + "
                    "SciMLSensitivity through juliacall")
     add_arguments(p)
-    p.set_defaults(func=_crosscheck)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,22 +5,26 @@ A config file is TOML with the sections ``[model] [ode] [data] [train] [optim] [
 is a field here, with its allowed values in the field's metadata. Command-line overrides are
 dotted ``section.key=value`` pairs, parsed as TOML values and checked like the file.
 
-Anything wrong raises :class:`ConfigError` naming the source, the key, the value given and
-what is allowed (with a close-match suggestion for typos).
+Each section checks itself on construction (:class:`Section`), so a config made in code or
+by ``dataclasses.replace`` obeys the same rules as a file; :class:`Config` checks the rules
+between sections. Anything wrong raises :class:`ConfigError` naming the key (``ode.solver``),
+the value given and what is allowed (with a close-match suggestion for typos); loading a file
+or an override adds where it was given (``c.toml: [ode] solver = ...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import functools
 import math
+import operator
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ode_lm.errors import ConfigError
+from ode_lm.errors import ConfigError, suggest, unknown_name
 from ode_lm.paths import plain_name_problem
 
 # One name per concept: these tuples are the registry keys, config values and CLI values.
@@ -59,6 +63,7 @@ UNROLL_MODES = ("auto", "scan", "unroll")
 UNROLL_BOOLEANS = {True: "unroll", False: "scan"}
 # Sensitivities a training solve with grid jitter or dynamics regularisers runs under.
 TRAINING_SOLVE_ADJOINTS = ("checkpoint", "direct")
+TRAINING_OPTIONS = ("grid_jitter", "kinetic_weight", "jacobian_weight")  # [ode] keys of training solves only
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -69,8 +74,28 @@ def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=Non
     return field(default=default, metadata=meta)
 
 
+class Section:
+    """A config section (a frozen dataclass of knobs) that checks itself on construction, so
+    one made in code (``ODEConfig(...)``, ``dataclasses.replace``) is held to the same rules
+    as a file: every value against its ``knob(...)`` metadata, then :meth:`check`, the rules
+    between this section's keys. Errors name the key as users type it (``ode.solver``)."""
+
+    def __post_init__(self) -> None:
+        for name, knob in _knobs(type(self)).items():
+            value = getattr(self, name)
+            if value is knob.default:  # the defaults are checked by a test, not on every construction
+                continue
+            checked = _check_field(knob, value)
+            if checked is not value:  # coerced: 1 -> 1.0, a list -> a tuple, a knob's old boolean
+                object.__setattr__(self, name, checked)
+        self.check()
+
+    def check(self) -> None:
+        """The rules between this section's keys (none unless a section has some)."""
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     family: str = knob("time_indexed", choices=FAMILIES, doc="model family")
     dim: int = knob(256, ge=8, doc="hidden size")
     heads: int = knob(4, ge=1, doc="attention heads; must divide dim")
@@ -128,6 +153,24 @@ class ModelConfig:
         for name in DROPOUT_KEYS:
             if getattr(self, name) == FROM_DROPOUT:
                 object.__setattr__(self, name, self.dropout)
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.dim % self.heads:
+            raise _bad("model.heads", f" = {self.heads} does not divide dim = {self.dim}; pick heads "
+                       "among the divisors of dim")
+        if self.block == "sequential" and self.family != "standard":
+            raise _bad("model.block", f" = \"sequential\" is GPT-2's discrete layer; the ODE family "
+                       f"'{self.family}' has the parallel block as its vector field (one evaluation is "
+                       "one f); use block = \"auto\" or \"parallel\"")
+        if self.ssm_form == "head" and self.dim % self.ssm_heads:
+            raise _bad("model.ssm_heads", f" = {self.ssm_heads} does not divide dim = {self.dim}; pick "
+                       "ssm_heads among the divisors of dim")
+        if self.time_embed_dim % 2:
+            raise _bad("model.time_embed_dim", f" = {self.time_embed_dim} must be even")
+        if self.family == "hypernetwork" and self.hyper_form == "rank_one" and not self.bias:
+            raise _bad("model.bias", " = false: the rank-one hypernetwork (hyper_form = \"rank_one\") "
+                       "generates offsets of the block's biases; set bias = true or hyper_form = \"dense\"")
 
     @property
     def sequential(self) -> bool:
@@ -136,7 +179,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class ODEConfig:
+class ODEConfig(Section):
     solver: str = knob("euler", choices=SOLVERS, doc="ODE solver")
     steps: int = knob(6, ge=1, doc="fixed steps over t in [0, 1] (initial step count if adaptive)")
     adaptive: bool = knob(False, doc="adaptive step-size control (PID)")
@@ -174,12 +217,41 @@ class ODEConfig:
                                       "parasitic mode, 1 is the undamped (least stable) scheme")
 
     def __post_init__(self):
-        if isinstance(self.unroll, bool):  # the knob's earlier boolean form
-            object.__setattr__(self, "unroll", UNROLL_BOOLEANS[self.unroll])
+        if self.adjoint == "reversible":  # ode.reversible is an alias of adjoint = "reversible"
+            object.__setattr__(self, "reversible", True)
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.reversible and self.adjoint != "reversible":
+            raise _bad("ode.reversible", f" = true selects adjoint = \"reversible\", but adjoint = "
+                       f"\"{self.adjoint}\" is also given; drop one of the two")
+        fixed = f"here adjoint = \"{self.adjoint}\", adaptive = {str(self.adaptive).lower()}"
+        if self.adaptive and self.solver not in ADAPTIVE_SOLVERS:
+            raise _bad("ode.solver", f" = \"{self.solver}\" has no error estimate, so adaptive = true is "
+                       f"not possible; use one of {', '.join(ADAPTIVE_SOLVERS)}")
+        if self.adjoint == "reversible" and self.solver not in REVERSIBLE_SOLVERS:
+            raise _bad("ode.adjoint", f" = \"reversible\" wraps an explicit Runge-Kutta solver; solver = "
+                       f"\"{self.solver}\" is not one; use one of {', '.join(REVERSIBLE_SOLVERS)}")
+        if self.checkpoint_saves != "states" and (self.adjoint != "checkpoint" or self.adaptive):
+            raise _bad("ode.checkpoint_saves", f" = \"{self.checkpoint_saves}\" applies to adjoint = "
+                       f"\"checkpoint\" with fixed steps (adaptive = false); {fixed}; leave "
+                       "checkpoint_saves = \"states\"")
+        if self.unroll == "unroll" and (self.adjoint not in ("checkpoint", "direct") or self.adaptive):
+            raise _bad("ode.unroll", " = \"unroll\" (or true) writes out the fixed steps of adjoint = "
+                       f"\"checkpoint\" or \"direct\" (adaptive = false); {fixed}; leave unroll = "
+                       "\"auto\" or \"scan\"")
+        set_ = self.training_options()
+        if set_ and (self.adaptive or self.adjoint not in TRAINING_SOLVE_ADJOINTS):
+            raise _bad(f"ode.{set_[0]}", _assigned(self, set_)[len(set_[0]):] + " needs fixed steps (adaptive "
+                       f"= false) and adjoint = \"checkpoint\" or \"direct\"; {fixed}; change those or set it to 0")
+
+    def training_options(self) -> list[str]:
+        """The training-only options that are set (grid jitter, dynamics regularisers)."""
+        return [k for k in TRAINING_OPTIONS if getattr(self, k) > 0]
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     source: str = knob("python-stdlib", choices=SOURCES, doc="corpus source")
     paths: tuple[str, ...] = knob((), doc="files, directories or globs (source 'text')")
     val_paths: tuple[str, ...] = knob((), doc="validation files, directories or globs (source 'text'), "
@@ -208,9 +280,30 @@ class DataConfig:
     max_bytes: int = knob(0, ge=0, doc="cap on corpus bytes read (0: everything)")
     cache_dir: str = knob("~/.cache/ode-lm", doc="where tokenized corpora are cached")
 
+    def check(self) -> None:
+        """Where the text comes from, the validation side and the tokenizer settings."""
+        if self.source == "text" and not self.paths:
+            raise _bad("data.source", " = \"text\" needs paths = [\"file.txt\", ...] (files, directories or globs)")
+        if self.source == "hf" and not self.hf_name:
+            raise _bad("data.source", " = \"hf\" needs hf_name (e.g. \"wikitext\")")
+        for key, owner in (("val_paths", "text"), ("hf_val_split", "hf"), ("hf_data_files", "hf")):
+            if getattr(self, key) and self.source != owner:
+                raise _bad(f"data.{key}", f" belongs to source = \"{owner}\"; here source = \"{self.source}\"; "
+                           f"drop {key} or set source = \"{owner}\"")
+        given = "val_paths" if self.val_paths else "hf_val_split" if self.hf_val_split else ""
+        if given and self.split != "auto":
+            raise _bad("data.split", f" = \"{self.split}\" divides one corpus, but {given} already gives the "
+                       f"validation text; drop split or {given}")
+        if self.tokenizer_file and self.tokenizer != "bpe":
+            raise _bad("data.tokenizer_file", " (a Hugging Face tokenizer.json) is used with tokenizer = "
+                       f"\"bpe\"; here tokenizer = \"{self.tokenizer}\"")
+        if self.tokenizer == "bpe" and not self.tokenizer_file and self.vocab_size <= 256:
+            raise _bad("data.vocab_size", f" = {self.vocab_size} is below the 256 byte symbols plus the "
+                       "end-of-document token of byte-level BPE; use at least 257 (default 4096)")
+
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     run_name: str = knob("run", doc="run directory name under runs_dir: one plain name (no '/', "
                          "not '.' or '..'), since --overwrite replaces runs_dir/run_name")
     runs_dir: str = knob("runs", doc="parent directory of run directories")
@@ -239,9 +332,26 @@ class TrainConfig:
     sample_prompt: str = knob("def ", doc="prompt for the end-of-training sample")
     sample_temperature: float = knob(0.8, gt=0.0, doc="temperature of that sample")
 
+    def check(self) -> None:
+        """The run's directory name and the multi-process settings."""
+        problem = plain_name_problem(self.run_name)
+        if problem:  # runs_dir / run_name is replaced by --overwrite: it must stay inside runs_dir
+            raise _bad("train.run_name", f" = {self.run_name!r} {problem}; it must be one plain directory "
+                       "name (no '/', not '.' or '..'), e.g. \"quickstart\"")
+        if not self.distributed and (self.coordinator_address or self.num_processes or self.process_id != -1):
+            raise _bad("train.coordinator_address", ", num_processes and process_id configure a multi-process "
+                       "run; set train.distributed = true to use them")
+        host, _, port = self.coordinator_address.rpartition(":")
+        if self.coordinator_address and not (host and port.isdigit() and 0 < int(port) < 65536):
+            raise _bad("train.coordinator_address", f" = {self.coordinator_address!r} is not host:port "
+                       "(e.g. \"10.0.0.1:1234\", a port in 1 ... 65535)")
+        if self.num_processes and not -1 <= self.process_id < self.num_processes:
+            raise _bad("train.process_id", f" = {self.process_id} is out of range for num_processes = "
+                       f"{self.num_processes}; use 0 ... {self.num_processes - 1}")
+
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = knob(1e-3, gt=0.0, doc="peak learning rate")
     warmup_steps: int = knob(100, ge=0, doc="linear warmup steps")
     min_lr_ratio: float = knob(0.1, ge=0.0, le=1.0, doc="final lr / peak lr (cosine decay)")
@@ -253,21 +363,21 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class LogConfig:
+class LogConfig(Section):
     every: int = knob(10, ge=1, doc="write train scalars every N steps")
     tensorboard: bool = knob(True, doc="write TensorBoard events")
     progress: bool = knob(True, doc="show a progress bar")
 
 
 @dataclass(frozen=True)
-class CheckpointConfig:
+class CheckpointConfig(Section):
     every: int = knob(500, ge=1, doc="checkpoint every N steps (and at the end)")
     keep: int = knob(3, ge=1, doc="newest checkpoints kept")
     resume: bool = knob(False, doc="continue from the newest checkpoint of the run")
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
+class GenerateConfig(Section):
     """Text generation (``ode-lm generate`` flags of the same names override these)."""
 
     max_new_tokens: int = knob(200, ge=1, doc="tokens to generate")
@@ -296,6 +406,9 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+
+    def __post_init__(self):
+        _check_across_sections(self)
 
     def to_toml(self) -> str:
         """The fully resolved config as TOML; ``load_config`` reads it back unchanged."""
@@ -327,6 +440,72 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTION_NAMES: dict[type, str] = {cls: name for name, cls in SECTIONS.items()}
+
+
+def _check_across_sections(c: Config) -> None:
+    """The rules between keys of different sections (each section checks its own)."""
+    m, o = c.model, c.ode
+    if m.dropout_masks == "per_step" and m.family != "standard" and (
+            o.adaptive or o.adjoint not in TRAINING_SOLVE_ADJOINTS):
+        raise _bad("model.dropout_masks", " = \"per_step\" renews the masks at every fixed step, so it needs "
+                   "ode.adaptive = false and ode.adjoint = \"checkpoint\" or \"direct\" (here adaptive = "
+                   f"{str(o.adaptive).lower()}, adjoint = \"{o.adjoint}\"); adaptive control, backsolve and "
+                   "reversible need one deterministic f: use dropout_masks = \"per_solve\"")
+    set_ = o.training_options()
+    if set_ and m.family not in ODE_FAMILIES:
+        raise _bad(f"ode.{set_[0]}", _assigned(o, set_)[len(set_[0]):] + " applies to ODE families "
+                   f"({', '.join(ODE_FAMILIES)}), not model.family = \"{m.family}\"; set it to 0")
+    if c.data.seq_len > m.max_positions:
+        raise _bad("data.seq_len", f" = {c.data.seq_len} exceeds model.max_positions = {m.max_positions}; "
+                   "lower seq_len or raise max_positions")
+
+
+def _bad(key: str, rest: str) -> ConfigError:
+    """The error for dotted ``key``: ``"ode.solver" + rest``."""
+    return ConfigError(key + rest, key=key)
+
+
+def _assigned(section: Section, keys: typing.Sequence[str]) -> str:
+    """``"grid_jitter = 0.1, kinetic_weight = 0.01"``."""
+    return ", ".join(f"{k} = {getattr(section, k)}" for k in keys)
+
+
+def _given_in(source: str, error: ConfigError) -> ConfigError:
+    """``error`` with where it was given: ``ode.solver = ...`` -> ``c.toml: [ode] solver = ...``."""
+    message, key = str(error), error.key
+    if key and message.startswith(key):
+        section, _, name = key.partition(".")
+        message = f"[{section}] {name}{message[len(key):]}"
+    return ConfigError(f"{source}: {message}", key=key)
+
+
+class Knob(typing.NamedTuple):
+    """What a field allows, from its type and ``knob(...)`` metadata."""
+
+    key: str  # dotted, as users type it: "ode.solver"
+    default: Any
+    tp: type  # bool, int, float, str, or tuple (of strings)
+    choices: tuple | None
+    bounds: tuple  # ((compare, "<=", bound), ...), those given
+    booleans: dict | None  # true / false -> a value, for a knob that was boolean once
+
+
+_BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="), ("lt", operator.lt, "<"))
+
+
+@functools.cache
+def _knobs(cls: type) -> dict[str, Knob]:
+    """A section's knobs by field name."""
+    hints = typing.get_type_hints(cls)
+    knobs = {}
+    for f in dataclasses.fields(cls):
+        m, tp = f.metadata, hints[f.name]
+        bounds = tuple((op, text, m[name]) for name, op, text in _BOUNDS if m.get(name) is not None)
+        knobs[f.name] = Knob(f"{SECTION_NAMES[cls]}.{f.name}", f.default,
+                             tuple if typing.get_origin(tp) is tuple else tp, m.get("choices"), bounds,
+                             m.get("booleans"))
+    return knobs
 
 
 def _toml_value(value: Any) -> str:
@@ -350,58 +529,48 @@ def _toml_char(c: str) -> str:
     return c
 
 
-def _suggest(word: str, allowed) -> str:
-    close = difflib.get_close_matches(str(word), [str(a) for a in allowed], n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else ""
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+               tuple: "a list of strings"}
 
 
-def _type_name(tp: Any) -> str:
-    if typing.get_origin(tp) is tuple:
-        return "a list of strings"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
-
-
-def _check_value(source: str, section: str, f: dataclasses.Field, tp: Any, value: Any) -> Any:
-    """Coerce ``value`` to the field's type and check its bounds; raise ConfigError if not."""
-    where = f"{source}: [{section}] {f.name} = {value!r}"
-    if tp is str and isinstance(value, bool) and f.metadata.get("booleans"):
-        value = f.metadata["booleans"][value]  # a knob that was boolean once
-    if typing.get_origin(tp) is tuple:
+def _check_field(knob: Knob, value: Any) -> Any:
+    """``value`` coerced to the knob's type (an int to a float, a list or "a,b" to a tuple) and
+    checked against what it allows; else a ConfigError naming the knob's key and the value."""
+    given, key = value, knob.key
+    if knob.booleans and isinstance(value, bool):
+        value = knob.booleans[value]
+    tp = knob.tp
+    if tp is tuple:
         if isinstance(value, str):
             value = tuple(v for v in value.split(",") if v)
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}")
+            raise _bad(key, f" = {given!r}: expected {_TYPE_NAMES[tp]}")
         value = tuple(value)
-    elif tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}")
-    elif tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}")
+    elif not _is_a(tp, value):
+        raise _bad(key, f" = {given!r}: expected {_TYPE_NAMES[tp]}")
     elif tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}")
         try:
             value = float(value)
         except OverflowError:
             value = math.inf
         if not math.isfinite(value):
-            raise ConfigError(f"{where}: expected a finite number")
-    elif tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected {_type_name(tp)}")
-    if not all(_is_utf8(v) for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, str)):
-        raise ConfigError(f"{where}: holds characters that cannot be written as UTF-8")
-    meta = f.metadata
-    if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ConfigError(f"{where} is not allowed; choose one of {', '.join(meta['choices'])}"
-                          + _suggest(value, meta["choices"]))
-    for bound, ok, text in (("ge", lambda v, b: v >= b, ">="), ("gt", lambda v, b: v > b, ">"),
-                            ("le", lambda v, b: v <= b, "<="), ("lt", lambda v, b: v < b, "<")):
-        b = meta.get(bound)
-        if b is not None and not ok(value, b):
-            raise ConfigError(f"{where} is out of range; it must be {text} {b}")
+            raise _bad(key, f" = {given!r}: expected a finite number")
+    if (tp is str or tp is tuple) and not all(map(_is_utf8, value if tp is tuple else (value,))):
+        raise _bad(key, f" = {given!r}: holds characters that cannot be written as UTF-8")
+    if knob.choices is not None and value not in knob.choices:
+        raise _bad(key, f" = {given!r} is not allowed; choose one of {', '.join(knob.choices)}"
+                   + suggest(value, knob.choices))
+    for compare, text, bound in knob.bounds:
+        if not compare(value, bound):
+            raise _bad(key, f" = {given!r} is out of range; it must be {text} {bound}")
     return value
+
+
+def _is_a(tp: type, value: Any) -> bool:
+    """Whether ``value`` is a ``tp`` as TOML reads it: true / false are no numbers, 1 is a float."""
+    if isinstance(value, bool):
+        return tp is bool
+    return isinstance(value, (int, float) if tp is float else tp)
 
 
 def _is_utf8(text: str) -> bool:
@@ -422,143 +591,48 @@ def _split_key(key: str, source: str) -> tuple[str, str]:
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
-    """Build and validate a :class:`Config` from ``{section: {key: value}}``."""
-    sections = _build_sections(raw, source)
-    if "ode" in sections:
-        sections["ode"] = _resolve_reversible(sections["ode"], raw["ode"].get("adjoint"), source)
-    config = Config(**sections)
-    _check_consistency(config, source)
-    return config
+    """Build and validate a :class:`Config` from ``{section: {key: value}}``; errors name ``source``."""
+    checked = {section: _checked_values(section, values, source) for section, values in raw.items()}
+    try:  # every value is fine on its own: now the rules between keys, per section, then across
+        return Config(**{section: SECTIONS[section](**values) for section, values in checked.items()})
+    except ConfigError as e:
+        raise _given_in(source, e) from None
 
 
-def _build_sections(raw: dict[str, Any], source: str) -> dict[str, Any]:
-    """Each section's dataclass, every key and value checked on its own (no cross-key rules)."""
-    sections = {}
-    for section, values in raw.items():
-        if section not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{section}]; allowed sections are "
-                              f"{', '.join(SECTIONS)}" + _suggest(section, SECTIONS))
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: '{section}' must be a table [{section}], got {values!r}")
-        cls = SECTIONS[section]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        kwargs = {}
-        for name, value in values.items():
-            if name not in fields:
-                raise ConfigError(f"{source}: unknown key '{name}' in [{section}]; allowed keys are "
-                                  f"{', '.join(fields)}" + _suggest(name, fields))
-            kwargs[name] = _check_value(source, section, fields[name], hints[name], value)
-        sections[section] = cls(**kwargs)
-    return sections
+def _checked_values(section: str, values: Any, source: str) -> dict[str, Any]:
+    """One section's ``{key: value}``, every key and value checked on its own."""
+    if section not in SECTIONS:
+        raise unknown_name(f"{source}: unknown section [{section}]", section, SECTIONS, "sections")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{section}' must be a table [{section}], got {values!r}")
+    try:
+        checked = {name: _check_key(section, name, value) for name, value in values.items()}
+    except ConfigError as e:
+        raise _given_in(source, e) from None
+    if section == "ode" and checked.get("reversible") is True and "adjoint" not in checked:
+        checked["adjoint"] = "reversible"  # the alias; given together, the two must agree
+    return checked
 
 
-def _resolve_reversible(ode: ODEConfig, explicit_adjoint: Any, source: str) -> ODEConfig:
-    """``reversible = true`` is an alias of ``adjoint = "reversible"``; keep the two in step."""
-    if ode.reversible:
-        if explicit_adjoint not in (None, "reversible"):
-            raise ConfigError(f"{source}: [ode] reversible = true selects adjoint = \"reversible\", "
-                              f"but adjoint = \"{explicit_adjoint}\" is also given; drop one of the two")
-        return dataclasses.replace(ode, adjoint="reversible")
-    return dataclasses.replace(ode, reversible=ode.adjoint == "reversible")
+def _check_key(section: str, name: str, value: Any) -> Any:
+    """``value`` as ``[section] name`` stores it, checked on its own (an error names no source)."""
+    if section not in SECTIONS:
+        raise unknown_name(f"unknown section [{section}]", section, SECTIONS, "sections")
+    knobs = _knobs(SECTIONS[section])
+    if name not in knobs:
+        raise unknown_name(f"unknown key '{name}' in [{section}]", name, knobs)
+    return _check_field(knobs[name], value)
 
 
-def _check_training_solve(c: Config, source: str) -> None:
-    """Grid jitter and the dynamics regularisers: fixed steps, backpropagated, an ODE family."""
-    o = c.ode
-    set_ = [f"{k} = {getattr(o, k)}" for k in ("grid_jitter", "kinetic_weight", "jacobian_weight") if getattr(o, k) > 0]
-    if not set_:
-        return
-    if c.model.family not in ODE_FAMILIES:
-        raise ConfigError(f"{source}: [ode] {', '.join(set_)} applies to ODE families "
-                          f"({', '.join(ODE_FAMILIES)}), not family = \"{c.model.family}\"; set it to 0")
-    if o.adaptive or o.adjoint not in TRAINING_SOLVE_ADJOINTS:
-        raise ConfigError(f"{source}: [ode] {', '.join(set_)} needs fixed steps (adaptive = false) and "
-                          f"adjoint = \"checkpoint\" or \"direct\"; here adjoint = \"{o.adjoint}\", "
-                          f"adaptive = {str(o.adaptive).lower()}; change those or set it to 0")
-
-
-def _check_consistency(c: Config, source: str) -> None:
-    """Rules that span several keys."""
-    if c.model.dim % c.model.heads:
-        raise ConfigError(f"{source}: [model] heads = {c.model.heads} does not divide "
-                          f"dim = {c.model.dim}; pick heads among the divisors of dim")
-    if c.model.block == "sequential" and c.model.family != "standard":
-        raise ConfigError(f"{source}: [model] block = \"sequential\" is GPT-2's discrete layer; the ODE "
-                          f"family '{c.model.family}' has the parallel block as its vector field "
-                          "(one evaluation is one f); use block = \"auto\" or \"parallel\"")
-    if c.model.dropout_masks == "per_step" and c.model.family != "standard" and (
-            c.ode.adaptive or c.ode.adjoint not in TRAINING_SOLVE_ADJOINTS):
-        raise ConfigError(f"{source}: [model] dropout_masks = \"per_step\" renews the masks at every "
-                          "fixed step, so it needs ode.adaptive = false and ode.adjoint = \"checkpoint\" "
-                          f"or \"direct\" (here adaptive = {str(c.ode.adaptive).lower()}, adjoint = "
-                          f"\"{c.ode.adjoint}\"); adaptive control, backsolve and reversible need one "
-                          "deterministic f: use dropout_masks = \"per_solve\"")
-    if c.model.ssm_form == "head" and c.model.dim % c.model.ssm_heads:
-        raise ConfigError(f"{source}: [model] ssm_heads = {c.model.ssm_heads} does not divide "
-                          f"dim = {c.model.dim}; pick ssm_heads among the divisors of dim")
-    if c.model.time_embed_dim % 2:
-        raise ConfigError(f"{source}: [model] time_embed_dim = {c.model.time_embed_dim} must be even")
-    if c.data.seq_len > c.model.max_positions:
-        raise ConfigError(f"{source}: [data] seq_len = {c.data.seq_len} exceeds [model] "
-                          f"max_positions = {c.model.max_positions}; lower seq_len or raise max_positions")
-    if c.ode.adaptive and c.ode.solver not in ADAPTIVE_SOLVERS:
-        raise ConfigError(f"{source}: [ode] solver = \"{c.ode.solver}\" has no error estimate, so "
-                          f"adaptive = true is not possible; use one of {', '.join(ADAPTIVE_SOLVERS)}")
-    if c.ode.adjoint == "reversible" and c.ode.solver not in REVERSIBLE_SOLVERS:
-        raise ConfigError(f"{source}: [ode] adjoint = \"reversible\" wraps an explicit Runge-Kutta "
-                          f"solver; solver = \"{c.ode.solver}\" is not one; use one of "
-                          f"{', '.join(REVERSIBLE_SOLVERS)}")
-    if c.ode.checkpoint_saves != "states" and (c.ode.adjoint != "checkpoint" or c.ode.adaptive):
-        raise ConfigError(f"{source}: [ode] checkpoint_saves = \"{c.ode.checkpoint_saves}\" applies to "
-                          f"adjoint = \"checkpoint\" with fixed steps (adaptive = false); here adjoint = "
-                          f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
-                          f"leave checkpoint_saves = \"states\"")
-    if c.ode.unroll == "unroll" and (c.ode.adjoint not in ("checkpoint", "direct") or c.ode.adaptive):
-        raise ConfigError(f"{source}: [ode] unroll = \"unroll\" (or true) writes out the fixed steps of "
-                          f"adjoint = \"checkpoint\" or \"direct\" (adaptive = false); here adjoint = "
-                          f"\"{c.ode.adjoint}\", adaptive = {str(c.ode.adaptive).lower()}; "
-                          f"leave unroll = \"auto\" or \"scan\"")
-    _check_training_solve(c, source)
-    t = c.train
-    problem = plain_name_problem(t.run_name)
-    if problem:  # runs_dir / run_name is replaced by --overwrite: it must stay inside runs_dir
-        raise ConfigError(f"{source}: [train] run_name = {t.run_name!r} {problem}; it must be one plain "
-                          "directory name (no '/', not '.' or '..'), e.g. \"quickstart\"")
-    if not t.distributed and (t.coordinator_address or t.num_processes or t.process_id != -1):
-        raise ConfigError(f"{source}: [train] coordinator_address, num_processes and process_id "
-                          "configure a multi-process run; set train.distributed = true to use them")
-    host, _, port = t.coordinator_address.rpartition(":")
-    if t.coordinator_address and not (host and port.isdigit() and 0 < int(port) < 65536):
-        raise ConfigError(f"{source}: [train] coordinator_address = {t.coordinator_address!r} is not "
-                          "host:port (e.g. \"10.0.0.1:1234\", a port in 1 ... 65535)")
-    if t.num_processes and not -1 <= t.process_id < t.num_processes:
-        raise ConfigError(f"{source}: [train] process_id = {t.process_id} is out of range for "
-                          f"num_processes = {t.num_processes}; use 0 ... {t.num_processes - 1}")
-    if c.data.source == "text" and not c.data.paths:
-        raise ConfigError(f"{source}: [data] source = \"text\" needs paths = [\"file.txt\", ...] "
-                          "(files, directories or globs)")
-    if c.data.source == "hf" and not c.data.hf_name:
-        raise ConfigError(f"{source}: [data] source = \"hf\" needs hf_name (e.g. \"wikitext\")")
-    _check_data(c.data, source)
-
-
-def _check_data(d: DataConfig, source: str) -> None:
-    """Cross-key rules of [data]: validation sources, splits and tokenizer settings."""
-    for key, owner in (("val_paths", "text"), ("hf_val_split", "hf"), ("hf_data_files", "hf")):
-        if getattr(d, key) and d.source != owner:
-            raise ConfigError(f"{source}: [data] {key} belongs to source = \"{owner}\"; here source = "
-                              f"\"{d.source}\"; drop {key} or set source = \"{owner}\"")
-    given = "val_paths" if d.val_paths else "hf_val_split" if d.hf_val_split else ""
-    if given and d.split != "auto":
-        raise ConfigError(f"{source}: [data] split = \"{d.split}\" divides one corpus, but {given} already "
-                          f"gives the validation text; drop split or {given}")
-    if d.tokenizer_file and d.tokenizer != "bpe":
-        raise ConfigError(f"{source}: [data] tokenizer_file (a Hugging Face tokenizer.json) is used with "
-                          f"tokenizer = \"bpe\"; here tokenizer = \"{d.tokenizer}\"")
-    if d.tokenizer == "bpe" and not d.tokenizer_file and d.vocab_size <= 256:
-        raise ConfigError(f"{source}: [data] vocab_size = {d.vocab_size} is below the 256 byte symbols plus "
-                          "the end-of-document token of byte-level BPE; use at least 257 (default 4096)")
+def validate_key(key: str, value: Any, source: str) -> Any:
+    """Check one dotted ``key``'s ``value`` on its own: the section and key exist and the value
+    has the key's type, range and choices (rules between keys wait for the whole config).
+    Returns the value as the config stores it; a :class:`ConfigError` names ``source``."""
+    section, name = _split_key(key, source)
+    try:
+        return _check_key(section, name, value)
+    except ConfigError as e:
+        raise _given_in(source, e) from None
 
 
 def parse_override(item: str) -> tuple[str, str, Any]:
@@ -597,7 +671,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{source}: cannot read the config file: {e}") from None
     parsed = [(item, *parse_override(item)) for item in overrides]
     for item, section, name, value in parsed:
-        _build_sections({section: {name: value}}, f"override '{item}'")  # the key and its value
+        validate_key(f"{section}.{name}", value, f"override '{item}'")
     try:
         return config_from_dict(_with_overrides(raw, parsed), source)
     except ConfigError as error:

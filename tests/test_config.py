@@ -1,9 +1,10 @@
+import dataclasses
 import tomllib
 
 import pytest
 
-from ode_lm.config import (ADJOINTS, FAMILIES, SOLVERS, Config, ConfigError, ODEConfig, config_from_dict,
-                           load_config)
+from ode_lm.config import (ADJOINTS, FAMILIES, FROM_DROPOUT, SECTIONS, SOLVERS, Config, ConfigError, DataConfig,
+                           ModelConfig, ODEConfig, config_from_dict, load_config, validate_key)
 from tests.conftest import REPO, run_cli
 
 
@@ -66,17 +67,49 @@ def test_missing_file_is_a_config_error(tmp_path):
         load_config(tmp_path / "nope.toml")
 
 
-def test_solver_names_are_the_registry_names():
-    from ode_lm.ode import SENSITIVITIES, SOLVER_SPECS
-    from ode_lm.models import MODEL_FAMILIES
-    assert tuple(SOLVER_SPECS) == SOLVERS and tuple(SENSITIVITIES) == ADJOINTS
-    assert tuple(MODEL_FAMILIES) == FAMILIES
+def test_a_section_made_in_code_is_checked_like_a_file():
+    with pytest.raises(ConfigError) as info:
+        ODEConfig(solver="nope")
+    assert info.value.key == "ode.solver"
+    assert str(info.value).startswith("ode.solver = 'nope' is not allowed; choose one of " + ", ".join(SOLVERS))
+    with pytest.raises(ConfigError, match=r"^ode.steps = 0 is out of range; it must be >= 1$"):
+        dataclasses.replace(Config().ode, steps=0)
+    with pytest.raises(ConfigError, match=r"^model.bias = 'no': expected true or false$"):
+        ModelConfig(bias="no")
+    with pytest.raises(ConfigError, match=r'^ode.solver = "euler" has no error estimate.*rk4'):
+        dataclasses.replace(ODEConfig(solver="rk4", adaptive=True), solver="euler")  # a rule inside [ode]
+    with pytest.raises(ConfigError, match="^data.source = \"text\" needs paths"):
+        DataConfig(source="text")
+    with pytest.raises(ConfigError, match="^model.bias = false: the rank-one hypernetwork"):
+        ModelConfig(family="hypernetwork", hyper_form="rank_one", bias=False)  # once a traceback in nn/
+    # Values are stored as a file's would be: a list as a tuple, an integer as a float.
+    assert DataConfig(paths=["a.txt"]).paths == ("a.txt",) and type(ODEConfig(rtol=1).rtol) is float
+
+
+def test_a_rule_across_sections_is_checked_on_a_config_made_in_code():
+    cfg = Config()
+    with pytest.raises(ConfigError, match=r"^data.seq_len = 1024 exceeds model.max_positions = 512"):
+        dataclasses.replace(cfg, data=DataConfig(seq_len=1024))
+    standard = dataclasses.replace(cfg.model, family="standard")
+    with pytest.raises(ConfigError, match=r'^ode.grid_jitter = 0.5 applies to ODE families.*model.family = "standard"'):
+        Config(model=standard, ode=ODEConfig(grid_jitter=0.5))
+    # From a file, the same error says where: the file, then the key as the file spells it.
+    with pytest.raises(ConfigError, match=r"^c.toml: \[data\] seq_len = 1024 exceeds model.max_positions"):
+        config_from_dict({"data": {"seq_len": 1024}}, "c.toml")
+
+
+def test_every_default_is_allowed_by_its_own_knob():
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.default != FROM_DROPOUT:  # "take model.dropout", resolved on construction
+                assert validate_key(f"{section}.{f.name}", f.default, "defaults") == f.default
 
 
 @pytest.mark.parametrize("args", [
     ["train", "configs/quickstart.toml", "ode.solver=rk44"],
     ["train", "does/not/exist.toml"],
     ["train", "configs/quickstart.toml", "train.steps=-3"],
+    ["train", "configs/quickstart.toml", "data.seq_len=100000"],  # a rule between sections
 ])
 def test_cli_reports_config_errors_in_one_line_with_status_2(args):
     proc = run_cli(*args)

@@ -22,10 +22,10 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from ode_lm.ablate.grid import _check_key_value, format_value, short_names, with_values
+from ode_lm.ablate.grid import format_value, short_names, with_values
 from ode_lm.ablate.plots import plot_series
 from ode_lm.ablate.report import describe_hardware
-from ode_lm.config import ODE_FAMILIES, ODEConfig
+from ode_lm.config import ODE_FAMILIES, ODEConfig, validate_key
 from ode_lm.data import BatchSampler, load_corpus
 from ode_lm.errors import ConfigError, UserError
 from ode_lm.paths import prepare_output_dir
@@ -47,7 +47,7 @@ def _check_keys(grid: dict[str, tuple]) -> None:
                               f"(e.g. ode.solver, ode.steps, ode.adaptive, ode.rtol); the trained "
                               f"weights fix everything else, so {key} needs a training ablation")
         for value in grid[key]:
-            _check_key_value(key, value, f"--grid {key}")
+            validate_key(key, value, f"--grid {key}")
 
 
 def _evaluate(model, sampler: BatchSampler, ode: ODEConfig, dtype, batches: int,

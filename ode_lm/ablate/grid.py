@@ -29,18 +29,16 @@ typo in the last cell fails in a second rather than after hours of training.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import re
 import tomllib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from ode_lm.config import SECTIONS, Config, _check_value, _suggest, load_config
-from ode_lm.errors import ConfigError
+from ode_lm.config import Config, load_config, validate_key
+from ode_lm.errors import ConfigError, suggest, unknown_name
 from ode_lm.paths import check_output_dir
 
 SEED_KEY = "train.seed"
@@ -147,8 +145,7 @@ def load_ablation(path: str | Path, overrides: Sequence[str] = (), out: str | Pa
         raise ConfigError(f"{path}: malformed TOML: {e}") from None
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"{path}: unknown top-level key '{key}'; allowed keys are "
-                              f"{', '.join(TOP_LEVEL_KEYS)}" + _suggest(key, TOP_LEVEL_KEYS))
+            raise unknown_name(f"{path}: unknown top-level key '{key}'", key, TOP_LEVEL_KEYS)
     base_path = _resolve_base(raw.get("base"), path)
     base = load_config(base_path, overrides)
     fixed = raw.get("overrides", {})
@@ -184,8 +181,7 @@ def _check_analysis(table: Any, path: Path) -> bool:
         raise ConfigError(f"{path}: 'analysis' must be a table, e.g. [analysis] refinement = true")
     for key, value in table.items():
         if key not in ANALYSIS_KEYS:
-            raise ConfigError(f"{path} [analysis]: unknown key '{key}'; allowed keys are "
-                              f"{', '.join(ANALYSIS_KEYS)}" + _suggest(key, ANALYSIS_KEYS))
+            raise unknown_name(f"{path} [analysis]: unknown key '{key}'", key, ANALYSIS_KEYS)
         if not isinstance(value, bool):
             raise ConfigError(f"{path} [analysis] {key} = {value!r}: expected true or false")
     return table.get("refinement", False)
@@ -205,27 +201,10 @@ def _check_grid(table: dict[str, Any], base: Config, path: Path) -> dict[str, tu
             raise ConfigError(f"{source}: the list of values is empty; give at least one value")
         if len(set(map(repr, values))) != len(values):
             raise ConfigError(f"{source}: values repeat in {values!r}; list each value once")
-        grid[key] = tuple(_check_key_value(key, v, source) for v in values)
+        for v in values:  # each value on its own; rules between keys are checked on every point's config
+            validate_key(key, v, source)
+        grid[key] = tuple(values)
     return grid
-
-
-def _check_key_value(key: str, value: Any, source: str) -> Any:
-    """The key exists and the value has its type and range; rules spanning several keys are
-    checked later, on every grid point's whole config."""
-    section, dot, name = key.partition(".")
-    if not dot or not name:
-        raise ConfigError(f"{source}: not a dotted key; write \"section.key\" with section one of "
-                          f"{', '.join(SECTIONS)}")
-    if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section [{section}]; allowed sections are "
-                          f"{', '.join(SECTIONS)}" + _suggest(section, SECTIONS))
-    fields = {f.name: f for f in dataclasses.fields(SECTIONS[section])}
-    if name not in fields:
-        raise ConfigError(f"{source}: unknown key '{name}' in [{section}]; allowed keys are "
-                          f"{', '.join(fields)}" + _suggest(name, fields))
-    hint = typing.get_type_hints(SECTIONS[section])[name]
-    _check_value(source, section, fields[name], hint, value)
-    return value
 
 
 def _check_baseline(table: Any, grid: dict[str, tuple], path: Path) -> dict[str, Any]:
@@ -235,7 +214,7 @@ def _check_baseline(table: Any, grid: dict[str, tuple], path: Path) -> dict[str,
     for key, value in table.items():
         if key not in cell_keys:
             raise ConfigError(f"{path} [baseline] \"{key}\": not a grid key (seeds excluded); "
-                              f"grid keys are {', '.join(cell_keys) or 'none'}" + _suggest(key, cell_keys))
+                              f"grid keys are {', '.join(cell_keys) or 'none'}" + suggest(key, cell_keys))
         if value not in grid[key]:
             raise ConfigError(f"{path} [baseline] \"{key}\" = {value!r}: not among the grid values "
                               f"{', '.join(map(format_value, grid[key]))}")

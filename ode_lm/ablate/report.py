@@ -189,6 +189,15 @@ def write_report(ablation: Ablation, rows: dict[str, dict], hardware: str | None
     cells = cell_results(ablation, rows)
     write_summary_csv(out / "summary.csv", ablation, cells)
     plots = write_plots(out, ablation, cells) if any(c.runs for c in cells) else {}
+    lines = [*_header(ablation, cells, hardware), *_method(ablation), *_metric_tables(ablation, cells),
+             *_figures(plots), *_failed_runs(cells), *_runs(ablation, rows)]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _header(ablation: Ablation, cells: list[CellResult], hardware: str | None) -> list[str]:
+    """The title, the files, the grid and its baseline, the hardware and what ran."""
     n_ok = sum(len(c.runs) for c in cells)
     n_failed = sum(len(c.failed) for c in cells)
     missing = len(ablation.points) - n_ok - n_failed
@@ -198,7 +207,7 @@ def write_report(ablation: Ablation, rows: dict[str, dict], hardware: str | None
     base = ", ".join(f"{names[k]}={format_value(v)}" for k, v in ablation.baseline.items())
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cfg = ablation.points[0].config
-    lines = [
+    return [
         f"# Ablation: {Path(ablation.source).stem}", "",
         f"- Ablation file: `{ablation.source}`; base config: `{ablation.base}` "
         f"({cfg.train.steps} training steps, batch {cfg.train.batch_size} x {cfg.data.seq_len} tokens, "
@@ -207,6 +216,12 @@ def write_report(ablation: Ablation, rows: dict[str, dict], hardware: str | None
         f"- Baseline: {base or 'the base config'} (each cell is tested against the cell with these values)",
         f"- Hardware: {hardware or describe_hardware()}",
         f"- Runs: {n_ok} finished, {n_failed} failed, {missing} not run; report written {now}", "",
+    ]
+
+
+def _method(ablation: Ablation) -> list[str]:
+    """How the statistics, the memory, the times and the NFE are measured."""
+    lines = [
         "Values are mean ± sample standard deviation (ddof = 1) over seeds; the 95% CI is the "
         "Student-t interval of the mean; p is the two-sided Welch t-test (unequal variances) "
         "against the baseline cell, — where undefined (fewer than 2 runs, or no variance).",
@@ -223,6 +238,12 @@ def write_report(ablation: Ablation, rows: dict[str, dict], hardware: str | None
                   "trained grid with the same weights solved to convergence (RK4 x 64, checked against "
                   "RK4 x 32); negative means the weights fit the grid rather than the ODE "
                   "(docs/analysis.md).", ""]
+    return lines
+
+
+def _metric_tables(ablation: Ablation, cells: list[CellResult]) -> list[str]:
+    """One table per metric: every cell's n, mean ± std, confidence interval and p-value."""
+    lines = []
     for m in metrics_of(ablation):
         unit = f" ({m.unit})" if m.unit else ""
         lines += [f"## {m.title}{unit}", "", "| cell | n | mean ± std | 95% CI | p vs baseline |",
@@ -233,21 +254,30 @@ def write_report(ablation: Ablation, rows: dict[str, dict], hardware: str | None
             lines.append(f"| {_cell_name(c)} | {s.n} | {_fmt(s.mean, m.digits)} ± "
                          f"{_fmt(s.std, m.digits)} | {ci} | {_p(c.p_values[m.key])} |")
         lines.append("")
-    if plots:
-        lines += ["## Figures", "", "Curves: mean over seeds, band from the lowest to the highest "
-                  "seed. Points (loss vs NFE, memory): mean over seeds, error bars ± std.", ""]
-        lines += [f"![{title}]({p.name})" for title, p in plots.items()]
-        lines.append("")
+    return lines
+
+
+def _figures(plots: dict[str, Path]) -> list[str]:
+    if not plots:
+        return []
+    return ["## Figures", "", "Curves: mean over seeds, band from the lowest to the highest "
+            "seed. Points (loss vs NFE, memory): mean over seeds, error bars ± std.", "",
+            *(f"![{title}]({p.name})" for title, p in plots.items()), ""]
+
+
+def _failed_runs(cells: list[CellResult]) -> list[str]:
     failed = [r for c in cells for r in c.failed]
-    if failed:
-        lines += ["## Failed runs", "", "| run | error |", "| --- | --- |"]
-        lines += [f"| {r['name']} | {r['error']} |" for r in failed]
-        lines.append("")
-    lines += ["## Runs", "", "| run | val loss | bits/byte | ms/step | NFE | status |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    if not failed:
+        return []
+    return ["## Failed runs", "", "| run | error |", "| --- | --- |",
+            *(f"| {r['name']} | {r['error']} |" for r in failed), ""]
+
+
+def _runs(ablation: Ablation, rows: dict[str, dict]) -> list[str]:
+    """Every run's row, in grid order."""
+    lines = ["## Runs", "", "| run | val loss | bits/byte | ms/step | NFE | status |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r in (rows[p.name] for p in ablation.points if p.name in rows):
         lines.append(f"| {r['name']} | {_fmt(r.get('val_loss'), 4)} | {_fmt(r.get('bits_per_byte'), 4)} "
                      f"| {_fmt(r.get('ms_per_step'), 1)} | {r.get('nfe', '—')} | {r['status']} |")
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return lines

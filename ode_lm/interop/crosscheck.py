@@ -109,14 +109,21 @@ def random_batch(vocab: int, max_positions: int, settings: CrossCheckSettings) -
 
 
 def fixed_ode(ode: ODEConfig, solver: str, adjoint: str | None = None) -> ODEConfig:
-    return dataclasses.replace(ode, solver=solver, adaptive=False, adjoint=adjoint or ode.adjoint)
+    return _compared_ode(ode, solver=solver, adaptive=False, adjoint=adjoint or ode.adjoint)
 
 
 def adaptive_ode(ode: ODEConfig, solver: str, settings: CrossCheckSettings, adjoint: str | None = None
                  ) -> ODEConfig:
-    return dataclasses.replace(ode, solver=solver, adaptive=True, rtol=settings.adaptive_rtol,
-                               atol=settings.adaptive_rtol, max_steps=settings.adaptive_max_steps,
-                               adjoint=adjoint or ode.adjoint)
+    return _compared_ode(ode, solver=solver, adaptive=True, rtol=settings.adaptive_rtol,
+                         atol=settings.adaptive_rtol, max_steps=settings.adaptive_max_steps,
+                         adjoint=adjoint or ode.adjoint)
+
+
+def _compared_ode(ode: ODEConfig, **values) -> ODEConfig:
+    """``ode`` with ``values``; the options that only choose memory or loop form for the trained
+    solve, or apply to training solves only, go back to their defaults (the numbers are the same)."""
+    return dataclasses.replace(ode, reversible=values["adjoint"] == "reversible", checkpoint_saves="states",
+                               unroll="auto", grid_jitter=0.0, kinetic_weight=0.0, jacobian_weight=0.0, **values)
 
 
 def adaptive_solvers(solvers) -> list[str]:
