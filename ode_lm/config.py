@@ -164,6 +164,9 @@ class ODEConfig:
                               "the fixed grid uniformly within this fraction of a step around n/steps, "
                               "drawn afresh per batch (0: the fixed grid; 1: one random time per cell); "
                               "evaluation uses the fixed grid")
+    steps_range: tuple[int, ...] = knob((), doc="training only: [lo, hi] draws the number of fixed steps "
+                                        "of each batch uniformly from lo .. hi (one compiled masked solve "
+                                        "of hi steps); evaluation uses ode.steps; [] (default): off")
     kinetic_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||f||^2 dt per "
                                  "token (kinetic energy regulariser, Finlay et al. 2020)")
     jacobian_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||df/dx||_F^2 dt "
@@ -357,7 +360,7 @@ def _suggest(word: str, allowed) -> str:
 
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is tuple:
-        return "a list of strings"
+        return "a list of integers" if typing.get_args(tp)[0] is int else "a list of strings"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
@@ -369,7 +372,9 @@ def _check_value(source: str, section: str, f: dataclasses.Field, tp: Any, value
     if typing.get_origin(tp) is tuple:
         if isinstance(value, str):
             value = tuple(v for v in value.split(",") if v)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        item = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, item) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: expected {_type_name(tp)}")
         value = tuple(value)
     elif tp is bool:
@@ -467,15 +472,28 @@ def _check_training_solve(c: Config, source: str) -> None:
     """Grid jitter and the dynamics regularisers: fixed steps, backpropagated, an ODE family."""
     o = c.ode
     set_ = [f"{k} = {getattr(o, k)}" for k in ("grid_jitter", "kinetic_weight", "jacobian_weight") if getattr(o, k) > 0]
+    if o.steps_range:
+        set_.append(f"steps_range = {list(o.steps_range)}")
+        _check_steps_range(o, source)
     if not set_:
         return
     if c.model.family not in ODE_FAMILIES:
         raise ConfigError(f"{source}: [ode] {', '.join(set_)} applies to ODE families "
-                          f"({', '.join(ODE_FAMILIES)}), not family = \"{c.model.family}\"; set it to 0")
+                          f"({', '.join(ODE_FAMILIES)}), not family = \"{c.model.family}\"; "
+                          "turn it off (0, or [] for steps_range)")
     if o.adaptive or o.adjoint not in TRAINING_SOLVE_ADJOINTS:
         raise ConfigError(f"{source}: [ode] {', '.join(set_)} needs fixed steps (adaptive = false) and "
                           f"adjoint = \"checkpoint\" or \"direct\"; here adjoint = \"{o.adjoint}\", "
-                          f"adaptive = {str(o.adaptive).lower()}; change those or set it to 0")
+                          f"adaptive = {str(o.adaptive).lower()}; change those or turn it off "
+                          "(0, or [] for steps_range)")
+
+
+def _check_steps_range(o: ODEConfig, source: str) -> None:
+    """``ode.steps_range = [lo, hi]``: two step counts, ``1 <= lo <= hi``."""
+    r = list(o.steps_range)
+    if len(r) != 2 or not 1 <= r[0] <= r[-1]:
+        raise ConfigError(f"{source}: [ode] steps_range = {r} must be [lo, hi] with 1 <= lo <= hi (the "
+                          "number of fixed steps drawn per training batch), or [] for off")
 
 
 def _check_consistency(c: Config, source: str) -> None:
