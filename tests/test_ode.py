@@ -323,3 +323,26 @@ def test_steps_range_config_errors(override, needle):
     with pytest.raises(ConfigError, match="steps_range") as err:
         Config().replace(**override)
     assert needle in str(err.value)
+
+
+def test_solver_table_traits_come_from_the_tableaus():
+    """Order, stages, FSAL and adaptivity as diffrax's public API gives them, and the NFE rule
+    the README's table states (evaluations per step, + one before the first for FSAL)."""
+    traits = {name: (s.order, s.evals_per_step, s.cost.initial, s.adaptive) for name, s in SOLVER_SPECS.items()}
+    assert traits == {"euler": (1, 1, 0, False), "heun": (2, 2, 0, True), "midpoint": (2, 2, 0, True),
+                      "rk4": (4, 4, 1, True), "tsit5": (5, 6, 1, True), "dopri5": (5, 6, 1, True),
+                      "reversible_heun": (2, 1, 1, True)}
+    assert SOLVER_SPECS["tsit5"].nfe(3) == 19 and SOLVER_SPECS["rk4"].reversible_nfe(3) == 30
+
+
+def test_sensitivity_objects_are_built_from_the_config_keys():
+    from ode_lm.nn import SAVES
+    from ode_lm.ode import Backsolve, Checkpoint, Direct, Reversible, sensitivity
+
+    assert sensitivity(ODEConfig(adjoint="direct", unroll="unroll")) == Direct(unroll=True)
+    checkpoint = sensitivity(ODEConfig(checkpoint_saves="matmuls", unroll="scan"), SAVES)
+    assert checkpoint == Checkpoint(SAVES["matmuls"], unroll=False)
+    assert sensitivity(ODEConfig(adjoint="reversible", reversible=True, reversible_coupling=0.5)) == Reversible(0.5)
+    assert sensitivity(ODEConfig(adjoint="backsolve")) == Backsolve()
+    with pytest.raises(ValueError, match="conflicts"):
+        sensitivity(ODEConfig(adjoint="direct", reversible=True))

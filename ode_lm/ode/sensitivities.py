@@ -123,9 +123,10 @@ class Backsolve(AbstractSensitivity):
     """Solve the continuous adjoint ODE (module docstring) backwards in time from ``t = 1``,
     re-solving ``x(t)`` backwards alongside (diffrax ``BacksolveAdjoint``).
 
-    O(1) memory in the steps, about twice the forward work in the backward pass; an
-    approximation of the discrete gradient whose error shrinks with the solver's error (and
-    grows where the backwards re-solve of ``x`` is unstable).
+    O(1) memory in the steps; the backward pass is a second solve, of the augmented system
+    ``(x, a, thetabar)``, with one evaluation and one vector-Jacobian product of ``f`` per
+    stage. An approximation of the discrete gradient whose error shrinks with the solver's
+    error (and grows where the backwards re-solve of ``x`` is unstable).
     """
 
     def solve(self, field, x0, ode, grid=None):
