@@ -63,7 +63,7 @@ UNROLL_MODES = ("auto", "scan", "unroll")
 UNROLL_BOOLEANS = {True: "unroll", False: "scan"}
 # Sensitivities a training solve with grid jitter or dynamics regularisers runs under.
 TRAINING_SOLVE_ADJOINTS = ("checkpoint", "direct")
-TRAINING_OPTIONS = ("grid_jitter", "kinetic_weight", "jacobian_weight")  # [ode] keys of training solves only
+TRAINING_OPTIONS = ("grid_jitter", "steps_range", "kinetic_weight", "jacobian_weight")  # [ode] training-only keys
 
 
 def knob(default: Any, *, choices: tuple | None = None, ge=None, gt=None, le=None, lt=None,
@@ -207,6 +207,9 @@ class ODEConfig(Section):
                               "the fixed grid uniformly within this fraction of a step around n/steps, "
                               "drawn afresh per batch (0: the fixed grid; 1: one random time per cell); "
                               "evaluation uses the fixed grid")
+    steps_range: tuple[int, ...] = knob((), doc="training only: [lo, hi] draws the number of fixed steps "
+                                        "of each batch uniformly from lo .. hi (one compiled masked solve "
+                                        "of hi steps); evaluation uses ode.steps; [] (default): off")
     kinetic_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||f||^2 dt per "
                                  "token (kinetic energy regulariser, Finlay et al. 2020)")
     jacobian_weight: float = knob(0.0, ge=0.0, doc="training loss += this x integral of ||df/dx||_F^2 dt "
@@ -240,14 +243,19 @@ class ODEConfig(Section):
             raise _bad("ode.unroll", " = \"unroll\" (or true) writes out the fixed steps of adjoint = "
                        f"\"checkpoint\" or \"direct\" (adaptive = false); {fixed}; leave unroll = "
                        "\"auto\" or \"scan\"")
+        lo, hi = (*self.steps_range, 0, 0)[:2]
+        if self.steps_range and (len(self.steps_range) != 2 or not 1 <= lo <= hi):
+            raise _bad("ode.steps_range", f" = {list(self.steps_range)} must be [lo, hi] with 1 <= lo <= hi "
+                       "(the number of fixed steps drawn per training batch), or [] for off")
         set_ = self.training_options()
         if set_ and (self.adaptive or self.adjoint not in TRAINING_SOLVE_ADJOINTS):
             raise _bad(f"ode.{set_[0]}", _assigned(self, set_)[len(set_[0]):] + " needs fixed steps (adaptive "
-                       f"= false) and adjoint = \"checkpoint\" or \"direct\"; {fixed}; change those or set it to 0")
+                       f"= false) and adjoint = \"checkpoint\" or \"direct\"; {fixed}; change those or turn it off "
+                       "(0, or [] for steps_range)")
 
     def training_options(self) -> list[str]:
-        """The training-only options that are set (grid jitter, dynamics regularisers)."""
-        return [k for k in TRAINING_OPTIONS if getattr(self, k) > 0]
+        """The training-only options that are set (grid jitter, steps range, dynamics regularisers)."""
+        return [k for k in TRAINING_OPTIONS if (bool(getattr(self, k)) if k == "steps_range" else getattr(self, k) > 0)]
 
 
 @dataclass(frozen=True)
@@ -455,7 +463,8 @@ def _check_across_sections(c: Config) -> None:
     set_ = o.training_options()
     if set_ and m.family not in ODE_FAMILIES:
         raise _bad(f"ode.{set_[0]}", _assigned(o, set_)[len(set_[0]):] + " applies to ODE families "
-                   f"({', '.join(ODE_FAMILIES)}), not model.family = \"{m.family}\"; set it to 0")
+                   f"({', '.join(ODE_FAMILIES)}), not model.family = \"{m.family}\"; "
+                   "turn it off (0, or [] for steps_range)")
     if c.data.seq_len > m.max_positions:
         raise _bad("data.seq_len", f" = {c.data.seq_len} exceeds model.max_positions = {m.max_positions}; "
                    "lower seq_len or raise max_positions")
@@ -489,6 +498,7 @@ class Knob(typing.NamedTuple):
     choices: tuple | None
     bounds: tuple  # ((compare, "<=", bound), ...), those given
     booleans: dict | None  # true / false -> a value, for a knob that was boolean once
+    item: type = str  # a tuple's element type
 
 
 _BOUNDS = (("ge", operator.ge, ">="), ("gt", operator.gt, ">"), ("le", operator.le, "<="), ("lt", operator.lt, "<"))
@@ -502,9 +512,10 @@ def _knobs(cls: type) -> dict[str, Knob]:
     for f in dataclasses.fields(cls):
         m, tp = f.metadata, hints[f.name]
         bounds = tuple((op, text, m[name]) for name, op, text in _BOUNDS if m.get(name) is not None)
-        knobs[f.name] = Knob(f"{SECTION_NAMES[cls]}.{f.name}", f.default,
-                             tuple if typing.get_origin(tp) is tuple else tp, m.get("choices"), bounds,
-                             m.get("booleans"))
+        is_tuple = typing.get_origin(tp) is tuple
+        knobs[f.name] = Knob(f"{SECTION_NAMES[cls]}.{f.name}", f.default, tuple if is_tuple else tp,
+                             m.get("choices"), bounds, m.get("booleans"),
+                             typing.get_args(tp)[0] if is_tuple else str)
     return knobs
 
 
@@ -543,8 +554,8 @@ def _check_field(knob: Knob, value: Any) -> Any:
     if tp is tuple:
         if isinstance(value, str):
             value = tuple(v for v in value.split(",") if v)
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise _bad(key, f" = {given!r}: expected {_TYPE_NAMES[tp]}")
+        if not isinstance(value, (list, tuple)) or not all(_is_a(knob.item, v) for v in value):
+            raise _bad(key, f" = {given!r}: expected a list of {'integers' if knob.item is int else 'strings'}")
         value = tuple(value)
     elif not _is_a(tp, value):
         raise _bad(key, f" = {given!r}: expected {_TYPE_NAMES[tp]}")
@@ -555,7 +566,7 @@ def _check_field(knob: Knob, value: Any) -> Any:
             value = math.inf
         if not math.isfinite(value):
             raise _bad(key, f" = {given!r}: expected a finite number")
-    if (tp is str or tp is tuple) and not all(map(_is_utf8, value if tp is tuple else (value,))):
+    if (tp is str or knob.item is str and tp is tuple) and not all(map(_is_utf8, value if tp is tuple else (value,))):
         raise _bad(key, f" = {given!r}: holds characters that cannot be written as UTF-8")
     if knob.choices is not None and value not in knob.choices:
         raise _bad(key, f" = {given!r} is not allowed; choose one of {', '.join(knob.choices)}"

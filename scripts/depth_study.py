@@ -40,6 +40,7 @@ VARIANTS = {
     "kinetic+jitter": ("ode.kinetic_weight=0.01", "ode.grid_jitter=1.0"),
     "kinetic0.1+jitter": ("ode.kinetic_weight=0.1", "ode.grid_jitter=1.0"),
     "kinetic1+jitter": ("ode.kinetic_weight=1.0", "ode.grid_jitter=1.0"),
+    "steps_range": ("ode.steps_range=[2,8]",),
 }
 
 

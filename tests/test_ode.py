@@ -1,6 +1,7 @@
 """The solver maths: Euler is the residual stack, orders of convergence, NFE, gradients."""
 
 import contextlib
+import dataclasses
 import io
 import math
 
@@ -209,7 +210,7 @@ def saved_residuals(f, *args) -> list[str]:
 def test_checkpoint_saves_matmuls_keeps_the_fused_attention_output():
     """With ``matmuls`` the backward pass reads cuDNN attention's saved output instead of
     running its forward kernel again."""
-    from ode_lm.ode.fixed import MEMORY_POLICIES
+    from ode_lm.nn import SAVES
 
     q = jax.random.normal(jax.random.key(0), (2, 128, 4, 64), jnp.bfloat16)
 
@@ -217,7 +218,7 @@ def test_checkpoint_saves_matmuls_keeps_the_fused_attention_output():
         def f(q):
             out = jax.nn.dot_product_attention(q, q, q, is_causal=True, implementation="cudnn")
             return jnp.sin(out.astype(jnp.float32)).sum()
-        return jax.checkpoint(f, policy=MEMORY_POLICIES[policy])
+        return jax.checkpoint(f, policy=SAVES[policy])
 
     def kept_outputs(policy):  # computed values kept (not the argument itself)
         return [r for r in saved_residuals(loss(policy), q) if "bf16[2,128,4,64] output of" in r]
@@ -252,3 +253,113 @@ def test_causality():
         changed, _ = model(tokens.at[0, k].set((tokens[0, k] + 1) % 32), ODEConfig(solver="rk4", steps=3))
         assert float(jnp.abs(changed[0, :k] - base[0, :k]).max(initial=0.0)) == 0.0
         assert float(jnp.abs(changed[0, k:] - base[0, k:]).max()) > 0.0
+
+
+def masked_and_plain(field, x0, ode, hi, ns):
+    """``(value, nfe, gradients)`` of a loss of ``x(1)`` for the plain ``n``-step solve and for
+    the masked ``hi``-step solve taking ``n`` steps (``ode.steps_range``), for each ``n``."""
+    from ode_lm.ode import Grid, fixed_grid, sensitivity
+
+    params, static = eqx.partition((field, x0), eqx.is_inexact_array)
+
+    @eqx.filter_jit
+    def value_and_grad(params, ode, taken):
+        def loss(p):
+            f, x = eqx.combine(p, static)
+            grid = None if taken is None else Grid(fixed_grid(hi, jnp.float64, taken=taken), taken)
+            x1, stats = sensitivity(ode).solve(f, x, ode, grid)
+            return jnp.sum(jnp.sin(x1)), stats.nfe
+        (value, nfe), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        return value, nfe, jax.tree.leaves(grads)
+
+    for n in ns:
+        yield n, (value_and_grad(params, dataclasses.replace(ode, steps=n), None),
+                  value_and_grad(params, dataclasses.replace(ode, steps=hi), jnp.asarray(n)))
+
+
+def assert_masked_equals_plain(field, x0, ode, hi, ns):
+    for n, (want, got) in masked_and_plain(field, x0, ode, hi, ns):
+        assert int(got[1]) == int(want[1]) == SOLVER_SPECS[ode.solver].nfe(n)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-12)
+        for a, b in zip(got[2], want[2]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=f"{ode} n={n}")
+
+
+@pytest.mark.parametrize("ode", [ODEConfig(solver="rk4"), ODEConfig(solver="reversible_heun"),
+                                 ODEConfig(solver="heun", adjoint="direct", unroll="unroll")])
+def test_steps_range_masked_solve_equals_the_plain_solve(ode):
+    """``ode.steps_range``: a masked solve of ``hi`` steps that takes ``n`` of them is the
+    ``n``-step solve, in value and gradient (float64), scanned or written out, for solvers
+    with a carried state (rk4's first-same-as-last stage, reversible Heun's second state)."""
+    with jax.enable_x64(True):
+        assert_masked_equals_plain(Oscillator(jnp.asarray(3.0)), jnp.array([1.0, 0.5]), ode, 6, (1, 2, 5))
+
+
+@pytest.mark.slow
+def test_steps_range_masked_solve_of_the_model_equals_the_plain_solve():
+    with jax.enable_x64(True):
+        model = tiny_model(jnp.float64)
+        x0 = model.embedding(jax.random.randint(jax.random.key(4), (1, 4), 0, 32))
+        assert_masked_equals_plain(model.field, x0, ODEConfig(solver="rk4", checkpoint_saves="matmuls"), 4, (1, 3))
+
+
+def test_steps_range_draws_step_counts_per_batch_in_one_compiled_train_step():
+    """Training draws the number of steps per batch from ``[lo, hi]`` (its NFE shows it) with
+    one compiled step; evaluation keeps the ``ode.steps`` grid; jitter composes."""
+    import optax
+
+    from ode_lm.train.steps import TrainStep
+
+    model = tiny_model()
+    tokens = jax.random.randint(jax.random.key(5), (2, 8), 0, 32)
+    ode = ODEConfig(solver="euler", steps=3, steps_range=(2, 6), grid_jitter=0.5)
+    np.testing.assert_array_equal(model(tokens, ode)[0], model(tokens, ODEConfig(solver="euler", steps=3))[0])
+    opt = optax.sgd(0.0)
+    step = TrainStep(opt, ode)
+    state = opt.init(eqx.filter(model, eqx.is_inexact_array))
+    nfes = {int(step(model, state, tokens, tokens, jax.random.key(k))[2]["nfe"]) for k in range(6)}
+    assert step.traces == 1
+    assert len(nfes) >= 3 and nfes <= set(range(2, 7)), nfes  # euler: one evaluation per step
+
+
+@pytest.mark.parametrize("override, needle", [
+    ({"ode.steps_range": [4, 2]}, "1 <= lo <= hi"),
+    ({"ode.steps_range": [0, 3]}, "1 <= lo <= hi"),
+    ({"ode.steps_range": [3]}, "[lo, hi]"),
+    ({"ode.steps_range": [2.5, 4]}, "a list of integers"),
+    ({"ode.steps_range": [2, 4], "ode.adaptive": True, "ode.solver": "rk4"}, "needs fixed steps"),
+    ({"ode.steps_range": [2, 4], "ode.adjoint": "backsolve"}, "adjoint = \"checkpoint\" or \"direct\""),
+    ({"ode.steps_range": [2, 4], "model.family": "standard"}, "applies to ODE families"),
+])
+def test_steps_range_config_errors(override, needle):
+    from ode_lm.config import Config
+    from ode_lm.errors import ConfigError
+
+    assert Config().replace(**{"ode.steps_range": [2, 4]}).ode.steps_range == (2, 4)
+    with pytest.raises(ConfigError, match="steps_range") as err:
+        Config().replace(**override)
+    assert needle in str(err.value)
+
+
+def test_solver_table_traits_come_from_the_tableaus():
+    """Order, stages, FSAL and adaptivity as diffrax's public API gives them, and the NFE rule
+    the README's table states (evaluations per step, + one before the first for FSAL)."""
+    traits = {name: (s.order, s.evals_per_step, s.cost.initial, s.adaptive) for name, s in SOLVER_SPECS.items()}
+    assert traits == {"euler": (1, 1, 0, False), "heun": (2, 2, 0, True), "midpoint": (2, 2, 0, True),
+                      "rk4": (4, 4, 1, True), "tsit5": (5, 6, 1, True), "dopri5": (5, 6, 1, True),
+                      "reversible_heun": (2, 1, 1, True)}
+    assert SOLVER_SPECS["tsit5"].nfe(3) == 19 and SOLVER_SPECS["rk4"].reversible_nfe(3) == 30
+
+
+def test_sensitivity_objects_are_built_from_the_config_keys():
+    from ode_lm.errors import ConfigError
+    from ode_lm.nn import SAVES
+    from ode_lm.ode import Backsolve, Checkpoint, Direct, Reversible, sensitivity
+
+    assert sensitivity(ODEConfig(adjoint="direct", unroll="unroll")) == Direct(unroll=True)
+    checkpoint = sensitivity(ODEConfig(checkpoint_saves="matmuls", unroll="scan"), SAVES)
+    assert checkpoint == Checkpoint(SAVES["matmuls"], unroll=False)
+    assert sensitivity(ODEConfig(adjoint="reversible", reversible=True, reversible_coupling=0.5)) == Reversible(0.5)
+    assert sensitivity(ODEConfig(adjoint="backsolve")) == Backsolve()
+    with pytest.raises((ValueError, ConfigError), match="reversible"):  # refused by the config or here
+        sensitivity(ODEConfig(adjoint="direct", reversible=True))

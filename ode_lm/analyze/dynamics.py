@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ode_lm.ode import VectorField
+from ode_lm.ode import VectorField, fixed_grid, solve_dtype
 
 
 def rk4_step(field: VectorField, t: Float[Array, ""], h: Float[Array, ""], x: Array) -> Array:
@@ -46,7 +46,7 @@ def rk4_step(field: VectorField, t: Float[Array, ""], h: Float[Array, ""], x: Ar
 @eqx.filter_jit
 def trajectory(field: VectorField, x0: Array, steps: int) -> tuple[Float[Array, " M+1"], Array]:
     """``(t_n, x(t_n))`` for ``n = 0 .. steps`` on the uniform grid, by RK4."""
-    ts = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.promote_types(x0.dtype, jnp.float32))
+    ts = fixed_grid(steps, solve_dtype(x0))
 
     def step(x, n):
         x = rk4_step(field, ts[n], ts[n + 1] - ts[n], x)

@@ -19,7 +19,7 @@ readout ``C . h`` (5 in form ``head``, whose decay is per head): the recurrence'
 Per-evaluation work does not scale with tokens: the modulation MLP, the SSM's parameter
 MLP, or the hypernetwork's weight generation (``2 n_in n_out H`` per matrix, plus the dense
 form's six time embeddings, biases and norms). NFE comes
-from the solver (``SOLVER_SPECS``) at ``ode.steps`` (for adaptive solves, the initial step
+from the solver table's rule (``SOLVER_SPECS``, the one training and decoding count by) at ``ode.steps`` (for adaptive solves, the initial step
 count: a lower bound); the discrete ``standard`` family has ``NFE = model.layers``.
 A training step is counted as 3x the forward pass (backward = 2x forward).
 """
@@ -106,9 +106,12 @@ def per_evaluation_flops(m: ModelConfig) -> int:
 
 
 def nfe(m: ModelConfig, ode: ODEConfig) -> int:
+    """Evaluations of one forward pass: the solver table's rule at ``ode.steps`` (twice the base
+    steps under the ``reversible`` sensitivity), or the discrete model's layers."""
     if m.family == "standard":
         return m.layers
-    return SOLVER_SPECS[ode.solver].nfe(ode.steps)
+    spec = SOLVER_SPECS[ode.solver]
+    return spec.reversible_nfe(ode.steps) if ode.adjoint == "reversible" else spec.nfe(ode.steps)
 
 
 @dataclass(frozen=True)
@@ -265,7 +268,8 @@ def generation_memory(cfg: Config, vocab: int, parameters: int, samples: int, le
     ``length`` positions (``samples`` rows; the cached path), and the prompt's forward pass."""
     m = cfg.model
     compute = DTYPE_BYTES[cfg.train.dtype]
-    slots = m.layers if m.family == "standard" else nfe(m, cfg.ode)
+    # Cached decoding solves with the plain solver (ode.grid_scheme), one slot per evaluation.
+    slots = m.layers if m.family == "standard" else SOLVER_SPECS[cfg.ode.solver].nfe(cfg.ode.steps)
     kv = 2 * slots * samples * length * m.dim * compute if cache else 0
     width = prompt if cache else length
     forward = samples * width * m.dim * (4 + m.mlp_ratio) * compute + samples * width * vocab * 4

@@ -23,9 +23,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ode_lm.config import ModelConfig, ODEConfig
 from ode_lm.errors import GenerationError
-from ode_lm.nn import Block, Dropout, DropoutRates, LayerNorm
-from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, grid_scheme,
-                        integrate)
+from ode_lm.nn import SAVES, Block, Dropout, DropoutRates, LayerNorm
+from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, fixed_grid,
+                        grid_scheme, integrate, solve_dtype)
 
 
 # Vocabularies up to this size are embedded by a one-hot product (see Embedding.__call__);
@@ -165,7 +165,7 @@ class ODELanguageModel(LanguageModel):
         if state_dtype != x0.dtype:
             field, x0 = CastField(field, x0.dtype), x0.astype(state_dtype)
         # A training solve (key given) may jitter its grid and integrate regularisers.
-        return integrate(field, x0, ode, None if key is None else jax.random.fold_in(key, SOLVE_KEY))
+        return integrate(field, x0, ode, None if key is None else jax.random.fold_in(key, SOLVE_KEY), saves=SAVES)
 
     def in_dtype(self, dtype) -> "ODELanguageModel":
         """Everything but the vector field in ``dtype``. The field keeps its parameters' dtype
@@ -192,7 +192,7 @@ class ODELanguageModel(LanguageModel):
                                       "loosen ode.rtol / ode.atol")
             grid = times[:accepted + 1]
         else:
-            grid = jnp.linspace(0.0, 1.0, ode.steps + 1, dtype=jnp.float32)
+            grid = fixed_grid(ode.steps, solve_dtype(self.embedding.tokens))  # the training solve's times
         scheme = grid_scheme(ode.solver)
         slots = self.field.init_cache(scheme.slots(grid.shape[0] - 1), prompt.shape[0], max_len)
         return ODECache(slots, grid, scheme, unroll=not ode.adaptive)

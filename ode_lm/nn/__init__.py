@@ -6,9 +6,10 @@ from ode_lm.nn.dropout import Dropout, DropoutRates
 from ode_lm.nn.hypernetwork import AbstractHyperNetwork, DenseHyperNetwork, RankOneHyperNetwork
 from ode_lm.nn.layers import LayerNorm, Linear
 from ode_lm.nn.modulation import Modulation
+from ode_lm.nn.saves import SAVES
 from ode_lm.nn.ssm import SelectiveSSM
 from ode_lm.nn.time_embedding import sinusoidal
 
 __all__ = ["MLP", "AbstractHyperNetwork", "Attention", "Block", "BlockGates", "DenseHyperNetwork", "Dropout",
-           "DropoutRates", "KVCache", "LayerNorm", "Linear", "Modulation", "RankOneHyperNetwork", "SelectiveSSM",
-           "sinusoidal"]
+           "DropoutRates", "KVCache", "LayerNorm", "Linear", "Modulation", "RankOneHyperNetwork", "SAVES",
+           "SelectiveSSM", "sinusoidal"]

@@ -6,18 +6,22 @@ over the grid compiles once for any ``N`` and lets XLA fuse across the step. The
 is diffrax's: the same solver object, tableau and state.
 
 Reverse mode then differentiates the scan, i.e. the exact gradient of the discrete forward
-computation. The memory policy names what each step keeps for the backward pass:
+computation. What each step keeps for the backward pass is a ``jax.checkpoint`` policy the
+caller passes (``remat``; the sensitivity owns it, ``sensitivities.py``):
 
-- ``everything``: every intermediate (``ode.adjoint = "direct"``); memory grows as
-  ``N x`` (activations of one step);
-- ``states``: only the ``N`` states; each step's intermediates are recomputed once in the
-  backward pass (``ode.adjoint = "checkpoint"``); about 4/3 of the work of ``everything``;
-- ``matmuls``: the outputs of the matrix products (dots without batch dimensions: the
-  block's projections), of the fused attention kernel (cuDNN's output and softmax
-  statistics on a GPU) and of the block's standardisation with its per-token statistics
-  (``layers.standardize``), from which the backward pass needs no state at all; the
-  elementwise work is recomputed, and attention too where it runs as plain XLA ops
-  (``checkpoint`` with ``ode.checkpoint_saves = "matmuls"``).
+- ``None``: no rematerialisation, every intermediate is kept (``ode.adjoint = "direct"``);
+  memory grows as ``N x`` (activations of one step);
+- ``jax.checkpoint_policies.nothing_saveable``: only the ``N`` states; each step's
+  intermediates are recomputed once in the backward pass (``checkpoint``,
+  ``ode.checkpoint_saves = "states"``); about 4/3 of the work of ``direct``;
+- a policy that keeps the matrix products (``checkpoint_saves = "matmuls"``): the field's
+  owner knows which of its values those are (``ode_lm.nn.SAVES`` adds fused attention's
+  outputs and the block's standardised inputs), from which the backward pass needs no state
+  at all; the elementwise work is recomputed.
+
+A solve may also take fewer steps than its grid holds (``taken``, traced): steps with index
+``n >= taken`` are empty (``t_n = t_{n+1} = 1``) and skipped by a ``lax.cond``, so one
+compiled program runs any step count up to the grid's length (``ode.steps_range``).
 
 ``ode.unroll = "unroll"`` writes the steps out one after another instead (``unrolled``;
 ``"auto"``, the default, does so for short solves on a GPU: ``ode.sensitivities.unrolls``): the
@@ -30,65 +34,50 @@ scanned, 37.43 ms for the discrete ``standard`` model (docs/results/gpu.md).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import diffrax
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Float, Int
 
-from ode_lm.nn.layers import STANDARDIZED
 from ode_lm.ode.field import VectorField
-from ode_lm.ode.stepping import TERM, fixed_grid
+from ode_lm.ode.stepping import TERM
 
-# JAX's primitives of the fused (cuDNN) attention forward pass: their outputs are what the
-# kernel's backward pass reads, so keeping them saves running the forward kernel again.
-FUSED_ATTENTION_FORWARD = frozenset({"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"})
-
-
-_standardized = jax.checkpoint_policies.save_only_these_names(STANDARDIZED)
-
-
-def matmuls_saveable(prim, *args, **params) -> bool:
-    """Checkpoint policy: keep the block's matrix products, fused attention's outputs and the
-    standardised input with its statistics."""
-    return (prim.name in FUSED_ATTENTION_FORWARD or _standardized(prim, *args, **params)
-            or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
-
-
-# jax.checkpoint policy of one step (None: no rematerialisation).
-MEMORY_POLICIES = {
-    "everything": None,
-    "states": jax.checkpoint_policies.nothing_saveable,
-    "matmuls": matmuls_saveable,
-}
+# A jax.checkpoint policy: which of a step's intermediate values reverse mode keeps.
+Policy = Callable[..., bool]
 
 
 def solve_fixed(solver: diffrax.AbstractSolver, field: VectorField, x0: Float[Array, "*state"],
-                steps: int, policy: str, unroll: bool = False,
-                grid: Float[Array, " steps+1"] | None = None) -> Float[Array, "*state"]:
-    """``x(1)`` after ``steps`` steps of ``solver`` on the grid ``fixed_grid(steps)`` (or the
-    traced ``grid`` of ``steps + 1`` times, e.g. a jittered one), scanned or (``unroll``)
-    written out step by step."""
-    if policy not in MEMORY_POLICIES:
-        raise ValueError(f"unknown memory policy {policy!r}; choose one of {', '.join(MEMORY_POLICIES)}")
-    term = TERM
-    dtype = jnp.promote_types(jax.tree.leaves(x0)[0].dtype, jnp.float32)  # float64 times for float64 solves
-    ts = fixed_grid(steps, dtype) if grid is None else grid.astype(dtype)
-    solver_state = solver.init(term, ts[0], ts[1], x0, field.at_step(0))
+                grid: Float[Array, " steps+1"], remat: Policy | None, unroll: bool = False,
+                taken: Int[Array, ""] | None = None) -> Float[Array, "*state"]:
+    """``x(1)`` after the steps of ``solver`` over ``grid`` (``fixed_grid``), each step
+    rematerialised under ``remat`` (None: everything kept), scanned or (``unroll``) written
+    out step by step; with ``taken`` only the first ``taken`` steps run."""
+    steps = grid.shape[0] - 1
+    solver_state = solver.init(TERM, grid[0], grid[1], x0, field.at_step(0))
 
     def step(carry, interval):
         x, state = carry
         t0, t1, n = interval
-        x, _, _, state, _ = solver.step(term, t0, t1, x, field.at_step(n), state, made_jump=False)
-        return (x, state), None
+        x, _, _, state, _ = solver.step(TERM, t0, t1, x, field.at_step(n), state, made_jump=False)
+        return x, state
 
-    if MEMORY_POLICIES[policy] is not None:
+    if remat is not None:
         # Outside a scan, XLA's common-subexpression elimination could merge the backward
         # pass's recomputation with the forward pass and keep everything alive.
-        step = jax.checkpoint(step, prevent_cse=unroll, policy=MEMORY_POLICIES[policy])
+        step = jax.checkpoint(step, prevent_cse=unroll, policy=remat)
+    if taken is not None:
+        full = step
+
+        def step(carry, interval):
+            return jax.lax.cond(interval[2] < taken, full, lambda c, _: c, carry, interval)
+
     if unroll:
         carry = (x0, solver_state)
         for n in range(steps):
-            carry, _ = step(carry, (ts[n], ts[n + 1], n))
+            carry = step(carry, (grid[n], grid[n + 1], n))
         return carry[0]
-    (x1, _), _ = jax.lax.scan(step, (x0, solver_state), (ts[:-1], ts[1:], jnp.arange(steps)))
+    (x1, _), _ = jax.lax.scan(lambda c, i: (step(c, i), None), (x0, solver_state),
+                               (grid[:-1], grid[1:], jnp.arange(steps)))
     return x1

@@ -3,7 +3,7 @@
 An explicit solve on a known grid ``0 = t_0 < ... < t_N = 1`` is a known list of
 vector-field evaluations: step ``n``, stage ``j``, at ``t_n + c_j h_n``. Numbering them::
 
-    slot = initial_evals + n * evals_per_step + j
+    slot = initial + n * per_step + j        # GridScheme.cost, the solver table's NFE rule
 
 lets each evaluation keep state between calls (the K/V cache of its attention, an SSM's
 recurrent state). That is what makes token-by-token decoding exact: at a given slot, the
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PyTree
 
-from ode_lm.ode.solvers import SOLVER_SPECS
+from ode_lm.ode.solvers import SOLVER_SPECS, Cost, SolverSpec
 
 State = TypeVar("State")
 Carry = TypeVar("Carry")
@@ -54,12 +54,15 @@ def _axpy(x: PyTree, h, coeffs, ks) -> PyTree:
 class GridScheme(eqx.Module):
     """A one-step method run over an explicit grid, its evaluations numbered by slot."""
 
-    evals_per_step: int = eqx.field(static=True)
-    initial_evals: int = eqx.field(static=True)
+    cost: Cost = eqx.field(static=True)  # evaluations per step and before the first
+
+    @property
+    def evals_per_step(self) -> int:
+        return self.cost.per_step
 
     def slots(self, steps: int) -> int:
-        """Evaluations of a solve of ``steps`` steps: one cache slot each."""
-        return self.initial_evals + steps * self.evals_per_step
+        """Evaluations of a solve of ``steps`` steps (``Cost.nfe``): one cache slot each."""
+        return self.cost.nfe(steps)
 
     @abc.abstractmethod
     def solve(self, evaluate: Evaluate, grid: Float[Array, " steps+1"], x0: State, carry: Carry,
@@ -82,21 +85,25 @@ class RungeKuttaScheme(GridScheme):
     a: tuple[tuple[float, ...], ...] = eqx.field(static=True)  # a[j] has j entries
     b: tuple[float, ...] = eqx.field(static=True)
 
-    def __init__(self, c, a, b):
+    def __init__(self, c, a, b, spec: SolverSpec):
         self.c, self.b = tuple(map(float, c)), tuple(map(float, b))
         self.a = tuple(tuple(map(float, row)) for row in a)
-        self.evals_per_step, self.initial_evals = len(self.b), 0
+        # The solver table's cost, except that the first stage is evaluated in its own step
+        # rather than carried over from the previous one (FSAL): nothing before the first step.
+        self.cost = Cost(spec.evals_per_step, 0)
+        if len(self.b) != spec.evals_per_step:
+            raise ValueError(f"a tableau of {len(self.b)} evaluated stages for a solver of {spec.evals_per_step}")
 
     @classmethod
-    def from_diffrax(cls, tableau) -> "RungeKuttaScheme":
-        """From a diffrax ``ButcherTableau``, dropping a first-same-as-last final stage."""
+    def from_diffrax(cls, tableau, spec: SolverSpec) -> "RungeKuttaScheme":
+        """From a diffrax ``ButcherTableau``, dropping a first-same-as-last final stage (``tableau.fsal``:
+        it is the next step's first stage)."""
         c = [0.0, *np.asarray(tableau.c).tolist()]
         a = [[]] + [np.asarray(row).tolist() for row in tableau.a_lower]
         b = np.asarray(tableau.b_sol).tolist()
-        fsal = b[-1] == 0.0 and c[-1] == 1.0 and np.allclose(a[-1], b[:-1])
-        if fsal:
+        if tableau.fsal:
             c, a, b = c[:-1], a[:-1], b[:-1]
-        return cls(c, a, b)
+        return cls(c, a, b, spec)
 
     def solve(self, evaluate, grid, x0, carry, unroll=False):
         stages = len(self.b)
@@ -123,8 +130,8 @@ class ReversibleHeunScheme(GridScheme):
         x_{n+1}    = x_n + h/2 (v_n + v_{n+1})
     """
 
-    def __init__(self):
-        self.evals_per_step, self.initial_evals = 1, 1
+    def __init__(self, spec: SolverSpec):
+        self.cost = spec.cost  # one evaluation before the first step, one per step
 
     def solve(self, evaluate, grid, x0, carry, unroll=False):
         v0, carry = evaluate(jnp.asarray(0), grid[0], x0, carry)
@@ -144,10 +151,9 @@ class ReversibleHeunScheme(GridScheme):
 
 def grid_scheme(solver: str) -> GridScheme:
     """The grid scheme of solver ``solver`` (a ``SOLVER_SPECS`` name)."""
+    spec = SOLVER_SPECS[solver]
     if solver == "reversible_heun":
-        return ReversibleHeunScheme()
+        return ReversibleHeunScheme(spec)
     if solver == "euler":
-        return RungeKuttaScheme(c=(0.0,), a=((),), b=(1.0,))
-    scheme = RungeKuttaScheme.from_diffrax(SOLVER_SPECS[solver].make().tableau)
-    assert scheme.evals_per_step == SOLVER_SPECS[solver].evals_per_step, solver
-    return scheme
+        return RungeKuttaScheme(c=(0.0,), a=((),), b=(1.0,), spec=spec)
+    return RungeKuttaScheme.from_diffrax(spec.make().tableau, spec)

@@ -46,13 +46,12 @@ import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from diffrax._local_interpolation import LocalLinearInterpolation
 from jaxtyping import Array, Float
 
 from ode_lm.config import REVERSIBLE_SOLVERS, ODEConfig
 from ode_lm.ode.field import VectorField
 from ode_lm.ode.solvers import SOLVER_SPECS
-from ode_lm.ode.stepping import T0, T1, TERM, SolveStats, step_control
+from ode_lm.ode.stepping import T0, TERM, SolveStats, diffeqsolve, step_control
 
 
 def increment(solver: diffrax.AbstractSolver, terms, t0, t1, y, args):
@@ -65,7 +64,7 @@ def increment(solver: diffrax.AbstractSolver, terms, t0, t1, y, args):
     return y1 - y, error, result
 
 
-class Reversible(diffrax.AbstractAdaptiveSolver):
+class ReversibleRungeKutta(diffrax.AbstractAdaptiveSolver):
     """An explicit Runge--Kutta ``solver`` made algebraically reversible (module docstring).
 
     Its solver state is ``z``; its error estimate is the base method's estimate for the
@@ -74,7 +73,7 @@ class Reversible(diffrax.AbstractAdaptiveSolver):
 
     solver: diffrax.AbstractSolver
     coupling: float = eqx.field(static=True)
-    interpolation_cls: ClassVar[Callable[..., LocalLinearInterpolation]] = LocalLinearInterpolation
+    interpolation_cls: ClassVar[Callable[..., diffrax.LocalLinearInterpolation]] = diffrax.LocalLinearInterpolation
 
     @property
     def term_structure(self):
@@ -106,53 +105,47 @@ class Reversible(diffrax.AbstractAdaptiveSolver):
         return self.solver.func(terms, t0, y0, args)
 
 
-def reversible_solver(ode: ODEConfig) -> Reversible:
+def reversible_solver(ode: ODEConfig, coupling: float | None = None) -> ReversibleRungeKutta:
+    """``ode.solver`` made reversible with ``coupling`` (default ``ode.reversible_coupling``)."""
     if ode.solver not in REVERSIBLE_SOLVERS:
         raise ValueError(f"the reversible sensitivity wraps an explicit Runge-Kutta solver; "
                          f"{ode.solver!r} is not one; use one of {', '.join(REVERSIBLE_SOLVERS)}")
-    return Reversible(SOLVER_SPECS[ode.solver].make(), ode.reversible_coupling)
+    lam = ode.reversible_coupling if coupling is None else coupling
+    return ReversibleRungeKutta(SOLVER_SPECS[ode.solver].make(), lam)
 
 
-def _solve(field: VectorField, x0, ode: ODEConfig, adjoint: diffrax.AbstractAdjoint):
+def _solve(solver: ReversibleRungeKutta, field: VectorField, x0, ode: ODEConfig,
+           adjoint: diffrax.AbstractAdjoint = diffrax.RecursiveCheckpointAdjoint()):
     """The forward solve; also returns ``z_N`` and the accepted times ``t_1 .. t_N`` (inf-padded)."""
-    control = step_control(ode)
     saveat = diffrax.SaveAt(subs=[diffrax.SubSaveAt(t1=True),
                                   diffrax.SubSaveAt(steps=True, fn=lambda t, y, args: None)],
                             solver_state=True)
-    sol = diffrax.diffeqsolve(
-        TERM, reversible_solver(ode), t0=T0, t1=T1, dt0=control.dt0, y0=x0, args=field,
-        saveat=saveat, stepsize_controller=control.controller, adjoint=adjoint,
-        max_steps=control.max_steps, throw=False)
-    spec = SOLVER_SPECS[ode.solver]
-    # Each step makes two fresh base steps; FSAL methods pay their first stage each time.
+    sol = diffeqsolve(solver, field, x0, ode, saveat, adjoint)
     steps = sol.stats["num_steps"]
-    nfe = 2 * (spec.evals_per_step + spec.initial_evals) * steps
-    stats = SolveStats(nfe, steps, sol.result != diffrax.RESULTS.successful)
+    stats = SolveStats(SOLVER_SPECS[ode.solver].reversible_nfe(steps), steps, sol.result != diffrax.RESULTS.successful)
     return sol.ys[0][-1], sol.solver_state, sol.ts[1], sol.stats["num_accepted_steps"], stats
 
 
 @eqx.filter_custom_vjp
-def _solve_reversible(field_x0, ode):
-    field, x0 = field_x0
-    y1, _, _, _, stats = _solve(field, x0, ode, diffrax.RecursiveCheckpointAdjoint())
+def _solve_reversible(field_x0, solver, ode):
+    y1, _, _, _, stats = _solve(solver, *field_x0, ode)
     return y1, stats
 
 
 @_solve_reversible.def_fwd
-def _solve_reversible_fwd(perturbed, field_x0, ode):
-    field, x0 = field_x0
-    y1, z1, times, accepted, stats = _solve(field, x0, ode, diffrax.RecursiveCheckpointAdjoint())
+def _solve_reversible_fwd(perturbed, field_x0, solver, ode):
+    y1, z1, times, accepted, stats = _solve(solver, *field_x0, ode)
     return (y1, stats), (y1, z1, times, accepted)
 
 
-def _walk_back(field: VectorField, ode: ODEConfig, y_end, z_end, times, accepted, ybar_end):
+def _walk_back(solver: ReversibleRungeKutta, field: VectorField, y_end, z_end, times, accepted, ybar_end):
     """Steps ``N-1 .. 0`` backwards: reconstruct ``(y_n, z_n)`` and pull cotangents through.
 
     Returns ``(y_0, z_0, ybar_0, zbar_0, thetabar)``; ``thetabar`` has the structure of
     ``field`` with ``None`` at leaves that are not floating-point arrays.
     """
     params, static = eqx.partition(field, eqx.is_inexact_array)
-    base, lam = reversible_solver(ode).solver, ode.reversible_coupling
+    base, lam = solver.solver, solver.coupling
 
     def psi(p, t0, t1, x):
         return increment(base, TERM, t0, t1, x, eqx.combine(p, static))[0]
@@ -177,10 +170,10 @@ def _walk_back(field: VectorField, ode: ODEConfig, y_end, z_end, times, accepted
 
 
 @_solve_reversible.def_bwd
-def _solve_reversible_bwd(residuals, grad_obj, perturbed, field_x0, ode):
+def _solve_reversible_bwd(residuals, grad_obj, perturbed, field_x0, solver, ode):
     y_end, z_end, times, accepted = residuals
     ybar_end = grad_obj[0] if grad_obj[0] is not None else jnp.zeros_like(y_end)
-    _, _, ybar0, zbar0, pbar = _walk_back(field_x0[0], ode, y_end, z_end, times, accepted, ybar_end)
+    _, _, ybar0, zbar0, pbar = _walk_back(solver, field_x0[0], y_end, z_end, times, accepted, ybar_end)
     return pbar, ybar0 + zbar0  # y_0 = z_0 = x(0)
 
 
@@ -190,25 +183,28 @@ def reconstruct(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig
 
     Their distance from ``x0`` is the reconstruction error that enters reversible gradients.
     """
-    y_end, z_end, times, accepted, _ = _solve(field, x0, ode, diffrax.RecursiveCheckpointAdjoint())
-    y0, z0, _, _, _ = _walk_back(field, ode, y_end, z_end, times, accepted, jnp.zeros_like(y_end))
+    solver = reversible_solver(ode)
+    y_end, z_end, times, accepted, _ = _solve(solver, field, x0, ode)
+    y0, z0, _, _, _ = _walk_back(solver, field, y_end, z_end, times, accepted, jnp.zeros_like(y_end))
     return y0, z0
 
 
 def integrate_reversible(field: VectorField, x0: Float[Array, "*state"], ode: ODEConfig, *,
-                         gradient: Literal["reversible", "direct"] = "reversible"
-                         ) -> tuple[Float[Array, "*state"], SolveStats]:
-    """Solve with the reversible scheme; ``x(1)`` and stats as :func:`ode_lm.ode.integrate`
-    (this is its ``reversible`` sensitivity).
+                         gradient: Literal["reversible", "direct"] = "reversible",
+                         coupling: float | None = None) -> tuple[Float[Array, "*state"], SolveStats]:
+    """Solve with the reversible scheme (coupling ``coupling``, default
+    ``ode.reversible_coupling``); ``x(1)`` and stats as :func:`ode_lm.ode.integrate` (this is
+    its ``reversible`` sensitivity).
 
     ``gradient="reversible"`` backpropagates by reconstructing states (O(1) memory in the
     steps); ``"direct"`` backpropagates through the same scheme storing the state after every
     step (the ``direct`` sensitivity's way), the reference the reversible gradient must equal.
     """
+    solver = reversible_solver(ode, coupling)
     if gradient == "reversible":
-        return _solve_reversible((field, x0), ode)
+        return _solve_reversible((field, x0), solver, ode)
     if gradient == "direct":
         adjoint = diffrax.RecursiveCheckpointAdjoint(checkpoints=step_control(ode).max_steps)
-        y1, _, _, _, stats = _solve(field, x0, ode, adjoint)
+        y1, _, _, _, stats = _solve(solver, field, x0, ode, adjoint)
         return y1, stats
     raise ValueError(f"unknown gradient {gradient!r}; choose reversible or direct")
