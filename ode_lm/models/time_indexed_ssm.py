@@ -63,7 +63,7 @@ def build_time_indexed_ssm(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtyp
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
     ssm = SelectiveSSM(cfg.dim, cfg.ssm_state_size, cfg.time_embed_dim, cfg.modulation_hidden,
                        key=k_ssm, std=cfg.init_std, dtype=dtype, scan=cfg.ssm_scan, form=cfg.ssm_form,
-                       heads=cfg.ssm_heads, chunk=cfg.ssm_chunk,
+                       heads=cfg.ssm_heads, chunk=cfg.ssm_chunk, carry=cfg.ssm_carry, products=cfg.ssm_products,
                        max_frequency=cfg.time_max_frequency)
     field = TimeIndexedSSMField(time_indexed_field(cfg, k_field, dtype), ssm)
     return ode_language_model(cfg, embedding, field, readout)
