@@ -41,8 +41,13 @@ class TimeIndexedSSMField(CachedField):
         return self.time_indexed.block_at(t)
 
     def __call__(self, t, x):
+        """``f_attn + g_ssm``; both norms standardise the same ``x`` (same eps), so it is
+        standardised once and each applies its own gain and shift."""
         block, gates = self.time_indexed.block_at(t)
-        return block(x, gates, self.dropout) + self.ssm(x, t)
+        if block.ln_attn.eps != self.ssm.norm.eps:
+            return block(x, gates, self.dropout) + self.ssm(x, t)
+        x_hat = block.ln_attn.standardize(x)
+        return block.of_standardized(x_hat, gates, self.dropout) + self.ssm(x, t, x_hat)
 
     def init_cache(self, slots, batch, max_len):
         state = self.ssm.init_state(batch)

@@ -191,7 +191,12 @@ class Block(eqx.Module):
     def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
                  dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
         """The parallel block's ``attn(LN_a(x)) + mlp(LN_m(x))``, each branch dropped out."""
-        x_hat = self.ln_attn.standardize(x)  # ln_mlp has the same eps
+        return self.of_standardized(self.ln_attn.standardize(x), gates, dropout)  # ln_mlp has the same eps
+
+    def of_standardized(self, x_hat: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
+                        dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
+        """``__call__`` of the ``x`` whose standardisation is ``x_hat`` (a caller that needs
+        ``x_hat`` too, the SSM term of ``time_indexed_ssm``, standardises ``x`` once)."""
         a = self.attn(x_hat, gates, self.ln_attn, dropout)
         m = self.mlp(x_hat, gates, self.ln_mlp)
         if dropout is not None:

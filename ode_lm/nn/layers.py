@@ -167,6 +167,10 @@ class LayerNorm(eqx.Module):
         """``(x - mean) / sqrt(var + eps)`` over the last axis, without the affine map."""
         return standardize(x, self.eps)
 
-    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
-        y = self.standardize(x) * self.weight
+    def affine(self, x_hat: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        """``x_hat * weight + bias``: the norm of an already standardised ``x_hat``."""
+        y = x_hat * self.weight
         return y if self.bias is None else y + self.bias
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        return self.affine(self.standardize(x))

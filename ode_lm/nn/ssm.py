@@ -238,14 +238,19 @@ class SelectiveSSM(eqx.Module):
     def init_state(self, batch: int) -> Float[Array, "batch dim state"]:
         return jnp.zeros((batch, self.dim, self.state_size), jnp.promote_types(self.a_log.dtype, jnp.float32))
 
-    def factors(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""]) -> SSMFactors:
-        """The recurrence's factors for tokens ``x`` at depth-time ``t``, in >= float32."""
+    def factors(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""],
+                standardized: Float[Array, "*tokens dim"] | None = None) -> SSMFactors:
+        """The recurrence's factors for tokens ``x`` at depth-time ``t``, in >= float32.
+
+        ``standardized``: ``x`` standardised over its last axis (``LayerNorm.standardize``), when
+        the caller has it (the field shares the block's); the norm then applies only its gain
+        and shift. Every method taking it below passes it on."""
         g, n = self.groups, self.state_size
         wide = jnp.promote_types(x.dtype, jnp.float32)  # long products need float32
         features = sinusoidal(t, self.time_embed_dim, self.max_frequency).astype(self.t_hidden.weight.dtype)
         z = self.t_out(jax.nn.silu(self.t_hidden(features))).astype(wide)
         alpha, delta_t, d_skip, beta, gamma = jnp.split(z, np.cumsum([g, g, self.dim, n]).tolist())
-        u = self.norm(x)
+        u = self.norm(x) if standardized is None else self.norm.affine(standardized)
         proj = self.in_proj(u).astype(wide)
         a_log = self.a_log.astype(wide)
         # A: [dim, N] (per channel and state) or [heads, 1] (one per head); strictly negative.
@@ -255,9 +260,9 @@ class SelectiveSSM(eqx.Module):
                           b=proj[..., g:g + n] * (1.0 + beta), c=proj[..., g + n:] * (1.0 + gamma),
                           skip=d_skip * u)
 
-    def discretise(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""]) -> SSMParams:
+    def discretise(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""], standardized=None) -> SSMParams:
         """The recurrence's coefficients for tokens ``x`` at depth-time ``t``, in >= float32."""
-        return self.factors(x, t).params()
+        return self.factors(x, t, standardized).params()
 
     def _output(self, h, p: SSMParams, dtype):
         y = jnp.einsum("...cn,...n->...c", h, p.readout) + p.skip
@@ -271,51 +276,59 @@ class SelectiveSSM(eqx.Module):
             return "chunked"
         return "sequential" if jax.default_backend() == "cpu" else "associative"
 
-    def __call__(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
-        """``g(x, t)`` for whole sequences, by the scan named in ``self.scan``."""
-        return getattr(self, self.resolved_scan())(x, t)
+    def __call__(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""],
+                 standardized: Float[Array, "batch seq dim"] | None = None) -> Float[Array, "batch seq dim"]:
+        """``g(x, t)`` for whole sequences, by the scan named in ``self.scan`` (``standardized``:
+        see ``factors``)."""
+        return getattr(self, self.resolved_scan())(x, t, standardized)
 
-    def associative(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+    def associative(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""], standardized=None
+                    ) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` for whole sequences, by a parallel scan over positions."""
-        p = self.discretise(x, t)
+        p = self.discretise(x, t, standardized)
         _, h = jax.lax.associative_scan(_combine, (p.decay, p.drive), axis=1)
         return self._output(h, p, x.dtype)
 
-    def chunked(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+    def chunked(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""], standardized=None
+                ) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` for whole sequences by chunks of ``self.chunk`` positions (module docstring)."""
         if self.form == "head":
-            f = self.factors(x, t)
+            f = self.factors(x, t, standardized)
             products = x.dtype if self.products == "compute" else None
             return self.out_proj((ssd_scan(f, self.chunk, self.carry, products) + f.skip).astype(x.dtype))
         b, seq, _ = x.shape
-        chunks = jnp.moveaxis(_to_chunks(x, min(self.chunk, seq)), 1, 0)  # [chunks, b, L, dim]
+        chunks = jax.tree.map(lambda z: jnp.moveaxis(_to_chunks(z, min(self.chunk, seq)), 1, 0),
+                              (x, standardized))  # [chunks, b, L, dim]
 
         @jax.checkpoint  # the backward pass recomputes a chunk's states from its carried start
-        def body(state, x_chunk):
-            return self.extend(state, x_chunk, t)
+        def body(state, chunk):
+            return self.extend(state, chunk[0], t, chunk[1])
 
         _, y = jax.lax.scan(body, self.init_state(b), chunks)
         return jnp.moveaxis(y, 0, 1).reshape(b, -1, y.shape[-1])[:, :seq]
 
     def step(self, state: Float[Array, "batch dim state"], x_t: Float[Array, "batch dim"],
-             t: Float[Array, ""]) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch dim"]]:
+             t: Float[Array, ""], standardized=None) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch dim"]]:
         """One position of the recurrence: ``(h_{k-1}, x_k) -> (h_k, g_k)``."""
-        p = self.discretise(x_t, t)
+        p = self.discretise(x_t, t, standardized)
         state = p.decay * state + p.drive
         return state, self._output(state, p, x_t.dtype)
 
     def extend(self, state: Float[Array, "batch dim state"], x: Float[Array, "batch chunk dim"],
-               t: Float[Array, ""]) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch chunk dim"]]:
+               t: Float[Array, ""], standardized=None
+               ) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch chunk dim"]]:
         """Continue the recurrence from ``state`` (``h`` before the chunk) over a chunk:
         ``h_k = (prod_{j<=k} decay_j) h_0 + scan_k``; returns the chunk's last ``h`` and ``g``."""
-        p = self.discretise(x, t)
+        p = self.discretise(x, t, standardized)
         decay, h = jax.lax.associative_scan(_combine, (p.decay, p.drive), axis=1)
         h = h + decay * state[:, None].astype(h.dtype)
         return h[:, -1], self._output(h, p, x.dtype)
 
-    def sequential(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+    def sequential(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""], standardized=None
+                   ) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` one position at a time with ``step`` (the reference recurrence)."""
-        def body(state, x_t):
-            return self.step(state, x_t, t)
-        _, y = jax.lax.scan(body, self.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
+        def body(state, position):
+            return self.step(state, position[0], t, position[1])
+        positions = jax.tree.map(lambda z: jnp.swapaxes(z, 0, 1), (x, standardized))
+        _, y = jax.lax.scan(body, self.init_state(x.shape[0]), positions)
         return jnp.swapaxes(y, 0, 1)
