@@ -48,8 +48,8 @@ The recurrence ``h_k = a_k h_{k-1} + b_k`` is a scan under the associative opera
   zero-start end state ``sum_j exp(s_L - s_j) (Delta u)_j B_j^T`` is one matrix product, and
   those give every chunk's starting state, ``h_start(z) = sum_{w<z} exp(S_{z-1} - S_w) end_w``
   (``S_z``: the log-decay of chunks ``<= z``), by one masked product over chunks
-  (``model.ssm_carry = matmul``: no loop, whose every iteration on a GPU waits for the host)
-  or a sequential scan over chunks (``scan``). The heads axis precedes the positions in the
+  (``model.ssm_carry = matmul``) or a sequential scan over chunks (``scan``: a loop, whose
+  iterations run small kernels one by one and stack their states). The heads axis precedes the positions in the
   ``L x L`` decays, as the products batch over it. ``model.ssm_products = compute`` feeds the
   products compute-dtype inputs (Mamba-2's kernels take bf16); the cumulative log-decays and
   their exponentials stay wide.
