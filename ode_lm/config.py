@@ -49,6 +49,7 @@ DROPOUT_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout")
 FROM_DROPOUT = -1.0  # the default of those three: "take model.dropout" (resolved on construction)
 SSM_SCANS = ("auto", "associative", "sequential", "chunked")  # how the SSM runs along the sequence
 SSM_FORMS = ("channel", "head")  # the SSM's decay: per channel and state, or one per head
+GATE_APPLY = ("auto", "weights", "activations")  # where a gated Linear's gate multiplies (nn/layers.py)
 SSM_CARRIES = ("matmul", "scan")  # how form head's chunked scan passes states between chunks
 SSM_PRODUCTS = ("wide", "compute")  # the dtype of form head's chunked matrix products
 NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
@@ -101,6 +102,12 @@ class ModelConfig:
     time_max_frequency: float = knob(100.0, gt=0.0, doc="highest frequency (rad per unit depth-time) of "
                                      "the sinusoidal features of t; above pi * ode.steps a fixed grid "
                                      "aliases them (nn/time_embedding.py)")
+    gate_apply: str = knob("auto", choices=GATE_APPLY,
+                           doc="where the time_indexed / constant / time_indexed_ssm gates multiply: the "
+                           "weights' columns, W * gate (weights), or the products' outputs, (x W) * gate "
+                           "(activations); the same layer. auto: the weights when a call has at least as "
+                           "many tokens as the layer has inputs (training, prefill), else the activations "
+                           "(few-token decoding)")
     modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP (and of the SSM's "
                                   "parameter MLP, family 'time_indexed_ssm')")
     hyper_form: str = knob("dense", choices=HYPER_FORMS,
