@@ -363,11 +363,13 @@ def test_gelu_gradient_equals_autodiff_of_the_tanh_form():
     assert jax.grad(lambda h: gelu(h).astype(jnp.float32).sum())(h16).dtype == jnp.bfloat16
 
 
-def _loss_and_grads(model, tokens, ode):
+@eqx.filter_jit
+def _logits_and_grads(models, tokens, ode):
+    """Each model's logits and the gradient of ``sum(sin(logits))`` (one compilation for all)."""
     def loss(model):
         logits, _ = model(tokens, ode)
         return jnp.sum(jnp.sin(logits)), logits
-    return eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(model)
+    return [eqx.filter_grad(loss, has_aux=True)(model)[::-1] for model in models]
 
 
 @pytest.mark.parametrize("family", ["time_indexed"] + [pytest.param(f, marks=pytest.mark.slow)
@@ -380,10 +382,8 @@ def test_gates_on_weights_or_on_activations_are_one_model(family):
         ode = ODEConfig(steps=2)
         tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, VOCAB)
         kw = dict(ssm_form="head", ssm_heads=2) if family == "time_indexed_ssm" else {}
-        (_, weights), g_weights = _loss_and_grads(small_model(family, jnp.float64, gate_apply="weights", **kw),
-                                                  tokens, ode)
-        (_, acts), g_acts = _loss_and_grads(small_model(family, jnp.float64, gate_apply="activations", **kw),
-                                            tokens, ode)
+        models = [small_model(family, jnp.float64, gate_apply=mode, **kw) for mode in ("weights", "activations")]
+        (weights, g_weights), (acts, g_acts) = _logits_and_grads(models, tokens, ode)
         scale = float(jnp.abs(weights).max())
         assert float(jnp.abs(acts - weights).max()) <= 1e-12 * scale
         for a, w in zip(jax.tree.leaves(g_acts), jax.tree.leaves(g_weights)):

@@ -1,8 +1,6 @@
 """The SSM's scans: chunked == sequential (both forms), Mamba-2's head form against a plain
 loop, stability over long sequences, memory that does not grow with the sequence."""
 
-import functools
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -80,12 +78,14 @@ def test_head_form_products_in_bf16_stay_within_bf16_rounding():
     f = SelectiveSSM.factors(ssm, jax.random.normal(jax.random.key(5), (2, 24, DIM)), jnp.asarray(0.4))
     cotangent = jax.random.normal(jax.random.key(6), f.u.shape)
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def scan_and_gradients(products):
-        y, pullback = jax.vjp(lambda f: ssd_scan(f, 7, "matmul", products), f)
-        return y, pullback(cotangent)
+    @jax.jit
+    def wide_and_low(f):  # one compilation for both
+        def scan_and_gradients(products):
+            y, pullback = jax.vjp(lambda f: ssd_scan(f, 7, "matmul", products), f)
+            return y, pullback(cotangent)
+        return scan_and_gradients(None), scan_and_gradients(jnp.bfloat16)
 
-    wide, low = scan_and_gradients(None), scan_and_gradients(jnp.bfloat16)
+    wide, low = wide_and_low(f)
     assert low[0].dtype == jnp.float32
     assert 1e-5 < max_relative_error(low, wide) <= 3e-2
 
@@ -207,11 +207,12 @@ def test_field_standardises_once_for_block_and_ssm():
             return block(x, gates) + field.ssm(x, t)
 
         @eqx.filter_jit
-        def value_and_pullback(fn, field, x):
-            y, pullback = jax.vjp(fn, field, x)
-            return y, pullback(cotangent)
+        def both(field, x):  # one compilation for both
+            def value_and_pullback(fn):
+                y, pullback = jax.vjp(fn, field, x)
+                return y, pullback(cotangent)
+            return value_and_pullback(separately), value_and_pullback(lambda field, x: field(t, x))
 
-        expected = value_and_pullback(separately, field, x)
-        got = value_and_pullback(lambda field, x: field(t, x), field, x)
+        expected, got = both(field, x)
         assert float(jnp.abs(expected[0]).max()) > 1e-2
         assert max_relative_error(got, expected) <= 1e-12
