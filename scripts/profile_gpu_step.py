@@ -89,7 +89,8 @@ def main() -> None:
                                                  for g, ms in groups.most_common()])
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     print_table(["kernel", "ms/step"], [[k[:90], f"{ms:.3f}"] for k, ms in top])
-    write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size, "family": args.family,
+    write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size,
+                          "family": args.family,
                           **SIZES[args.size], "adjoint": args.adjoint,
                           "checkpoint_saves": args.checkpoint_saves, "busy_ms": busy, "wall_ms_profiled": wall,
                           "kernels_per_step": kernels, "groups_ms": dict(groups), "top_kernels_ms": dict(top)})

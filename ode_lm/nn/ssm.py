@@ -49,10 +49,10 @@ The recurrence ``h_k = a_k h_{k-1} + b_k`` is a scan under the associative opera
   those give every chunk's starting state, ``h_start(z) = sum_{w<z} exp(S_{z-1} - S_w) end_w``
   (``S_z``: the log-decay of chunks ``<= z``), by one masked product over chunks
   (``model.ssm_carry = matmul``) or a sequential scan over chunks (``scan``: a loop, whose
-  iterations run small kernels one by one and stack their states). The heads axis precedes the positions in the
-  ``L x L`` decays, as the products batch over it. ``model.ssm_products = compute`` feeds the
-  products compute-dtype inputs (Mamba-2's kernels take bf16); the cumulative log-decays and
-  their exponentials stay wide.
+  iterations run small kernels one by one and stack their states). The heads axis precedes
+  the positions in the ``L x L`` decays, as the products batch over it.
+  ``model.ssm_products = compute`` feeds the products compute-dtype inputs (Mamba-2's kernels
+  take bf16); the cumulative log-decays and their exponentials stay wide.
   No ``batch x seq x dim x N`` tensor exists in either form.
 - ``auto``: ``chunked`` for the ``head`` form; for the ``channel`` form ``sequential`` on
   the CPU and ``associative`` elsewhere, the fastest of each (H200, reference size, bf16
@@ -136,8 +136,9 @@ def _chunk_starts(decay: Float[Array, "batch chunks heads"], ends: Float[Array, 
     return jnp.moveaxis(starts, 0, 1)
 
 
-def _chunk_starts_matmul(log_decay: Float[Array, "batch chunks heads"], ends: Float[Array, "batch chunks state heads p"],
-                         dot=jnp.einsum) -> Float[Array, "batch chunks state heads p"]:
+def _chunk_starts_matmul(log_decay: Float[Array, "batch chunks heads"],
+                         ends: Float[Array, "batch chunks state heads p"], dot=jnp.einsum
+                         ) -> Float[Array, "batch chunks state heads p"]:
     """``_chunk_starts`` as one masked product over chunks (Mamba-2's state passing):
     ``h_start(z) = sum_{w<z} exp(S_{z-1} - S_w) end_w`` with ``S_z`` the cumulative log-decay
     of chunks ``<= z``. Every exponent is ``<= 0``; no loop over chunks remains."""
@@ -308,7 +309,8 @@ class SelectiveSSM(eqx.Module):
         return jnp.moveaxis(y, 0, 1).reshape(b, -1, y.shape[-1])[:, :seq]
 
     def step(self, state: Float[Array, "batch dim state"], x_t: Float[Array, "batch dim"],
-             t: Float[Array, ""], standardized=None) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch dim"]]:
+             t: Float[Array, ""], standardized=None
+             ) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch dim"]]:
         """One position of the recurrence: ``(h_{k-1}, x_k) -> (h_k, g_k)``."""
         p = self.discretise(x_t, t, standardized)
         state = p.decay * state + p.drive
