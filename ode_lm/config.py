@@ -53,6 +53,9 @@ DROPOUT_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout")
 FROM_DROPOUT = -1.0  # the default of those three: "take model.dropout" (resolved on construction)
 SSM_SCANS = ("auto", "associative", "sequential", "chunked")  # how the SSM runs along the sequence
 SSM_FORMS = ("channel", "head")  # the SSM's decay: per channel and state, or one per head
+GATE_APPLY = ("auto", "weights", "activations")  # where a gated Linear's gate multiplies (nn/layers.py)
+SSM_CARRIES = ("matmul", "scan")  # how form head's chunked scan passes states between chunks
+SSM_PRODUCTS = ("wide", "compute")  # the dtype of form head's chunked matrix products
 NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
 MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
 CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
@@ -124,6 +127,12 @@ class ModelConfig(Section):
     time_max_frequency: float = knob(100.0, gt=0.0, doc="highest frequency (rad per unit depth-time) of "
                                      "the sinusoidal features of t; above pi * ode.steps a fixed grid "
                                      "aliases them (nn/time_embedding.py)")
+    gate_apply: str = knob("auto", choices=GATE_APPLY,
+                           doc="where the time_indexed / constant / time_indexed_ssm gates multiply: the "
+                           "weights' columns, W * gate (weights), or the products' outputs, (x W) * gate "
+                           "(activations); the same layer. auto: the weights when a call has at least as "
+                           "many tokens as the layer has inputs (training, prefill), else the activations "
+                           "(few-token decoding)")
     modulation_hidden: int = knob(64, ge=1, doc="hidden units of the modulation MLP (and of the SSM's "
                                   "parameter MLP, family 'time_indexed_ssm')")
     hyper_form: str = knob("dense", choices=HYPER_FORMS,
@@ -145,6 +154,14 @@ class ModelConfig(Section):
                          doc="SSM decay: channel (exp(Delta A) per channel and state, Mamba) or head (one "
                          "Delta and scalar A per head, Mamba-2; chunked runs as matrix products)")
     ssm_heads: int = knob(4, ge=1, doc="SSM heads of ssm_form = head; must divide dim")
+    ssm_carry: str = knob("matmul", choices=SSM_CARRIES,
+                          doc="ssm_form = head, chunked: each chunk's starting state from the chunks before "
+                          "it by one masked product over chunks (matmul, Mamba-2's state passing; no loop) or "
+                          "a sequential scan over chunks (scan); the same sums in another order")
+    ssm_products: str = knob("wide", choices=SSM_PRODUCTS,
+                             doc="ssm_form = head, chunked: the matrix products within and between chunks "
+                             "take inputs in >= float32 (wide) or in the compute dtype (compute: bf16 under "
+                             "mixed precision, as Mamba-2's kernels; the decays and cumulative sums stay wide)")
     init_std: float = knob(0.02, gt=0.0, doc="std of the normal weight initialisation")
     attention: str = knob("auto", choices=ATTENTION_IMPLEMENTATIONS,
                           doc="attention kernel; auto: cuDNN flash on GPU for bf16/fp16, else XLA")

@@ -29,7 +29,8 @@ import jax
 import numpy as np
 
 from _timing import machine, print_table, time_steps, write_json
-from ode_lm.config import ADJOINTS, FAMILIES, SOLVERS, SSM_FORMS, SSM_SCANS, config_from_dict
+from ode_lm.config import (ADJOINTS, FAMILIES, SOLVERS, SSM_CARRIES, SSM_FORMS, SSM_PRODUCTS, SSM_SCANS,
+                           config_from_dict)
 from ode_lm.models import build_model, count_parameters
 from ode_lm.models.accounting import flops_per_token, parameter_counts
 from ode_lm.train.optim import build_optimizer
@@ -44,7 +45,8 @@ def family_config(family: str, args: argparse.Namespace, seq: int, ssm_form: str
         "model": {"family": family, "dim": args.dim, "heads": args.heads, "layers": args.depth,
                   "max_positions": seq, "dropout": args.dropout, "attention": args.attention,
                   "ssm_state_size": args.ssm_state_size, "ssm_scan": ssm_scan, "ssm_form": ssm_form,
-                  "ssm_chunk": args.ssm_chunk, "ssm_heads": args.ssm_heads},
+                  "ssm_chunk": args.ssm_chunk, "ssm_heads": args.ssm_heads, "ssm_carry": args.ssm_carry,
+                  "ssm_products": args.ssm_products},
         "ode": {"solver": args.solver, "steps": args.depth, "adjoint": args.adjoint},
         "data": {"seq_len": seq},
         "train": {"batch_size": args.batch, "dtype": args.dtype, "steps": 1000},
@@ -141,6 +143,8 @@ def main() -> None:
                     help="time_indexed_ssm's form(s); one row per form and scan")
     ap.add_argument("--ssm-chunk", type=int, default=64, help="model.ssm_chunk (scan 'chunked')")
     ap.add_argument("--ssm-heads", type=int, default=4, help="model.ssm_heads (form 'head')")
+    ap.add_argument("--ssm-carry", default="matmul", choices=SSM_CARRIES, help="model.ssm_carry (form 'head')")
+    ap.add_argument("--ssm-products", default="wide", choices=SSM_PRODUCTS, help="model.ssm_products (form 'head')")
     ap.add_argument("--steps", dest="repeats", type=int, default=10, help="timed train steps per family")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/families_<platform>.json)")
     args = ap.parse_args()

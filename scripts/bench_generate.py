@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _timing import machine, print_table, write_json  # noqa: E402
 
-from ode_lm.config import ModelConfig, ODEConfig  # noqa: E402
+from ode_lm.config import GATE_APPLY, ModelConfig, ODEConfig  # noqa: E402
 from ode_lm.generate import generate, greedy_logits  # noqa: E402
 from ode_lm.models import build_model  # noqa: E402
 
@@ -95,12 +95,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64], help="batched rows (none: skip)")
     parser.add_argument("--batch-new-tokens", type=int, default=1024)
     parser.add_argument("--chunk", type=int, default=32, help="generate.chunk of the streamed row")
+    parser.add_argument("--gate-apply", default="auto", choices=GATE_APPLY, help="model.gate_apply")
     parser.add_argument("--rtol", type=float, default=1e-3, help="adaptive-deviation tolerance")
     parser.add_argument("--out", default=None, help="JSON path (default docs/results/generate_<backend>.json)")
     args = parser.parse_args()
 
     longest = args.prompt_len + max(args.new_tokens + ([args.batch_new_tokens] if args.batch else []))
-    cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=longest, dropout=0.0)
+    cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=longest, dropout=0.0, gate_apply=args.gate_apply)
     model = build_model(cfg, 256, jax.random.key(0))
     ode = ODEConfig(solver=args.solver, steps=args.steps)
     prompt = np.asarray(jax.random.randint(jax.random.key(1), (args.prompt_len,), 0, 256))

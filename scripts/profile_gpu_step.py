@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes: kernel time per step, grouped into matmuls,
 attention and everything else (elementwise, reductions, copies).
 
-Runs ode-lm's real train step (time-indexed model, bf16, Euler) at a ``bench_gpu.py`` size
+Runs ode-lm's real train step (``--family``, time-indexed by default; bf16, Euler) at a ``bench_gpu.py`` size
 under ``jax.profiler``, reads the Perfetto trace and sums GPU kernel durations.
 
     python scripts/profile_gpu_step.py --size large --out docs/results/gpu_profile.json
@@ -22,6 +22,7 @@ import numpy as np
 
 from _timing import machine, print_table, write_json
 from bench_gpu import SIZES, VOCAB, make_train_step
+from ode_lm.config import FAMILIES
 
 GROUPS = {"matmul": ("gemm", "nvjet", "cutlass", "cublas", "matmul"),
           "attention": ("sdpa", "flash", "cudnn", "attention")}
@@ -53,6 +54,8 @@ def kernel_times(trace_dir: Path) -> tuple[collections.Counter, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="large", choices=list(SIZES))
+    ap.add_argument("--family", default="time_indexed", choices=FAMILIES,
+                    help="model family (standard: the per-kernel table to set the ODE step's against)")
     ap.add_argument("--steps-profiled", type=int, default=5)
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint")
@@ -61,7 +64,7 @@ def main() -> None:
     ap.add_argument("--hlo", default=None, help="also write the step's optimised HLO here")
     args = ap.parse_args()
 
-    step = make_train_step(SIZES[args.size], "time_indexed", args.adjoint,
+    step = make_train_step(SIZES[args.size], args.family, args.adjoint,
                            checkpoint_saves=args.checkpoint_saves)
     if args.hlo:
         Path(args.hlo).write_text(step.hlo())
@@ -80,13 +83,14 @@ def main() -> None:
     for k, ms in per_step.items():
         groups[group_of(k)] += ms
     kernels = launches / args.steps_profiled
-    print(f"{machine()['device']}: GPU busy {busy:.2f} ms of {wall:.2f} ms per step ({args.size}), "
+    print(f"{machine()['device']}: GPU busy {busy:.2f} ms of {wall:.2f} ms per step ({args.family}, {args.size}), "
           f"{kernels:.0f} kernels per step")
     print_table(["group", "ms/step", "share"], [[g, f"{ms:.2f}", f"{100 * ms / busy:.0f}%"]
                                                  for g, ms in groups.most_common()])
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     print_table(["kernel", "ms/step"], [[k[:90], f"{ms:.3f}"] for k, ms in top])
     write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size,
+                          "family": args.family,
                           **SIZES[args.size], "adjoint": args.adjoint,
                           "checkpoint_saves": args.checkpoint_saves, "busy_ms": busy, "wall_ms_profiled": wall,
                           "kernels_per_step": kernels, "groups_ms": dict(groups), "top_kernels_ms": dict(top)})

@@ -361,3 +361,33 @@ def test_gelu_gradient_equals_autodiff_of_the_tanh_form():
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
     h16 = jnp.linspace(-3.0, 3.0, 64, dtype=jnp.bfloat16)
     assert jax.grad(lambda h: gelu(h).astype(jnp.float32).sum())(h16).dtype == jnp.bfloat16
+
+
+@eqx.filter_jit
+def _logits_and_grads(models, tokens, ode):
+    """Each model's logits and the gradient of ``sum(sin(logits))`` (one compilation for all)."""
+    def loss(model):
+        logits, _ = model(tokens, ode)
+        return jnp.sum(jnp.sin(logits)), logits
+    return [eqx.filter_grad(loss, has_aux=True)(model)[::-1] for model in models]
+
+
+@pytest.mark.parametrize("family", ["time_indexed"] + [pytest.param(f, marks=pytest.mark.slow)
+                                                     for f in ("constant", "time_indexed_ssm")])
+def test_gates_on_weights_or_on_activations_are_one_model(family):
+    """``model.gate_apply``: ``x (W * g) + b`` and ``(x W) * g + b`` (norm gains, the attention's
+    value bias and the MLP included) give the same logits and parameter gradients, float64
+    within 1e-12; ``auto`` on a few-token input takes the activations path, and it agrees too."""
+    with jax.enable_x64(True):
+        ode = ODEConfig(steps=2)
+        tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, VOCAB)
+        kw = dict(ssm_form="head", ssm_heads=2) if family == "time_indexed_ssm" else {}
+        models = [small_model(family, jnp.float64, gate_apply=mode, **kw) for mode in ("weights", "activations")]
+        (weights, g_weights), (acts, g_acts) = _logits_and_grads(models, tokens, ode)
+        scale = float(jnp.abs(weights).max())
+        assert float(jnp.abs(acts - weights).max()) <= 1e-12 * scale
+        for a, w in zip(jax.tree.leaves(g_acts), jax.tree.leaves(g_weights)):
+            assert float(jnp.abs(a - w).max()) <= 1e-12 * max(float(jnp.abs(w).max()), 1e-30)
+        short = tokens[:1, :4]  # 4 tokens < dim: auto gates the activations
+        auto, _ = forward(small_model(family, jnp.float64, gate_apply="auto", **kw), short, ode)
+        np.testing.assert_allclose(auto, weights[:1, :4], rtol=0, atol=1e-12 * scale)

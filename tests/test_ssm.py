@@ -14,9 +14,9 @@ from ode_lm.nn.ssm import ssd_scan
 DIM, STATE, HEADS = 8, 4, 2
 
 
-def random_ssm(form, scan, chunk=8, dtype=jnp.float32, dim=DIM, state=STATE, key=0):
+def random_ssm(form, scan, chunk=8, dtype=jnp.float32, dim=DIM, state=STATE, key=0, **kwargs):
     ssm = SelectiveSSM(dim, state, 8, 16, key=jax.random.key(key), std=0.5, dtype=dtype, scan=scan,
-                       form=form, heads=HEADS, chunk=chunk)
+                       form=form, heads=HEADS, chunk=chunk, **kwargs)
     # Perturb every parameter so the test does not lean on the initialisation.
     leaves, tree = jax.tree.flatten(ssm)
     keys = jax.random.split(jax.random.key(key + 1), len(leaves))
@@ -41,7 +41,7 @@ CASES = [(24, 8), (24, 7)]
 SLOW_CASES = [(1, 8), (5, 8), (24, "associative")]
 
 
-def check_scans_equal_sequential(form, dtype, tol, cases):
+def check_scans_equal_sequential(form, dtype, tol, cases, **kwargs):
     with jax.enable_x64(dtype == jnp.float64):
         reference = random_ssm(form, "sequential", dtype=dtype)
         t = jnp.asarray(0.4, dtype)
@@ -51,7 +51,7 @@ def check_scans_equal_sequential(form, dtype, tol, cases):
             cotangent = jax.random.normal(k2, x.shape, dtype)
             expected = output_and_gradients(reference, x, cotangent, t)
             scan = random_ssm(form, "associative", dtype=dtype) if chunk == "associative" else \
-                random_ssm(form, "chunked", chunk, dtype=dtype)
+                random_ssm(form, "chunked", chunk, dtype=dtype, **kwargs)
             got = output_and_gradients(scan, x, cotangent, t)
             assert float(jnp.abs(expected[0]).max()) > 1e-2
             assert max_relative_error(got, expected) <= tol, (seq, chunk)
@@ -61,6 +61,33 @@ def check_scans_equal_sequential(form, dtype, tol, cases):
 def test_chunked_scan_equals_the_sequential_recurrence_in_float32(form):
     """Outputs and gradients (parameters and inputs) within 1e-5 of the recurrence's."""
     check_scans_equal_sequential(form, jnp.float32, 1e-5, CASES)
+
+
+@pytest.mark.parametrize("carry", ["matmul", pytest.param("scan", marks=pytest.mark.slow)])
+def test_head_form_state_passing_by_product_or_scan_equals_the_sequential_recurrence(carry):
+    """Form 'head', ``model.ssm_carry``: chunk starting states by one masked product over
+    chunks or by a loop; float64 outputs and gradients within 1e-12 of the recurrence over
+    seven chunks, the last one padded."""
+    check_scans_equal_sequential("head", jnp.float64, 1e-12, [(40, 6)], carry=carry)
+
+
+def test_head_form_products_in_bf16_stay_within_bf16_rounding():
+    """``model.ssm_products = compute``: products fed bf16 inputs move the scan's outputs and
+    gradients by about bf16 rounding (2^-8 relative), no more."""
+    ssm = random_ssm("head", "chunked", 7)
+    f = SelectiveSSM.factors(ssm, jax.random.normal(jax.random.key(5), (2, 24, DIM)), jnp.asarray(0.4))
+    cotangent = jax.random.normal(jax.random.key(6), f.u.shape)
+
+    @jax.jit
+    def wide_and_low(f):  # one compilation for both
+        def scan_and_gradients(products):
+            y, pullback = jax.vjp(lambda f: ssd_scan(f, 7, "matmul", products), f)
+            return y, pullback(cotangent)
+        return scan_and_gradients(None), scan_and_gradients(jnp.bfloat16)
+
+    wide, low = wide_and_low(f)
+    assert low[0].dtype == jnp.float32
+    assert 1e-5 < max_relative_error(low, wide) <= 3e-2
 
 
 @pytest.mark.slow
@@ -81,14 +108,15 @@ def test_chunked_scan_of_one_position_is_one_step():
         np.testing.assert_allclose(got[:, 0], expected, rtol=1e-6, atol=1e-6 * float(jnp.abs(expected).max()))
 
 
-def test_head_form_chunks_equal_a_plain_loop_of_mamba2_recurrence():
+@pytest.mark.parametrize("carry", ["matmul", "scan"])
+def test_head_form_chunks_equal_a_plain_loop_of_mamba2_recurrence(carry):
     """Form 'head': ``h_k[c,n] = exp(Delta_k[h] A[h]) h_{k-1}[c,n] + Delta_k[h] u_k[c] B_k[n]``,
     ``y_k[c] = C_k . h_k[c]``, written here as a float64 NumPy loop over positions."""
     with jax.enable_x64(True):
         ssm = random_ssm("head", "chunked", dtype=jnp.float64)
         x = jax.random.normal(jax.random.key(4), (2, 19, DIM), jnp.float64)
         f = eqx.filter_jit(SelectiveSSM.factors)(ssm, x, jnp.asarray(0.7, jnp.float64))
-        got = np.asarray(jax.jit(ssd_scan, static_argnums=1)(f, 6))
+        got = np.asarray(jax.jit(ssd_scan, static_argnums=(1, 2))(f, 6, carry))
     delta, a, u, b, c = (np.asarray(v) for v in (f.delta, f.a, f.u, f.b, f.c))
     assert a.shape == (HEADS, 1) and (a < 0).all() and delta.shape == (2, 19, HEADS)
     p = DIM // HEADS
@@ -157,3 +185,34 @@ def test_head_form_parameter_count():
     model = eqx.filter_eval_shape(build_model, cfg, 32, jax.random.key(0))
     assert parameter_counts(model)["ssm"] == (2 * d + d * (h + 2 * n) + d * d + d + h + e * hidden + hidden
                                               + hidden * (2 * h + d + 2 * n) + 2 * h + d + 2 * n)
+
+
+def test_field_standardises_once_for_block_and_ssm():
+    """``time_indexed_ssm``'s ``f(t, x)`` shares one standardisation of ``x`` between the block
+    and the SSM: float64 outputs and gradients within 1e-12 of ``block(x) + ssm(x, t)``
+    with each standardising on its own."""
+    from ode_lm.config import ModelConfig
+    from ode_lm.models import build_model
+
+    with jax.enable_x64(True):
+        cfg = ModelConfig(family="time_indexed_ssm", dim=DIM, heads=2, ssm_state_size=STATE, ssm_form="head",
+                          ssm_heads=HEADS, ssm_chunk=5, max_positions=16, dropout=0.0)
+        field = build_model(cfg, 32, jax.random.key(0), jnp.float64).field
+        x = jax.random.normal(jax.random.key(1), (2, 12, DIM), jnp.float64)
+        cotangent = jax.random.normal(jax.random.key(2), x.shape, jnp.float64)
+        t = jnp.asarray(0.3, jnp.float64)
+
+        def separately(field, x):
+            block, gates = field.block_at(t)
+            return block(x, gates) + field.ssm(x, t)
+
+        @eqx.filter_jit
+        def both(field, x):  # one compilation for both
+            def value_and_pullback(fn):
+                y, pullback = jax.vjp(fn, field, x)
+                return y, pullback(cotangent)
+            return value_and_pullback(separately), value_and_pullback(lambda field, x: field(t, x))
+
+        expected, got = both(field, x)
+        assert float(jnp.abs(expected[0]).max()) > 1e-2
+        assert max_relative_error(got, expected) <= 1e-12

@@ -238,4 +238,4 @@ def ode_language_model(cfg: ModelConfig, embedding: Embedding, field: CachedFiel
 def build_block(cfg: ModelConfig, key: PRNGKeyArray, dtype, **kwargs) -> Block:
     """The configured transformer block (``kwargs``: e.g. GPT-2's residual-projection std)."""
     return Block(cfg.dim, cfg.heads, cfg.mlp_ratio, key=key, std=cfg.init_std, dtype=dtype,
-                 attention=cfg.attention, bias=cfg.bias, **kwargs)
+                 attention=cfg.attention, bias=cfg.bias, gate_apply=cfg.gate_apply, **kwargs)

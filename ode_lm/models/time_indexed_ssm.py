@@ -41,8 +41,13 @@ class TimeIndexedSSMField(CachedField):
         return self.time_indexed.block_at(t)
 
     def __call__(self, t, x):
+        """``f_attn + g_ssm``; both norms standardise the same ``x`` (same eps), so it is
+        standardised once and each applies its own gain and shift."""
         block, gates = self.time_indexed.block_at(t)
-        return block(x, gates, self.dropout) + self.ssm(x, t)
+        if block.ln_attn.eps != self.ssm.norm.eps:
+            return block(x, gates, self.dropout) + self.ssm(x, t)
+        x_hat = block.ln_attn.standardize(x)
+        return block.of_standardized(x_hat, gates, self.dropout) + self.ssm(x, t, x_hat)
 
     def init_cache(self, slots, batch, max_len):
         state = self.ssm.init_state(batch)
@@ -63,7 +68,7 @@ def build_time_indexed_ssm(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtyp
     embedding, readout = build_shared(cfg, vocab, k_shared, dtype)
     ssm = SelectiveSSM(cfg.dim, cfg.ssm_state_size, cfg.time_embed_dim, cfg.modulation_hidden,
                        key=k_ssm, std=cfg.init_std, dtype=dtype, scan=cfg.ssm_scan, form=cfg.ssm_form,
-                       heads=cfg.ssm_heads, chunk=cfg.ssm_chunk,
+                       heads=cfg.ssm_heads, chunk=cfg.ssm_chunk, carry=cfg.ssm_carry, products=cfg.ssm_products,
                        max_frequency=cfg.time_max_frequency)
     field = TimeIndexedSSMField(time_indexed_field(cfg, k_field, dtype), ssm)
     return ode_language_model(cfg, embedding, field, readout)

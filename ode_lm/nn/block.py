@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.nn.cache import KVCache
 from ode_lm.nn.dropout import Dropout
-from ode_lm.nn.layers import LayerNorm, Linear, gelu
+from ode_lm.nn.layers import LayerNorm, Linear, gates_weights, gelu
 
 
 class BlockGates(NamedTuple):
@@ -66,14 +66,17 @@ class Attention(eqx.Module):
     proj: Linear
     heads: int = eqx.field(static=True)
     implementation: str = eqx.field(static=True, default="auto")
+    gate_apply: str = eqx.field(static=True, default="auto")  # model.gate_apply (Linear)
 
     def __init__(self, dim: int, heads: int, *, key: PRNGKeyArray, std: float, dtype=jnp.float32,
-                 implementation: str = "auto", bias: bool = True, proj_std: float | None = None):
+                 implementation: str = "auto", bias: bool = True, proj_std: float | None = None,
+                 gate_apply: str = "auto"):
         k1, k2 = jax.random.split(key)
         self.qkv = Linear(dim, 3 * dim, key=k1, std=std, bias=bias, dtype=dtype)
         self.proj = Linear(dim, dim, key=k2, std=std if proj_std is None else proj_std, bias=bias, dtype=dtype)
         self.heads = heads
         self.implementation = implementation
+        self.gate_apply = gate_apply
 
     def kernel(self, dtype) -> str | None:
         """cuDNN's fused (flash) attention on GPU for 16-bit inputs; XLA's otherwise."""
@@ -97,7 +100,7 @@ class Attention(eqx.Module):
             out = causal_attention_explicit(q, k, v, dropout)
         else:
             out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=self.kernel(x.dtype))
-        return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias)
+        return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias, gate_apply=self.gate_apply)
 
     def project(self, x: Float[Array, "batch seq dim"], gates: BlockGates, norm: LayerNorm | None = None
                 ) -> tuple[Float[Array, "batch seq dim"], Float[Array, "batch seq dim"],
@@ -110,9 +113,13 @@ class Attention(eqx.Module):
         takes into its bias (``input_shift``: weight-sized work). Each leaves out a pass
         over the activations in the forward and in the backward pass.
         """
-        weight, bias = self.qkv.effective(gates.qkv, norm)
+        gate_weights = gates_weights(self.gate_apply, x)
+        weight, bias = self.qkv.effective(gates.qkv, norm, gate_weights=gate_weights)
         w_q, w_k, w_v = jnp.split(weight, 3, axis=1)
         q, k, v = x @ w_q, x @ w_k, x @ w_v
+        if gates.qkv is not None and not gate_weights:
+            g_q, g_k, g_v = jnp.split(gates.qkv, 3)
+            q, k, v = q * g_q, k * g_k, v * g_v
         if bias is None:
             return q, k, v, None
         b_q, _, b_v = jnp.split(bias, 3)
@@ -141,23 +148,26 @@ class Attention(eqx.Module):
         visible = jnp.arange(cache.max_len)[None, :] <= start + jnp.arange(t)[:, None]
         probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(values.dtype)
         out = jnp.einsum("bhtl,bhld->bthd", probs, values)
-        return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias), cache
+        return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias, gate_apply=self.gate_apply), cache
 
 
 class MLP(eqx.Module):
     fc1: Linear
     fc2: Linear
+    gate_apply: str = eqx.field(static=True, default="auto")  # model.gate_apply (Linear)
 
     def __init__(self, dim: int, hidden: int, *, key: PRNGKeyArray, std: float, dtype=jnp.float32,
-                 bias: bool = True, out_std: float | None = None):
+                 bias: bool = True, out_std: float | None = None, gate_apply: str = "auto"):
         k1, k2 = jax.random.split(key)
         self.fc1 = Linear(dim, hidden, key=k1, std=std, bias=bias, dtype=dtype)
         self.fc2 = Linear(hidden, dim, key=k2, std=std if out_std is None else out_std, bias=bias, dtype=dtype)
+        self.gate_apply = gate_apply
 
     def __call__(self, x: Float[Array, "... dim"], gates: BlockGates,
                  norm: LayerNorm | None = None) -> Float[Array, "... dim"]:
         """The MLP of ``norm(x)`` (``x`` standardised when ``norm`` is given)."""
-        return self.fc2(gelu(self.fc1(x, gates.fc1, norm)), gates.fc2)
+        h = self.fc1(x, gates.fc1, norm, gate_apply=self.gate_apply)
+        return self.fc2(gelu(h), gates.fc2, gate_apply=self.gate_apply)
 
 
 class Block(eqx.Module):
@@ -180,18 +190,25 @@ class Block(eqx.Module):
     mlp: MLP
 
     def __init__(self, dim: int, heads: int, mlp_ratio: int, *, key: PRNGKeyArray, std: float,
-                 dtype=jnp.float32, attention: str = "auto", bias: bool = True, resid_std: float | None = None):
+                 dtype=jnp.float32, attention: str = "auto", bias: bool = True, resid_std: float | None = None,
+                 gate_apply: str = "auto"):
         ka, km = jax.random.split(key)
         self.ln_attn = LayerNorm(dim, dtype=dtype, bias=bias)
         self.attn = Attention(dim, heads, key=ka, std=std, dtype=dtype, implementation=attention, bias=bias,
-                              proj_std=resid_std)
+                              proj_std=resid_std, gate_apply=gate_apply)
         self.ln_mlp = LayerNorm(dim, dtype=dtype, bias=bias)
-        self.mlp = MLP(dim, mlp_ratio * dim, key=km, std=std, dtype=dtype, bias=bias, out_std=resid_std)
+        self.mlp = MLP(dim, mlp_ratio * dim, key=km, std=std, dtype=dtype, bias=bias, out_std=resid_std,
+                       gate_apply=gate_apply)
 
     def __call__(self, x: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
                  dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
         """The parallel block's ``attn(LN_a(x)) + mlp(LN_m(x))``, each branch dropped out."""
-        x_hat = self.ln_attn.standardize(x)  # ln_mlp has the same eps
+        return self.of_standardized(self.ln_attn.standardize(x), gates, dropout)  # ln_mlp has the same eps
+
+    def of_standardized(self, x_hat: Float[Array, "batch seq dim"], gates: BlockGates = BlockGates(),
+                        dropout: Dropout | None = None) -> Float[Array, "batch seq dim"]:
+        """``__call__`` of the ``x`` whose standardisation is ``x_hat`` (a caller that needs
+        ``x_hat`` too, the SSM term of ``time_indexed_ssm``, standardises ``x`` once)."""
         a = self.attn(x_hat, gates, self.ln_attn, dropout)
         m = self.mlp(x_hat, gates, self.ln_mlp)
         if dropout is not None:

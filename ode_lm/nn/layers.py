@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import equinox as eqx
 import jax
@@ -66,13 +67,25 @@ def _gelu_bwd(h, d_out):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def gates_weights(gate_apply: str, x: Float[Array, "... fan_in"]) -> bool:
+    """Whether a gated layer of ``x`` scales its weight's columns (``weights``) or its product's
+    outputs (``activations``); ``auto``: the weights when ``x`` has at least ``fan_in`` tokens,
+    i.e. whenever the weight is the smaller of the two (the activations for few-token decoding)."""
+    if gate_apply == "auto":
+        return math.prod(x.shape[:-1]) >= x.shape[-1]
+    return gate_apply == "weights"
+
+
 class Linear(eqx.Module):
     """``y = x (W * gate) + b``, optionally after a layer norm's affine map folded in.
 
     ``gate`` scales output features: with ``gate = sigmoid(m(t))`` this is the time-modulated
     layer ``W_eff(t) = W * gate(t)`` (gate broadcast over the input axis). Gating the weight
     (``fan_in x fan_out`` products) rather than the output (``tokens x fan_out``) keeps a
-    full pass over the activations out of every forward and backward evaluation.
+    full pass over the activations out of every forward and backward evaluation whenever
+    there are more tokens than input features. ``gate_apply`` (``model.gate_apply``, see
+    ``gates_weights``) may instead compute the same ``(x W) * gate + b``: the cheaper form for
+    a few tokens, as in decoding, where gating the weight reads and writes it once more.
 
     ``norm``: the input is a standardised ``x_hat`` and the layer computes
     ``(x_hat * gamma + beta) (W * gate) + b = x_hat W' + b'`` with
@@ -91,22 +104,29 @@ class Linear(eqx.Module):
         self.bias = jnp.zeros((fan_out,), dtype) if bias else None
 
     def __call__(self, x: Float[Array, "... fan_in"], gate: Float[Array, " fan_out"] | None = None,
-                 norm: LayerNorm | None = None, input_shift: Float[Array, " fan_in"] | None = None
-                 ) -> Float[Array, "... fan_out"]:
-        weight, bias = self.effective(gate, norm, input_shift)
+                 norm: LayerNorm | None = None, input_shift: Float[Array, " fan_in"] | None = None,
+                 gate_apply: str = "weights") -> Float[Array, "... fan_out"]:
+        gate_weights = gates_weights(gate_apply, x)
+        weight, bias = self.effective(gate, norm, input_shift, gate_weights)
         y = x @ weight
+        if gate is not None and not gate_weights:
+            y = y * gate
         return y if bias is None else y + bias
 
     def effective(self, gate: Float[Array, " fan_out"] | None = None, norm: LayerNorm | None = None,
-                  input_shift: Float[Array, " fan_in"] | None = None
+                  input_shift: Float[Array, " fan_in"] | None = None, gate_weights: bool = True
                   ) -> tuple[Float[Array, "fan_in fan_out"], Float[Array, " fan_out"] | None]:
-        """``(W', b')`` with ``layer(x) = x W' + b'`` (see the class docstring)."""
-        weight = self.weight if gate is None else gate_columns(self.weight, gate)
+        """``(W', b')`` with ``layer(x) = x W' + b'`` (see the class docstring); with a gate
+        and ``gate_weights=False``, ``W'`` is ungated and ``layer(x) = (x W') * gate + b'``."""
+        gated = gate is not None and gate_weights
+        weight = gate_columns(self.weight, gate) if gated else self.weight
         if norm is not None and norm.bias is not None:
             input_shift = norm.bias if input_shift is None else input_shift + norm.bias
         bias = self.bias
         if input_shift is not None:
             shift = input_shift @ weight
+            if gate is not None and not gated:
+                shift = shift * gate
             bias = shift if bias is None else bias + shift
         if norm is not None:
             weight = norm.weight[:, None] * weight
@@ -167,6 +187,10 @@ class LayerNorm(eqx.Module):
         """``(x - mean) / sqrt(var + eps)`` over the last axis, without the affine map."""
         return standardize(x, self.eps)
 
-    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
-        y = self.standardize(x) * self.weight
+    def affine(self, x_hat: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        """``x_hat * weight + bias``: the norm of an already standardised ``x_hat``."""
+        y = x_hat * self.weight
         return y if self.bias is None else y + self.bias
+
+    def __call__(self, x: Float[Array, "... dim"]) -> Float[Array, "... dim"]:
+        return self.affine(self.standardize(x))

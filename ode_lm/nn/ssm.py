@@ -46,7 +46,13 @@ The recurrence ``h_k = a_k h_{k-1} + b_k`` is a scan under the associative opera
   ``y_i = sum_{j<=i} exp(s_i - s_j) (C_i . B_j) (Delta u)_j``  (an ``L x L`` masked matrix
   per head times the chunk's inputs) plus ``exp(s_i) C_i . h_start``; each chunk's
   zero-start end state ``sum_j exp(s_L - s_j) (Delta u)_j B_j^T`` is one matrix product, and
-  a sequential scan over chunks turns those into every chunk's starting state.
+  those give every chunk's starting state, ``h_start(z) = sum_{w<z} exp(S_{z-1} - S_w) end_w``
+  (``S_z``: the log-decay of chunks ``<= z``), by one masked product over chunks
+  (``model.ssm_carry = matmul``) or a sequential scan over chunks (``scan``: a loop, whose
+  iterations run small kernels one by one and stack their states). The heads axis precedes
+  the positions in the ``L x L`` decays, as the products batch over it.
+  ``model.ssm_products = compute`` feeds the products compute-dtype inputs (Mamba-2's kernels
+  take bf16); the cumulative log-decays and their exponentials stay wide.
   No ``batch x seq x dim x N`` tensor exists in either form.
 - ``auto``: ``chunked`` for the ``head`` form; for the ``channel`` form ``sequential`` on
   the CPU and ``associative`` elsewhere, the fastest of each (H200, reference size, bf16
@@ -118,35 +124,63 @@ def _to_chunks(z: Float[Array, "batch seq *rest"], length: int) -> Float[Array, 
     return z.reshape(b, (t + pad) // length, length, *z.shape[2:])
 
 
-def _chunk_starts(decay: Float[Array, "batch chunks heads"], ends: Float[Array, "batch chunks heads p state"]
-                  ) -> Float[Array, "batch chunks heads p state"]:
+def _chunk_starts(decay: Float[Array, "batch chunks heads"], ends: Float[Array, "batch chunks state heads p"]
+                  ) -> Float[Array, "batch chunks state heads p"]:
     """Each chunk's starting state, by a sequential scan over chunks:
     ``h_start(z + 1) = decay_z h_start(z) + end_z`` from ``h_start(0) = 0``."""
     def step(h, inputs):
         a, end = inputs
-        return a[..., None, None] * h + end, h
+        return a[:, None, :, None] * h + end, h
 
     _, starts = jax.lax.scan(step, jnp.zeros_like(ends[:, 0]), (jnp.moveaxis(decay, 1, 0), jnp.moveaxis(ends, 1, 0)))
     return jnp.moveaxis(starts, 0, 1)
 
 
-def ssd_scan(f: SSMFactors, length: int) -> Float[Array, "batch seq dim"]:
+def _chunk_starts_matmul(log_decay: Float[Array, "batch chunks heads"],
+                         ends: Float[Array, "batch chunks state heads p"], dot=jnp.einsum
+                         ) -> Float[Array, "batch chunks state heads p"]:
+    """``_chunk_starts`` as one masked product over chunks (Mamba-2's state passing):
+    ``h_start(z) = sum_{w<z} exp(S_{z-1} - S_w) end_w`` with ``S_z`` the cumulative log-decay
+    of chunks ``<= z``. Every exponent is ``<= 0``; no loop over chunks remains."""
+    per_chunk = jnp.moveaxis(log_decay, 1, 2)  # [b, H, z]
+    z = per_chunk.shape[-1]
+    # S_{z-1} - S_w as a sum of the chunks strictly between w and z, not a difference of
+    # cumulative sums (which loses precision as they grow).
+    between = jnp.tril(jnp.ones((z, z), bool), -1)
+    summands = jnp.where(between, jnp.broadcast_to(per_chunk[..., :, None], (*per_chunk.shape, z)), 0.0)
+    gaps = jnp.cumsum(summands, axis=-2) - summands  # [b, H, z, w]: chunks w < v < z
+    gaps = jnp.exp(jnp.where(between, gaps, -jnp.inf))
+    return dot("bhzw,bwnhp->bznhp", gaps, ends)
+
+
+def ssd_scan(f: SSMFactors, length: int, carry: str = "matmul", products=None) -> Float[Array, "batch seq dim"]:
     """``sum_n C_k[n] h_k[c,n]`` of form 'head' by chunks of ``length`` positions (Mamba-2's
-    state-space duality; module docstring): masked ``L x L`` products within chunks, a
-    scan over chunks between them."""
+    state-space duality; module docstring): masked ``L x L`` products within chunks, and
+    between them a masked product over chunks (``carry = "matmul"``) or a scan (``"scan"``).
+    ``products``: the dtype the matrix products take their inputs in (None: ``f``'s)."""
     b, t, d = f.u.shape
     heads = f.delta.shape[-1]
+    wide = f.u.dtype
     length = min(length, t)
-    s = jnp.cumsum(_to_chunks(f.delta * f.a[:, 0], length), axis=2)  # [b, z, L, H]: log prod of decays
+
+    def dot(spec, *operands):
+        return jnp.einsum(spec, *(o.astype(products or wide) for o in operands)).astype(wide)
+
+    log_decay = jnp.cumsum(_to_chunks(f.delta * f.a[:, 0], length), axis=2)  # [b, z, L, H]
+    s = jnp.moveaxis(log_decay, 3, 2)  # [b, z, H, L]: log prod of decays within the chunk
     x = _to_chunks(f.delta[..., None] * f.u.reshape(b, t, heads, d // heads), length)  # [b, z, L, H, P]
     bs, cs = _to_chunks(f.b, length), _to_chunks(f.c, length)  # [b, z, L, N]
-    causal = jnp.tril(jnp.ones((length, length), bool))[:, :, None]
-    within = jnp.exp(jnp.where(causal, s[:, :, :, None] - s[:, :, None], -jnp.inf))  # [b, z, i, j, H]
-    mix = jnp.einsum("bzin,bzjn->bzij", cs, bs)[..., None] * within
-    y = jnp.einsum("bzijh,bzjhp->bzihp", mix, x)
-    to_end = jnp.exp(s[:, :, -1:] - s)[..., None] * x  # each input decayed to its chunk's end
-    starts = _chunk_starts(jnp.exp(s[:, :, -1]), jnp.einsum("bzjn,bzjhp->bzhpn", bs, to_end))
-    y = y + jnp.exp(s)[..., None] * jnp.einsum("bzin,bzhpn->bzihp", cs, starts)
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    within = jnp.exp(jnp.where(causal, s[..., :, None] - s[..., None, :], -jnp.inf))  # [b, z, H, i, j]
+    mix = dot("bzin,bzjn->bzij", cs, bs)[:, :, None] * within
+    y = dot("bzhij,bzjhp->bzihp", mix, x)
+    to_end = jnp.exp(log_decay[:, :, -1:] - log_decay)[..., None] * x  # each input decayed to its chunk's end
+    ends = dot("bzjn,bzjhp->bznhp", bs, to_end)
+    if carry == "scan":
+        starts = _chunk_starts(jnp.exp(log_decay[:, :, -1]), ends)
+    else:
+        starts = _chunk_starts_matmul(log_decay[:, :, -1], ends, dot)
+    y = y + jnp.exp(log_decay)[..., None] * dot("bzin,bznhp->bzihp", cs, starts)
     return y.reshape(b, -1, d)[:, :t]
 
 
@@ -162,10 +196,13 @@ class SelectiveSSM(eqx.Module):
     scan: str = eqx.field(static=True, default="auto")
     form: str = eqx.field(static=True, default="channel")
     chunk: int = eqx.field(static=True, default=64)
+    carry: str = eqx.field(static=True, default="matmul")
+    products: str = eqx.field(static=True, default="wide")
 
     def __init__(self, dim: int, state_size: int, time_embed_dim: int, hidden: int, *,
                  key: PRNGKeyArray, std: float, dtype=jnp.float32, scan: str = "auto",
-                 form: str = "channel", heads: int = 4, chunk: int = 64, max_frequency: float = MAX_FREQUENCY):
+                 form: str = "channel", heads: int = 4, chunk: int = 64, max_frequency: float = MAX_FREQUENCY,
+                 carry: str = "matmul", products: str = "wide"):
         k_in, k_out, k_delta, k_th, k_to = jax.random.split(key, 5)
         groups = dim if form == "channel" else heads  # one Delta and alpha per channel or per head
         self.norm = LayerNorm(dim, dtype=dtype)
@@ -184,6 +221,7 @@ class SelectiveSSM(eqx.Module):
         self.t_out = eqx.tree_at(lambda lin: lin.bias, t_out, bias.astype(dtype))
         self.time_embed_dim, self.max_frequency = time_embed_dim, max_frequency
         self.scan, self.form, self.chunk = scan, form, chunk
+        self.carry, self.products = carry, products
 
     @property
     def dim(self) -> int:
@@ -201,14 +239,19 @@ class SelectiveSSM(eqx.Module):
     def init_state(self, batch: int) -> Float[Array, "batch dim state"]:
         return jnp.zeros((batch, self.dim, self.state_size), jnp.promote_types(self.a_log.dtype, jnp.float32))
 
-    def factors(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""]) -> SSMFactors:
-        """The recurrence's factors for tokens ``x`` at depth-time ``t``, in >= float32."""
+    def factors(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""],
+                standardized: Float[Array, "*tokens dim"] | None = None) -> SSMFactors:
+        """The recurrence's factors for tokens ``x`` at depth-time ``t``, in >= float32.
+
+        ``standardized``: ``x`` standardised over its last axis (``LayerNorm.standardize``), when
+        the caller has it (the field shares the block's); the norm then applies only its gain
+        and shift. Every method taking it below passes it on."""
         g, n = self.groups, self.state_size
         wide = jnp.promote_types(x.dtype, jnp.float32)  # long products need float32
         features = sinusoidal(t, self.time_embed_dim, self.max_frequency).astype(self.t_hidden.weight.dtype)
         z = self.t_out(jax.nn.silu(self.t_hidden(features))).astype(wide)
         alpha, delta_t, d_skip, beta, gamma = jnp.split(z, np.cumsum([g, g, self.dim, n]).tolist())
-        u = self.norm(x)
+        u = self.norm(x) if standardized is None else self.norm.affine(standardized)
         proj = self.in_proj(u).astype(wide)
         a_log = self.a_log.astype(wide)
         # A: [dim, N] (per channel and state) or [heads, 1] (one per head); strictly negative.
@@ -218,9 +261,9 @@ class SelectiveSSM(eqx.Module):
                           b=proj[..., g:g + n] * (1.0 + beta), c=proj[..., g + n:] * (1.0 + gamma),
                           skip=d_skip * u)
 
-    def discretise(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""]) -> SSMParams:
+    def discretise(self, x: Float[Array, "*tokens dim"], t: Float[Array, ""], standardized=None) -> SSMParams:
         """The recurrence's coefficients for tokens ``x`` at depth-time ``t``, in >= float32."""
-        return self.factors(x, t).params()
+        return self.factors(x, t, standardized).params()
 
     def _output(self, h, p: SSMParams, dtype):
         y = jnp.einsum("...cn,...n->...c", h, p.readout) + p.skip
@@ -234,50 +277,60 @@ class SelectiveSSM(eqx.Module):
             return "chunked"
         return "sequential" if jax.default_backend() == "cpu" else "associative"
 
-    def __call__(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
-        """``g(x, t)`` for whole sequences, by the scan named in ``self.scan``."""
-        return getattr(self, self.resolved_scan())(x, t)
+    def __call__(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""],
+                 standardized: Float[Array, "batch seq dim"] | None = None) -> Float[Array, "batch seq dim"]:
+        """``g(x, t)`` for whole sequences, by the scan named in ``self.scan`` (``standardized``:
+        see ``factors``)."""
+        return getattr(self, self.resolved_scan())(x, t, standardized)
 
-    def associative(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+    def associative(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""], standardized=None
+                    ) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` for whole sequences, by a parallel scan over positions."""
-        p = self.discretise(x, t)
+        p = self.discretise(x, t, standardized)
         _, h = jax.lax.associative_scan(_combine, (p.decay, p.drive), axis=1)
         return self._output(h, p, x.dtype)
 
-    def chunked(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+    def chunked(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""], standardized=None
+                ) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` for whole sequences by chunks of ``self.chunk`` positions (module docstring)."""
         if self.form == "head":
-            f = self.factors(x, t)
-            return self.out_proj((ssd_scan(f, self.chunk) + f.skip).astype(x.dtype))
+            f = self.factors(x, t, standardized)
+            products = x.dtype if self.products == "compute" else None
+            return self.out_proj((ssd_scan(f, self.chunk, self.carry, products) + f.skip).astype(x.dtype))
         b, seq, _ = x.shape
-        chunks = jnp.moveaxis(_to_chunks(x, min(self.chunk, seq)), 1, 0)  # [chunks, b, L, dim]
+        chunks = jax.tree.map(lambda z: jnp.moveaxis(_to_chunks(z, min(self.chunk, seq)), 1, 0),
+                              (x, standardized))  # [chunks, b, L, dim]
 
         @jax.checkpoint  # the backward pass recomputes a chunk's states from its carried start
-        def body(state, x_chunk):
-            return self.extend(state, x_chunk, t)
+        def body(state, chunk):
+            return self.extend(state, chunk[0], t, chunk[1])
 
         _, y = jax.lax.scan(body, self.init_state(b), chunks)
         return jnp.moveaxis(y, 0, 1).reshape(b, -1, y.shape[-1])[:, :seq]
 
     def step(self, state: Float[Array, "batch dim state"], x_t: Float[Array, "batch dim"],
-             t: Float[Array, ""]) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch dim"]]:
+             t: Float[Array, ""], standardized=None
+             ) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch dim"]]:
         """One position of the recurrence: ``(h_{k-1}, x_k) -> (h_k, g_k)``."""
-        p = self.discretise(x_t, t)
+        p = self.discretise(x_t, t, standardized)
         state = p.decay * state + p.drive
         return state, self._output(state, p, x_t.dtype)
 
     def extend(self, state: Float[Array, "batch dim state"], x: Float[Array, "batch chunk dim"],
-               t: Float[Array, ""]) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch chunk dim"]]:
+               t: Float[Array, ""], standardized=None
+               ) -> tuple[Float[Array, "batch dim state"], Float[Array, "batch chunk dim"]]:
         """Continue the recurrence from ``state`` (``h`` before the chunk) over a chunk:
         ``h_k = (prod_{j<=k} decay_j) h_0 + scan_k``; returns the chunk's last ``h`` and ``g``."""
-        p = self.discretise(x, t)
+        p = self.discretise(x, t, standardized)
         decay, h = jax.lax.associative_scan(_combine, (p.decay, p.drive), axis=1)
         h = h + decay * state[:, None].astype(h.dtype)
         return h[:, -1], self._output(h, p, x.dtype)
 
-    def sequential(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""]) -> Float[Array, "batch seq dim"]:
+    def sequential(self, x: Float[Array, "batch seq dim"], t: Float[Array, ""], standardized=None
+                   ) -> Float[Array, "batch seq dim"]:
         """``g(x, t)`` one position at a time with ``step`` (the reference recurrence)."""
-        def body(state, x_t):
-            return self.step(state, x_t, t)
-        _, y = jax.lax.scan(body, self.init_state(x.shape[0]), jnp.swapaxes(x, 0, 1))
+        def body(state, position):
+            return self.step(state, position[0], t, position[1])
+        positions = jax.tree.map(lambda z: jnp.swapaxes(z, 0, 1), (x, standardized))
+        _, y = jax.lax.scan(body, self.init_state(x.shape[0]), positions)
         return jnp.swapaxes(y, 0, 1)
