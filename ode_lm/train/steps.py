@@ -74,10 +74,12 @@ class TrainStep:
     """
 
     def __init__(self, optimizer: optax.GradientTransformation, ode: ODEConfig, dtype=None,
-                 compiler_options: dict[str, str | int | bool] | None = None):
+                 compiler_options: dict[str, str | int | bool] | None = None, state_shardings=None):
         """``compiler_options``: XLA options of the compiled step (default
-        ``TRAIN_STEP_COMPILER_OPTIONS``)."""
+        ``TRAIN_STEP_COMPILER_OPTIONS``); ``state_shardings``: the layout the updated
+        ``(model, opt_state)`` is constrained to (``DataParallel.state_shardings``, FSDP)."""
         self.optimizer, self.ode, self.dtype, self.traces = optimizer, ode, dtype, 0
+        self.state_shardings = state_shardings
         options = TRAIN_STEP_COMPILER_OPTIONS if compiler_options is None else compiler_options
         self._jitted = jax.jit(self._step, compiler_options=options)
 
@@ -97,6 +99,8 @@ class TrainStep:
 
         model, opt_state = jax.tree.map(select, (eqx.apply_updates(model, updates), new_opt_state),
                                         (model, opt_state))
+        if self.state_shardings is not None:
+            model, opt_state = jax.lax.with_sharding_constraint((model, opt_state), self.state_shardings)
         metrics = {"loss": loss, "grad_norm": grad_norm, "nfe": stats.nfe,
                    "solve_failed": stats.failed, "finite": finite,
                    **{k: v for k, v in (("kinetic", stats.kinetic), ("jacobian", stats.jacobian)) if v is not None}}
