@@ -14,6 +14,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -22,6 +23,7 @@ from ode_lm.train import load_run, train
 from ode_lm.train.checkpoint import all_checkpoints, newest_checkpoint
 from ode_lm.train.logging import read_metrics
 from ode_lm.train.orbax_checkpoint import list_orbax, orbax_dir
+from ode_lm.train.sharding import describe_state_memory, planned_device_bytes, state_shapes
 from tests.conftest import REPO, tiny_config
 
 pytest.importorskip("orbax.checkpoint")
@@ -41,7 +43,7 @@ SCRIPT = textwrap.dedent("""
     from ode_lm.train import train
     from ode_lm.train.logging import read_metrics
     from ode_lm.train.parallel import DataParallel
-    from ode_lm.train.sharding import device_bytes, place
+    from ode_lm.train.sharding import device_bytes, place, planned_device_bytes
     from ode_lm.train.steps import TrainStep
     from ode_lm.train.trainer import init_state
     root, settings = Path(sys.argv[1]), json.loads(sys.argv[2])
@@ -55,6 +57,7 @@ SCRIPT = textwrap.dedent("""
         shardings = parallel.state_shardings((model, opt_state))
         model, opt_state = place((model, opt_state), shardings)
         out[f"resident_{fsdp}"] = device_bytes((model, opt_state))
+        out[f"planned_{fsdp}"] = planned_device_bytes((model, opt_state), 2, fsdp)
         step = TrainStep(optimizer, cfg.ode, state_shardings=shardings if fsdp else None)
         batch = [parallel.batch(jax.numpy.zeros((cfg.train.batch_size, cfg.data.seq_len), "int32"))] * 2
         analysis = step.compiled(model, opt_state, *batch, jax.random.key(0)).memory_analysis()
@@ -102,6 +105,8 @@ def test_fsdp_gives_the_replicated_loss_curve_with_half_the_state_per_device(two
     for kind in ("resident", "compiled"):
         ratio = out[f"{kind}_True"] / out[f"{kind}_False"]
         assert 0.5 <= ratio < 0.55, (kind, out)
+    # What ``ode-lm info`` plans from shapes alone is what the devices hold.
+    assert (out["planned_True"], out["planned_False"]) == (out["resident_True"], out["resident_False"])
 
 
 def test_fsdp_run_saves_orbax_steps_and_resumes_resharded_on_one_device(two_devices, tmp_path):
@@ -174,6 +179,18 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_step(tw
     assert f"(step {killed - 1})" in result.stdout
     np.testing.assert_allclose(losses(run), out["loss_False"], rtol=1e-5)
     assert not list(saves.glob("*tmp*"))  # the writer removed the killed save's temporary
+
+
+def test_info_plans_a_quarter_of_the_state_per_device_on_four(tmp_path):
+    cfg = tiny_config(tmp_path)
+    model, opt_state = state_shapes(cfg, 256)
+    parameters = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model))
+    replicated = planned_device_bytes((model, opt_state), 4, fsdp=False)
+    sharded = planned_device_bytes((model, opt_state), 4, fsdp=True)
+    assert abs(replicated - 3 * parameters) <= 64  # parameters and Adam's two moments, + the count
+    assert 0.25 < sharded / replicated < 0.3  # vectors stay whole on every device
+    report = describe_state_memory(cfg, 256, devices=4)
+    assert "mesh of 4 device(s)" in report and "train.fsdp = false: replicated" in report
 
 
 def test_fsdp_needs_data_parallel(tmp_path):

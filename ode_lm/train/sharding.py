@@ -85,3 +85,35 @@ def planned_device_bytes(tree: Any, devices: int, fsdp: bool) -> int:
         spec = fsdp_spec(tuple(leaf.shape), devices) if fsdp else PartitionSpec()
         total += nbytes // devices if any(p is not None for p in spec) else nbytes
     return total
+
+
+def state_shapes(cfg, vocab: int) -> tuple[Any, Any]:
+    """``(model, opt_state)`` of ``cfg`` as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+    from ode_lm.train.trainer import init_state  # the trainer places state with this module
+    return eqx.filter_eval_shape(lambda: init_state(cfg, vocab)[::2])
+
+
+def mesh_devices(cfg) -> int:
+    """Devices of the data axis a run of ``cfg`` would train on, as seen from this process."""
+    if not cfg.train.data_parallel:
+        return 1
+    if cfg.train.distributed and cfg.train.num_processes:
+        return cfg.train.num_processes * jax.local_device_count()
+    return jax.device_count()
+
+
+def describe_state_memory(cfg, vocab: int, devices: int | None = None) -> str:
+    """The ``ode-lm info`` lines: parameters and optimizer state per device on the
+    configured mesh, replicated and with ``train.fsdp``."""
+    n = mesh_devices(cfg) if devices is None else devices
+    model, opt_state = state_shapes(cfg, vocab)
+    from ode_lm.train.resources import gib
+    rows = [("parameters", model), ("optimizer state", opt_state), ("total", (model, opt_state))]
+    chosen = "fsdp" if cfg.train.fsdp else "replicated"
+    lines = [f"training state per device, mesh of {n} device(s) on the data axis "
+             f"(train.fsdp = {str(cfg.train.fsdp).lower()}: {chosen}):",
+             f"  {'':<17}{'replicated':>12}{'fsdp':>12}"]
+    for name, tree in rows:
+        lines.append(f"  {name:<17}{gib(planned_device_bytes(tree, n, False)):>12}"
+                     f"{gib(planned_device_bytes(tree, n, True)):>12}")
+    return "\n".join(lines)
