@@ -118,6 +118,10 @@ def test_fsdp_run_saves_orbax_steps_and_resumes_resharded_on_one_device(two_devi
     assert not list(orbax_dir(sharded).glob("*tmp*"))
     loaded = load_run(sharded)  # what generate and ablate --eval-only read
     assert loaded.step == STEPS and loaded.checkpoint == orbax_dir(sharded) / "step_00000020"
+    from_file = load_run(root / "runs" / "fsdp_False")  # the replicated run: the same weights
+    assert from_file.checkpoint.name == "step_00000020.ckpt"
+    for a, b in zip(jax.tree.leaves(loaded.model), jax.tree.leaves(from_file.model), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
     for name, sub in (("fsdp_True", "from_orbax"), ("fsdp_False", "from_file")):
         run = copy_run_at_step_8(root, name, tmp_path / sub)

@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.config import ODEConfig
@@ -85,8 +86,12 @@ class TrainStep:
 
     def _step(self, model, opt_state, inputs, targets, key):
         self.traces += 1
+        computed = model
+        if self.state_shardings is not None:  # FSDP: gather the weights once, for every step of the solve
+            computed = jax.lax.with_sharding_constraint(model, jax.tree.map(
+                lambda s: NamedSharding(s.mesh, PartitionSpec()), self.state_shardings[0]))
         (total, (loss, stats)), grads = eqx.filter_value_and_grad(objective, has_aux=True)(
-            model, inputs, targets, self.ode, key, self.dtype)
+            computed, inputs, targets, self.ode, key, self.dtype)
         params = eqx.filter(model, eqx.is_inexact_array)
         updates, new_opt_state = self.optimizer.update(eqx.filter(grads, eqx.is_inexact_array),
                                                        opt_state, params)
