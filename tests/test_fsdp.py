@@ -62,6 +62,8 @@ SCRIPT = textwrap.dedent("""
         batch = [parallel.batch(jax.numpy.zeros((cfg.train.batch_size, cfg.data.seq_len), "int32"))] * 2
         analysis = step.compiled(model, opt_state, *batch, jax.random.key(0)).memory_analysis()
         out[f"compiled_{fsdp}"] = int(analysis.argument_size_in_bytes)
+        out[f"peak_{fsdp}"] = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                                  + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
     print(json.dumps(out))
 """)
 
@@ -105,6 +107,9 @@ def test_fsdp_gives_the_replicated_loss_curve_with_half_the_state_per_device(two
     for kind in ("resident", "compiled"):
         ratio = out[f"{kind}_True"] / out[f"{kind}_False"]
         assert 0.5 <= ratio < 0.55, (kind, out)
+    # The whole step too: the gathered weights and whole gradient are temporaries, and the
+    # weight gradients are not computed from gathered activations.
+    assert out["peak_True"] < 0.9 * out["peak_False"], out
     # What ``ode-lm info`` plans from shapes alone is what the devices hold.
     assert (out["planned_True"], out["planned_False"]) == (out["resident_True"], out["resident_False"])
 
