@@ -339,7 +339,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
     if evaluation is None:  # resumed a finished run
         evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches, corpus.bytes_per_token,
                               parallel.batch)
-    sample = end_of_training_sample(local_copy(model), cfg, corpus) if lead else ""
+    local = local_copy(model)  # every process: gathering sharded (FSDP) weights is collective
+    sample = end_of_training_sample(local, cfg, corpus) if lead else ""
     if sample:
         say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
             f"{cfg.train.sample_prompt}{sample}")
