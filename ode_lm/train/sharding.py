@@ -7,9 +7,10 @@ matrices with no dimension divisible by N stay replicated. The dimension is the 
 divisible by N, so the slices are as few rows/columns of the largest extent as possible and
 every device holds about ``1/N`` of the state.
 
-Nothing else changes: the jitted step is given these shardings for its state inputs and
-outputs, and XLA's sharding propagation inserts the collectives (all-gather of a weight
-before its use, reduce-scatter of its gradient), so the maths is the replicated step's.
+Nothing else changes: the jitted step takes the state in these shardings and constrains its
+updated state to them (``TrainStep(state_shardings=...)``: it gathers the weights whole once
+per step and sums their gradient whole before each device updates its slices); XLA inserts
+the collectives, so the maths is the replicated step's.
 """
 
 from __future__ import annotations

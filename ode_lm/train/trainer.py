@@ -106,8 +106,8 @@ def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, b
 
 
 def find_checkpoint(run_dir: Path, lead: bool, say: Callable[[str], None]):
-    """``latest_checkpoint`` of the run: the lead sets broken files aside first, then the
-    other processes find the same checkpoint."""
+    """``newest_checkpoint`` of the run (either format): the lead sets broken files aside
+    first, then the other processes find the same checkpoint."""
     found = newest_checkpoint(run_dir, warn=say, set_aside=True) if lead else None
     barrier("ode-lm: checkpoints checked")
     return found if lead else newest_checkpoint(run_dir, warn=lambda message: None)
