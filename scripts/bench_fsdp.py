@@ -17,8 +17,8 @@ batch). Each device count runs in a fresh process with
   step fits the device, by XLA's memory analysis of the compiled step (nothing is
   allocated: the state is abstract): replicated, and with FSDP's optimizer-state savings
   over ``--shards`` devices (each holds 1/N of AdamW's moments, in the step's inputs and its
-  outputs). A bisection over multiples of 256, stopped by ``--budget-s`` (the bracket
-  found so far is reported).
+  outputs). A bisection over multiples of ``--granularity``, stopped by ``--budget-s``
+  (the bracket found so far is reported).
 
     python scripts/bench_fsdp.py gpu configs/time_indexed.toml          # -> docs/results/fsdp_gpu.json
 """
@@ -153,16 +153,20 @@ def widest(args, capacity: int, deadline: float) -> dict:
                   f"{probes[dim]['peak_with_sharded_optimizer_bytes'] / 2**30:.2f} GiB", flush=True)
         return probes[dim]
 
-    result, lo = {}, args.min_dim // 256
+    unit = args.granularity
+    result, lo = {}, args.min_dim // unit
     for key in ("fits", "fits_with_sharded_optimizer"):  # what fits replicated fits sharded too
-        hi = args.max_dim // 256  # in units of 256: lo fits, hi does not
-        if not probe(lo * 256)[key]:
-            result[key] = {"largest_dim": None, "bracket": [None, lo * 256]}
+        hi = args.max_dim // unit  # in units: lo fits, hi does not
+        if not probe(lo * unit)[key]:
+            result[key] = {"largest_dim": None, "bracket": [None, lo * unit]}
+            continue
+        if probe(hi * unit)[key]:  # the whole range fits: raise --max-dim
+            result[key] = {"largest_dim": None, "bracket": [hi * unit, None]}
             continue
         while hi - lo > 1 and time.monotonic() < deadline:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if probe(mid * 256)[key] else (lo, mid)
-        result[key] = {"largest_dim": lo * 256 if hi - lo == 1 else None, "bracket": [lo * 256, hi * 256]}
+            lo, hi = (mid, hi) if probe(mid * unit)[key] else (lo, mid)
+        result[key] = {"largest_dim": lo * unit if hi - lo == 1 else None, "bracket": [lo * unit, hi * unit]}
     return {"capacity_bytes": capacity, "search": result, "probes": sorted(probes.values(), key=lambda p: p["dim"])}
 
 
@@ -180,7 +184,8 @@ def gpu(args) -> None:
     print(f"widest model.dim that fits {capacity / 2**30:.1f} GiB (FSDP optimizer savings over {args.shards}):")
     search = widest(args, capacity, deadline)
     print_table(["state", "largest dim", "bracket"],
-                [[k, str(v["largest_dim"]), f"{v['bracket'][0]}..{v['bracket'][1]}"] for k, v in search["search"].items()])
+                [[k, str(v["largest_dim"]), f"{v['bracket'][0]}..{v['bracket'][1]}"]
+                 for k, v in search["search"].items()])
     write_json(args.out or f"docs/results/fsdp_{jax.default_backend()}.json",
                {"benchmark": "fsdp_gpu", "machine": machine(), "config": args.config, "overrides": args.overrides,
                 "shards": args.shards, "step_time": timing, "width": search})
@@ -205,6 +210,8 @@ def main() -> None:
     g.add_argument("--shards", type=int, default=8, help="devices FSDP would shard the optimizer over")
     g.add_argument("--min-dim", type=int, default=512)
     g.add_argument("--max-dim", type=int, default=32768)
+    g.add_argument("--granularity", type=int, default=512, help="widths probed are multiples of this "
+                   "(a multiple of 64: model.heads = dim / 64)")
     g.add_argument("--capacity-gib", type=float, default=None, help="device memory (default: reported limit)")
     g.add_argument("--budget-s", type=float, default=150.0, help="stop the width search after this long")
     g.add_argument("--out", default=None, help="JSON path (default docs/results/fsdp_<backend>.json)")
