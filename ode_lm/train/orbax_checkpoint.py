@@ -62,6 +62,22 @@ def is_orbax_step(path: Path) -> bool:
     return Path(path).is_dir() and bool(_NAME.match(Path(path).name))
 
 
+def _reason(e: Exception) -> str:
+    """The first line of an orbax / tensorstore error, without the store specs it appends."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text.split(' [tensorstore_spec')[0][:300]}"
+
+
+def _restore(path: Path, args) -> dict:
+    """Items of step directory ``path`` by ``args`` (an ``ocp.args.Composite``), read only."""
+    ocp = _ocp()
+    manager = ocp.CheckpointManager(path.parent, options=_options(ocp, read_only=True), item_names=_ITEMS)
+    try:
+        return manager.restore(int(_NAME.match(path.name).group(1)), args=args)
+    finally:
+        manager.close()
+
+
 def _leaf_names(state: Any) -> list[str]:
     return [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
 
@@ -72,13 +88,9 @@ def read_orbax_meta(path: Path) -> dict:
     path = Path(path)
     step = int(_NAME.match(path.name).group(1))
     try:
-        manager = ocp.CheckpointManager(path.parent, options=_options(ocp, read_only=True),
-                                        item_names=_ITEMS)
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        manager.close()
+        meta = _restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:  # orbax raises many kinds for a damaged directory
-        raise CheckpointError(f"{path} is not a readable orbax checkpoint ({type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise CheckpointError(f"{path} is not a readable orbax checkpoint ({_reason(e)})") from None
     if not isinstance(meta, dict) or meta.get("step") != step:
         raise CheckpointError(f"{path} is not an ode-lm orbax checkpoint (its record names no step {step})")
     return meta
@@ -103,15 +115,10 @@ def restore_orbax(path: Path, meta: dict, template: Any, shardings: Any) -> Any:
     abstract = {f"{i:05d}": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target)
                 for i, (leaf, target) in enumerate(zip(leaves, targets))}
     try:
-        manager = ocp.CheckpointManager(path.parent, options=_options(ocp, read_only=True),
-                                        item_names=_ITEMS)
-        arrays = manager.restore(int(_NAME.match(path.name).group(1)),
-                                 args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        manager.close()
+        arrays = _restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     except Exception as e:
-        raise CheckpointError(f"{path} does not fit the configured model or is damaged "
-                              f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})"
-                              ) from None
+        raise CheckpointError(f"{path} does not fit the configured model or is damaged ({_reason(e)}); "
+                              "move it away to use the previous step") from None
     for i, leaf in enumerate(leaves):
         got = arrays[f"{i:05d}"]
         if got.shape != leaf.shape or got.dtype != leaf.dtype:
