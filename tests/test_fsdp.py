@@ -114,9 +114,18 @@ def test_fsdp_gives_the_replicated_loss_curve_with_half_the_state_per_device(two
     assert (out["planned_True"], out["planned_False"]) == (out["resident_True"], out["resident_False"])
 
 
+def resume_at_step_8_as_fsdp(root: Path, name: str, to: Path, expected: list[float]) -> Path:
+    run = copy_run_at_step_8(root, name, to)
+    assert newest_checkpoint(run).step == 8
+    train(tiny_config(to, **SETTINGS, **{"train.fsdp": True}), resume=True, say=lambda m: None)
+    np.testing.assert_allclose(losses(run), expected, rtol=1e-5)
+    assert [p.name for p in list_orbax(run)][-1] == "step_00000020"
+    return run
+
+
 def test_fsdp_run_saves_orbax_steps_and_resumes_resharded_on_one_device(two_devices, tmp_path):
-    """Saved on 2 devices (sharded, orbax), continued on 1; and a replicated run's checkpoint
-    files continue as an FSDP run: both give the uninterrupted run's losses."""
+    """Saved on 2 devices (sharded, orbax), continued on 1 with the uninterrupted run's losses;
+    generate's loader reads the orbax step as the replicated run's file."""
     root, out = two_devices
     sharded = root / "runs" / "fsdp_True"
     assert [p.name for p in list_orbax(sharded)] == ["step_00000008", "step_00000016", "step_00000020"]
@@ -128,13 +137,14 @@ def test_fsdp_run_saves_orbax_steps_and_resumes_resharded_on_one_device(two_devi
     for a, b in zip(jax.tree.leaves(loaded.model), jax.tree.leaves(from_file.model), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
-    for name, sub in (("fsdp_True", "from_orbax"), ("fsdp_False", "from_file")):
-        run = copy_run_at_step_8(root, name, tmp_path / sub)
-        assert newest_checkpoint(run).step == 8
-        cfg = tiny_config(tmp_path / sub, **SETTINGS, **{"train.fsdp": True})
-        train(cfg, resume=True, say=lambda m: None)
-        np.testing.assert_allclose(losses(run), out["loss_False"], rtol=1e-5)
-        assert [p.name for p in list_orbax(run)][-1] == "step_00000020"
+    resume_at_step_8_as_fsdp(root, "fsdp_True", tmp_path, out["loss_False"])
+
+
+@pytest.mark.slow
+def test_a_replicated_runs_checkpoint_file_continues_as_an_fsdp_run(two_devices, tmp_path):
+    root, out = two_devices
+    run = resume_at_step_8_as_fsdp(root, "fsdp_False", tmp_path, out["loss_False"])
+    assert [p.name for p in all_checkpoints(run)][0] == "step_00000008.ckpt"  # files stay readable
 
 
 @pytest.mark.slow
