@@ -110,6 +110,8 @@ def _info(args: argparse.Namespace) -> int:
     shapes = eqx.filter_eval_shape(build_model, cfg.model, vocab, jax.random.key(0), param_dtype(cfg))
     print(f"config: {args.config}")
     print(describe(cfg, vocab, shapes))
+    from ode_lm.train.sharding import describe_state_memory
+    print(describe_state_memory(cfg, vocab))
     return 0
 
 

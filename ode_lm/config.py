@@ -57,6 +57,7 @@ GATE_APPLY = ("auto", "weights", "activations")  # where a gated Linear's gate m
 SSM_CARRIES = ("matmul", "scan")  # how form head's chunked scan passes states between chunks
 SSM_PRODUCTS = ("wide", "compute")  # the dtype of form head's chunked matrix products
 NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gradient does
+CHECKPOINT_FORMATS = ("auto", "file", "orbax")  # auto: orbax when train.fsdp, else file
 MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
 CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
 # How a fixed-step backprop solve runs its steps: a scan, written out, or "auto" (written out
@@ -343,6 +344,9 @@ class TrainConfig(Section):
                                  doc="float32 matrix products: 'default' lets the backend choose "
                                      "(TF32 on NVIDIA GPUs, ~1e-3 relative), 'highest' is full float32")
     data_parallel: bool = knob(True, doc="shard the batch over all devices (params replicated)")
+    fsdp: bool = knob(False, doc="also shard parameters and optimizer state over the devices "
+                      "(FSDP / ZeRO-3): each matrix along its largest dimension divisible by the "
+                      "device count, vectors and scalars replicated; needs data_parallel")
     distributed: bool = knob(False, doc="multi-process: call jax.distributed.initialize() with the "
                              "three keys below; those left unset come from the cluster's auto-detection "
                              "(SLURM, Open MPI, Kubernetes, Cloud TPU) or JAX_COORDINATOR_ADDRESS")
@@ -399,6 +403,11 @@ class CheckpointConfig(Section):
     every: int = knob(500, ge=1, doc="checkpoint every N steps (and at the end)")
     keep: int = knob(3, ge=1, doc="newest checkpoints kept")
     resume: bool = knob(False, doc="continue from the newest checkpoint of the run")
+    format: str = knob("auto", choices=CHECKPOINT_FORMATS,
+                       doc="file: one verified file per step written by process 0; orbax: a "
+                           "directory per step, every process writing its shards, saved in the "
+                           "background (orbax-checkpoint); auto: orbax when train.fsdp, else file. "
+                           "Resuming and loading read both")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def test_cli_info():
     proc = run_cli("info", "configs/time_indexed_ssm.toml", "ode.solver=rk4")
     assert proc.returncode == 0, proc.stderr
     for needle in ("embeddings", "block", "modulation", "ssm", "head", "NFE 25", "FLOP per token",
-                   "parameter memory"):
+                   "parameter memory", "training state per device"):
         assert needle in proc.stdout, proc.stdout
     bad = run_cli("info", "configs/time_indexed.toml", "model.family=transformer")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "standard" in bad.stderr

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -106,3 +107,30 @@ def test_distributed_without_a_cluster_or_coordinator_is_a_clear_error(tmp_path)
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "train.coordinator_address" in proc.stderr and "jax.distributed.initialize failed" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_fsdp_with_sharded_orbax_checkpoints(tmp_path):
+    """train.fsdp over two processes of one device each: each holds half of every matrix and
+    writes its own slices of every orbax step; the losses are one process's, and a step saved
+    by the pair resumes in one process."""
+    pytest.importorskip("orbax.checkpoint")
+    from ode_lm.train.orbax_checkpoint import list_orbax
+    settings = {"train.steps": 20, "train.eval_every": 20, "train.eval_batches": 1, "checkpoint.every": 8,
+                "checkpoint.keep": 3, "train.sample_tokens": 4}
+    single = train(tiny_config(tmp_path / "single", **settings), say=lambda m: None)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tiny_config(tmp_path, **settings).to_toml())
+    run_dir = tmp_path / "runs" / "tiny"
+    results = finish(launch_pair(cfg, "train.fsdp=true"))
+    assert [rc for rc, _ in results] == [0, 0], results
+    assert "checkpoints: orbax format; state sharded (fsdp) over 2 device(s)" in results[0][1]
+    np.testing.assert_allclose(losses(run_dir), losses(single.run_dir), rtol=1e-5, atol=1e-5)
+    steps = list_orbax(run_dir)
+    assert [p.name for p in steps] == ["step_00000008", "step_00000016", "step_00000020"]
+    assert {p.name for p in (steps[-1] / "state").glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
+
+    for later in steps[1:]:
+        shutil.rmtree(later)
+    train(tiny_config(tmp_path, **settings, **{"train.fsdp": True}), resume=True, say=lambda m: None)
+    np.testing.assert_allclose(losses(run_dir), losses(single.run_dir), rtol=1e-5, atol=1e-5)

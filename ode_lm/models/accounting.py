@@ -236,9 +236,11 @@ def _evaluation_bytes(cfg: Config, batch: int, length: int, compute: int, *, sco
     return stored
 
 
-def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1) -> MemoryEstimate:
+def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1,
+                 state_shards: int = 1) -> MemoryEstimate:
     """What one training step needs per device: parameters, gradients and AdamW's two moments
-    (replicated), and the activations of ``train.batch_size / devices`` sequences."""
+    (replicated, or split over ``state_shards`` devices by ``train.fsdp``), and the
+    activations of ``train.batch_size / devices`` sequences."""
     m, ode = cfg.model, cfg.ode
     p = 8 if cfg.train.dtype == "float64" else 4
     compute = DTYPE_BYTES[cfg.train.dtype]
@@ -257,8 +259,8 @@ def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1) -> 
         # one evaluation's internals. Adaptive, backsolve, reversible: a few states at a time.
         kept = 2 if ode.adaptive or ode.adjoint in ("backsolve", "reversible") else ode.steps + 1
         solve = (kept + spec.evals_per_step) * state + evaluation
-    return MemoryEstimate({"parameters": parameters * p, "gradients": parameters * p,
-                           "optimizer": 2 * parameters * p, "activations": solve,
+    shard = parameters * p // state_shards
+    return MemoryEstimate({"parameters": shard, "gradients": shard, "optimizer": 2 * shard, "activations": solve,
                            "logits": 2 * b * t * vocab * 4})
 
 

@@ -138,3 +138,114 @@ def latest_checkpoint(run_dir: Path, warn=print, set_aside: bool = False
     for _, e in broken:
         warn(f"skipping {e}")
     return None
+
+
+# --- both formats: "file" (above) and "orbax" (orbax_checkpoint.py) ----------------------
+
+
+def resolved_format(cfg) -> str:
+    """``checkpoint.format`` with ``auto`` decided: orbax for an FSDP run, else file."""
+    if cfg.checkpoint.format != "auto":
+        return cfg.checkpoint.format
+    return "orbax" if cfg.train.fsdp else "file"
+
+
+@dataclass
+class StoredCheckpoint:
+    """A complete checkpoint of either format: where it is, what it records, how to load it."""
+
+    path: Path
+    format: str  # "file" or "orbax"
+    step: int
+    config_toml: str
+    tokenizer: dict
+    payload: bytes | None = None  # a file's verified payload
+    leaves: list | None = None  # an orbax record's key paths
+
+    def restore(self, template: Any, shardings: Any = None) -> Any:
+        """The stored state in the structure of ``template``; with ``shardings`` (a matching
+        tree of ``jax.sharding.Sharding``) laid out as they say, re-cut for this device count."""
+        if self.format == "orbax":
+            from ode_lm.train.orbax_checkpoint import restore_orbax
+            return restore_orbax(self.path, {"leaves": self.leaves}, template, shardings)
+        state = restore_state(self.path, self.payload, template)
+        if shardings is None:
+            return state
+        from ode_lm.train.sharding import place
+        return place(state, shardings)
+
+
+def _from_file(path: Path, header: CheckpointHeader, payload: bytes) -> StoredCheckpoint:
+    return StoredCheckpoint(path, "file", header.step, header.config_toml, header.tokenizer, payload=payload)
+
+
+def _from_orbax(path: Path) -> StoredCheckpoint:
+    from ode_lm.train.orbax_checkpoint import read_orbax_meta
+    meta = read_orbax_meta(path)
+    return StoredCheckpoint(path, "orbax", meta["step"], meta["config_toml"], meta["tokenizer"],
+                            leaves=meta["leaves"])
+
+
+def open_checkpoint(path: Path) -> StoredCheckpoint:
+    """A checkpoint file or orbax step directory named by the user; CheckpointError if it is neither."""
+    from ode_lm.train.orbax_checkpoint import is_orbax_step
+    path = Path(path)
+    if is_orbax_step(path):
+        return _from_orbax(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory but no orbax checkpoint step "
+                              "(expected checkpoints/orbax/step_NNNNNNNN or a step_NNNNNNNN.ckpt file)")
+    return _from_file(path, *read_checkpoint(path))
+
+
+def all_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run in both formats (files, complete orbax steps), oldest step first."""
+    from ode_lm.train.orbax_checkpoint import list_orbax
+    return sorted(list_checkpoints(run_dir) + list_orbax(run_dir), key=lambda p: int(p.name[5:13]))
+
+
+def newest_checkpoint(run_dir: Path, warn=print, set_aside: bool = False) -> StoredCheckpoint | None:
+    """The newest complete checkpoint of a run in either format (``latest_checkpoint`` for
+    files, the newest orbax step whose record reads); a run can switch formats on resume."""
+    from ode_lm.train.orbax_checkpoint import list_orbax
+    found = latest_checkpoint(run_dir, warn=warn, set_aside=set_aside)
+    best = _from_file(*found) if found else None
+    for path in reversed(list_orbax(run_dir)):
+        if best is not None and int(path.name[5:]) <= best.step:
+            break
+        try:
+            return _from_orbax(path)
+        except CheckpointError as e:
+            warn(f"skipping {e}")
+    return best
+
+
+class FileWriter:
+    """``checkpoint.format = "file"``: process 0 writes the whole state into one file; the
+    others wait. Sharded (FSDP) arrays of a multi-process run are gathered first."""
+
+    def __init__(self, run_dir: Path, keep: int, lead: bool):
+        self.run_dir, self.keep, self.lead = Path(run_dir), keep, lead
+
+    def save(self, step: int, state: Any, config_toml: str, tokenizer: dict) -> Path:
+        from ode_lm.train.parallel import barrier, local_copy
+        state = local_copy(state)  # every process takes part in gathering sharded arrays
+        path = checkpoint_path(self.run_dir, step)
+        if self.lead:
+            path = save_checkpoint(self.run_dir, step, state, config_toml, tokenizer, self.keep)
+        barrier(f"ode-lm: checkpoint {step} written")  # before any process moves on or exits
+        return path
+
+    def wait(self) -> None:
+        """Saves are complete when ``save`` returns."""
+
+    def close(self) -> None:
+        """Nothing in flight."""
+
+
+def checkpoint_writer(cfg, run_dir: Path, lead: bool):
+    """The writer of ``resolved_format(cfg)``: ``FileWriter`` or ``OrbaxWriter``."""
+    if resolved_format(cfg) == "orbax":
+        from ode_lm.train.orbax_checkpoint import OrbaxWriter
+        return OrbaxWriter(run_dir, cfg.checkpoint.keep)
+    return FileWriter(run_dir, cfg.checkpoint.keep, lead)

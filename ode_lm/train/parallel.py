@@ -1,6 +1,7 @@
 """Data parallelism with ``jax.sharding``: a 1-D mesh over every device, the batch split
-along it, parameters and optimizer state replicated. XLA inserts the gradient all-reduce;
-there is no hand-written communication.
+along it, parameters and optimizer state replicated, or with ``train.fsdp = true`` sharded
+over the same axis (``sharding.py``). XLA inserts the gradient all-reduce (FSDP: the weight
+all-gathers and gradient reduce-scatters); there is no hand-written communication.
 
 Multi-process runs (``train.distributed = true``: several hosts, or several processes on
 one) call ``jax.distributed.initialize()`` first; the mesh then spans every process's
@@ -23,6 +24,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from ode_lm.config import Config
 from ode_lm.errors import ConfigError
+from ode_lm.train.sharding import state_shardings
 
 _initialized = False
 
@@ -97,19 +99,26 @@ def all_agree(ok: bool) -> bool:
 
 def local_copy(tree):
     """``tree``'s arrays on this process's first device (for work one process does alone,
-    e.g. the end-of-training sample); replicated arrays hold the whole value locally."""
+    e.g. the end-of-training sample); replicated arrays hold the whole value locally, sharded
+    ones are gathered first (every process must call this then)."""
     if jax.process_count() == 1:  # every device is this process's already
         return tree
     arrays, static = eqx.partition(tree, eqx.is_array)
+    arrays = jax.tree.map(lambda a: a if a.is_fully_replicated else jax.jit(
+        lambda x: x, out_shardings=NamedSharding(a.sharding.mesh, PartitionSpec()))(a), arrays)
     device = jax.local_devices()[0]
     local = jax.tree.map(lambda a: jax.device_put(np.asarray(a.addressable_data(0)), device), arrays)
     return eqx.combine(local, static)
 
 
 class DataParallel:
-    """Placement of batches (sharded over ``data``) and state (replicated)."""
+    """Placement of batches (sharded over ``data``) and state (replicated, or sharded over
+    ``data`` with ``train.fsdp``)."""
 
     def __init__(self, cfg: Config):
+        if cfg.train.fsdp and not cfg.train.data_parallel:
+            raise ConfigError("[train] fsdp = true shards the state over the devices of the data "
+                              "axis; it needs train.data_parallel = true")
         devices = jax.devices() if cfg.train.data_parallel else jax.local_devices()[:1]
         if jax.process_count() > 1 and not cfg.train.data_parallel:
             raise ConfigError("[train] data_parallel = false cannot be combined with distributed = true "
@@ -123,7 +132,7 @@ class DataParallel:
         self.mesh = jax.make_mesh((n,), ("data",), axis_types=(AxisType.Auto,), devices=devices)
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.devices = n
+        self.devices, self.fsdp = n, cfg.train.fsdp
 
     def batch(self, array: np.ndarray) -> jax.Array:
         """Place a global batch ``[batch, ...]``: every process passes the same global array
@@ -133,3 +142,7 @@ class DataParallel:
     def replicate(self, tree):
         arrays, static = eqx.partition(tree, eqx.is_array)
         return eqx.combine(jax.device_put(arrays, self.replicated), static)
+
+    def state_shardings(self, state):
+        """The shardings of the training state ``state`` (``sharding.state_shardings``)."""
+        return state_shardings(state, self.mesh, self.fsdp)

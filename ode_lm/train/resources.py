@@ -117,13 +117,14 @@ def check_training_resources(cfg: Config, vocab: int, run_dir: Path) -> None:
     on the disk of ``run_dir``."""
     parameters = parameter_count(cfg, vocab)
     devices = len(jax.devices()) if cfg.train.data_parallel else 1
-    estimate = train_memory(cfg, vocab, parameters, max(1, devices // jax.process_count()))
+    estimate = train_memory(cfg, vocab, parameters, max(1, devices // jax.process_count()),
+                            state_shards=devices if cfg.train.fsdp else 1)
     m = cfg.model
     asked = (f"training (model.dim = {m.dim}, model.max_positions = {m.max_positions}, {parameters:,} "
              f"parameters; train.batch_size = {cfg.train.batch_size}, data.seq_len = {cfg.data.seq_len})")
     local = len(jax.local_devices()) if cfg.train.data_parallel else 1
     _refuse_if_short(asked, estimate, local, _train_knobs(cfg, estimate, parameters))
-    checkpoint = estimate.parts["parameters"] + estimate.parts["optimizer"]
+    checkpoint = (estimate.parts["parameters"] + estimate.parts["optimizer"]) * (devices if cfg.train.fsdp else 1)
     _check_disk(run_dir, checkpoint + 2**20)
 
 

@@ -31,7 +31,7 @@ from ode_lm.data import BatchSampler, TokenizedCorpus, load_corpus
 from ode_lm.errors import CheckpointError, ConfigError, RunDirError, UserError
 from ode_lm.generate import generate
 from ode_lm.models import LanguageModel, build_model, count_parameters
-from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
+from ode_lm.train.checkpoint import all_checkpoints, checkpoint_writer, newest_checkpoint, resolved_format
 from ode_lm.train.interrupts import (EarlyInterrupt, InterruptGuard, TrainingInterrupted, pending_signal,
                                      signals_deferred, startup_guard)
 from ode_lm.train.logging import MetricsLog
@@ -41,6 +41,7 @@ from ode_lm.train.parallel import (DataParallel, agreed_signal, barrier, is_lead
 from ode_lm.train.precision import compute_dtype, param_dtype
 from ode_lm.train.resources import check_training_resources
 from ode_lm.train.rundir import RunDir
+from ode_lm.train.sharding import place
 from ode_lm.train.steps import EvalStep, TrainStep
 
 
@@ -105,11 +106,11 @@ def evaluate(model: LanguageModel, sampler: BatchSampler, eval_step: EvalStep, b
 
 
 def find_checkpoint(run_dir: Path, lead: bool, say: Callable[[str], None]):
-    """``latest_checkpoint`` of the run: the lead sets broken files aside first, then the
-    other processes find the same checkpoint."""
-    found = latest_checkpoint(run_dir, warn=say, set_aside=True) if lead else None
+    """``newest_checkpoint`` of the run (either format): the lead sets broken files aside
+    first, then the other processes find the same checkpoint."""
+    found = newest_checkpoint(run_dir, warn=say, set_aside=True) if lead else None
     barrier("ode-lm: checkpoints checked")
-    return found if lead else latest_checkpoint(run_dir, warn=lambda message: None)
+    return found if lead else newest_checkpoint(run_dir, warn=lambda message: None)
 
 
 def check_compatible(saved: Config, cfg: Config, path: Path) -> None:
@@ -163,9 +164,11 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
         check_training_resources(cfg, corpus.tokenizer.vocab_size, run_dir)
     model, optimizer, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
 
+    parallel = DataParallel(cfg)
+    shardings = parallel.state_shardings((model, opt_state))  # replicated, or sharded (train.fsdp)
     start = 0
     if resume:
-        existing = list_checkpoints(run_dir)
+        existing = all_checkpoints(run_dir)
         found = find_checkpoint(run_dir, lead, say)
         if found is None and existing:
             raise CheckpointError(f"none of the {len(existing)} checkpoints in {existing[0].parent} "
@@ -174,14 +177,14 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
         if found is None:
             say(f"resume: no checkpoint in {run_dir}, starting from step 0")
         else:
-            path, header, payload = found
+            path, header = found.path, found
             saved = config_from_toml(header.config_toml, str(path))
             check_compatible(saved, cfg, path)
             if header.tokenizer != corpus.tokenizer.state():
                 raise CheckpointError(f"{path} was trained with another {corpus.tokenizer.name} tokenizer "
                                       "than the corpus gives now; resume with the run's own config.toml "
                                       "(data.tokenizer_file = <run>/tokenizer.json for BPE) or start a new run_name")
-            model, opt_state = restore_state(path, payload, (model, opt_state))
+            model, opt_state = found.restore((model, opt_state), shardings)
             start = header.step
             say(f"resume: continuing from {path} (step {start})")
     n_params = count_parameters(model)
@@ -192,22 +195,22 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
 
     log: MetricsLog | None = None  # opened with the run directory, after the first step
     train_s = 0.0  # time in train steps, carried over a resume
-    parallel = DataParallel(cfg)
-    model, opt_state = parallel.replicate((model, opt_state))
+    model, opt_state = place((model, opt_state), shardings)
     dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
-    train_step, eval_step = TrainStep(optimizer, cfg.ode, dtype), EvalStep(cfg.ode, dtype)
+    train_step = TrainStep(optimizer, cfg.ode, dtype, state_shardings=shardings if cfg.train.fsdp else None)
+    eval_step = EvalStep(cfg.ode, dtype)
     schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
     base_key = jax.random.key(cfg.train.seed + 1)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    last_good = list_checkpoints(run_dir)[-1] if resume and list_checkpoints(run_dir) else None
+    last_good = all_checkpoints(run_dir)[-1] if resume and all_checkpoints(run_dir) else None
+    writer = checkpoint_writer(cfg, run_dir, lead)
+    say(f"checkpoints: {resolved_format(cfg)} format; state "
+        f"{'sharded (fsdp)' if cfg.train.fsdp else 'replicated'} over {parallel.devices} device(s)")
     saved_step, skipped = start, 0
 
     def checkpoint(step: int) -> Path:
         nonlocal last_good, saved_step
-        if lead:
-            last_good = save_checkpoint(run_dir, step, (model, opt_state), cfg.to_toml(),
-                                        corpus.tokenizer.state(), cfg.checkpoint.keep)
-        barrier(f"ode-lm: checkpoint {step} written")  # before any process moves on or exits
+        last_good = writer.save(step, (model, opt_state), cfg.to_toml(), corpus.tokenizer.state())
         saved_step = step
         return last_good
 
@@ -324,6 +327,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
                 saved = last_good if saved_step == done else checkpoint(done)
                 raise TrainingInterrupted(stop, done, saved)
     finally:
+        writer.close()  # an asynchronous save in flight completes before the run ends
         if startup_guard() is not None:
             startup_guard().forward = None
         interrupts.restore()
@@ -335,7 +339,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
     if evaluation is None:  # resumed a finished run
         evaluation = evaluate(model, sampler, eval_step, cfg.train.eval_batches, corpus.bytes_per_token,
                               parallel.batch)
-    sample = end_of_training_sample(local_copy(model), cfg, corpus) if lead else ""
+    local = local_copy(model)  # every process: gathering sharded (FSDP) weights is collective
+    sample = end_of_training_sample(local, cfg, corpus) if lead else ""
     if sample:
         say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
             f"{cfg.train.sample_prompt}{sample}")
