@@ -591,7 +591,7 @@ def test_resource_check_refuses_without_building_or_compiling_anything(tiny, mon
     def never(*args, **kwargs):
         raise AssertionError("the model was built or the step compiled before the check")
     monkeypatch.setattr(trainer, "init_state", never)
-    monkeypatch.setattr(trainer, "TrainStep", never)
+    monkeypatch.setattr(trainer, "build_train_step", never)
     for dotted, needle in (({"train.batch_size": 10**7}, "lower train.batch_size"),
                            ({"model.max_positions": 10**9}, "lower model.max_positions"),
                            ({"model.dim": 2**16, "model.heads": 2}, "lower model.dim")):

@@ -29,6 +29,7 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny):
     assert [r["step"] for r in val] == [10, 20, 30, 40]
     assert val[-1]["bits_per_byte"] == pytest.approx(val[-1]["loss"] / math.log(2))
     assert math.isfinite(result.evaluation.loss) and len(result.sample) > 0
+    assert result.compilations == 1  # 40 steps, one compiled train step
 
 
 def test_resume_continues_the_same_loss_curve(tiny):

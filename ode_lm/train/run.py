@@ -10,7 +10,7 @@ from ode_lm.data import Tokenizer, tokenizer_from_state
 from ode_lm.errors import CheckpointError
 from ode_lm.models import LanguageModel
 from ode_lm.train.checkpoint import latest_checkpoint, read_checkpoint, restore_state
-from ode_lm.train.trainer import init_state
+from ode_lm.train.steps import init_state
 
 
 @dataclass
