@@ -235,9 +235,8 @@ class TrainConfig:
                              "other processes to join (train.distributed)")
     eval_every: int = knob(200, ge=1, doc="evaluate every N steps (and at the end)")
     eval_batches: int = knob(20, ge=1, doc="held-out batches per evaluation")
-    sample_tokens: int = knob(200, ge=0, doc="tokens sampled at the end of training")
-    sample_prompt: str = knob("def ", doc="prompt for the end-of-training sample")
-    sample_temperature: float = knob(0.8, gt=0.0, doc="temperature of that sample")
+    sample: bool = knob(True, doc="print a sample at the end of training, as [generate] sets it "
+                        "(prompt, max_new_tokens, temperature, ...)")
 
 
 @dataclass(frozen=True)
@@ -270,6 +269,8 @@ class CheckpointConfig:
 class GenerateConfig:
     """Text generation (``ode-lm generate`` flags of the same names override these)."""
 
+    prompt: str = knob("def ", doc="prompt of the end-of-training sample (train.sample; ode-lm "
+                       "generate takes --prompt)")
     max_new_tokens: int = knob(200, ge=1, doc="tokens to generate")
     temperature: float = knob(0.8, ge=0.0, doc="softmax temperature; 0 is greedy")
     top_k: int = knob(0, ge=0, doc="sample among the k most likely tokens (0: all)")
@@ -433,6 +434,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 
 def _build_sections(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Each section's dataclass, every key and value checked on its own (no cross-key rules)."""
+    raw = _moved_sample_keys(raw)
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -660,6 +662,30 @@ def _as_written_then(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     legacy = {k: v for k, v in LEGACY_MODEL.items() if k != "block" or model["family"] == "standard"}
     return {**raw, "model": {**legacy, **model}}
+
+
+# Keys of the end-of-training sample before it took the [generate] settings: each maps to
+# its new key, set only where the same config does not give that key itself (a resolved
+# config.toml gives every [generate] key, which ode-lm generate used for the run).
+MOVED_SAMPLE_KEYS = {"sample_prompt": "prompt", "sample_tokens": "max_new_tokens",
+                     "sample_temperature": "temperature"}
+
+
+def _moved_sample_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """``[train] sample_*`` read as ``[generate]`` keys; ``sample_tokens = 0`` as ``train.sample = false``."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or not MOVED_SAMPLE_KEYS.keys() & train.keys():
+        return raw
+    generate = dict(raw["generate"]) if isinstance(raw.get("generate"), dict) else {}
+    train = dict(train)
+    for old, new in MOVED_SAMPLE_KEYS.items():
+        if old in train:
+            value = train.pop(old)
+            if old == "sample_tokens" and value == 0:
+                train.setdefault("sample", False)
+            elif new not in generate:
+                generate[new] = value
+    return {**raw, "train": train, "generate": generate}
 
 
 def _parse_toml(text: str, source: str) -> dict[str, Any]:

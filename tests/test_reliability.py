@@ -423,9 +423,9 @@ def test_loader_fixes_found_by_fuzzing(tmp_path):
             config_from_dict(raw)
     with pytest.raises(ConfigError, match="nested too deeply"):
         config_from_toml("a = " + "[" * 50_000, "deep.toml")
-    cfg = config_from_dict({"train": {"sample_prompt": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
+    cfg = config_from_dict({"generate": {"prompt": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
     assert config_from_toml(cfg.to_toml(), "rt") == cfg
-    assert tomllib.loads(cfg.to_toml())["train"]["sample_prompt"] == 'a\x01\t"\\\x7fz'
+    assert tomllib.loads(cfg.to_toml())["generate"]["prompt"] == 'a\x01\t"\\\x7fz'
 
 
 # ---- run directories: names, locks, --overwrite, signals before the first step, resources --
@@ -638,8 +638,8 @@ def test_a_sample_prompt_the_char_alphabet_lacks_is_refused_before_training(tiny
     from ode_lm.train import trainer
 
     monkeypatch.setattr(trainer, "init_state", lambda *a: pytest.fail("trained first"))
-    with pytest.raises(ConfigError, match="sample_prompt = '☃x' has characters the char tokenizer .* '☃'"):
-        train(tiny(**{"data.tokenizer": "char", "train.sample_prompt": "\u2603x"}), say=lambda m: None)
+    with pytest.raises(ConfigError, match=r"\[generate\] prompt = '☃x' has characters the char tokenizer .* '☃'"):
+        train(tiny(**{"data.tokenizer": "char", "generate.prompt": "\u2603x"}), say=lambda m: None)
 
 
 def tmpfs(path: Path, size: str) -> bool:

@@ -6,6 +6,7 @@ import pytest
 
 from ode_lm.config import config_from_toml
 from ode_lm.errors import CheckpointError, RunDirError
+from ode_lm.generate import training_sample
 from ode_lm.train import TrainingError, load_run, train
 from ode_lm.train.checkpoint import list_checkpoints, read_checkpoint
 from ode_lm.train.logging import read_metrics
@@ -18,7 +19,7 @@ def train_losses(run_dir):
 
 def test_training_lowers_the_loss_and_writes_the_run(tiny):
     cfg = tiny(**{"train.steps": 40, "log.tensorboard": True})
-    result = train(cfg, say=lambda m: None)
+    result = train(cfg, say=lambda m: None, sample=training_sample)
     losses = train_losses(result.run_dir)
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
@@ -178,3 +179,19 @@ def test_cli_train_then_generate(tmp_path, tiny):
     assert "no checkpoint" in proc.stderr
     proc = run_cli("generate", str(tmp_path / "nowhere"), "--prompt", "x")
     assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+def test_the_end_of_training_sample_takes_the_generate_settings_and_reads_the_old_keys():
+    """``[train] sample_*`` (configs and runs from before) read as the ``[generate]`` keys; a
+    resolved config.toml keeps its own ``[generate]`` values, which ode-lm generate used."""
+    from ode_lm.config import Config, config_from_dict, load_config
+
+    old = load_config(None, ["train.sample_tokens=0", "train.sample_prompt=x"])
+    assert not old.train.sample and old.generate.prompt == "x"
+    assert config_from_dict({"train": {"sample_tokens": 7, "sample_temperature": 0.5}}).generate == \
+        config_from_dict({"generate": {"max_new_tokens": 7, "temperature": 0.5}}).generate
+    stored = (Config().to_toml().replace('prompt = "def "\n', "")  # no generate.prompt then
+              .replace("[train]\n", '[train]\nsample_tokens = 8\nsample_prompt = "y"\n'))
+    cfg = config_from_toml(stored, "config.toml")
+    assert cfg.generate.prompt == "y" and cfg.generate.max_new_tokens == Config().generate.max_new_tokens
+    assert cfg.train.sample

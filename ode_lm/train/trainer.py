@@ -28,9 +28,8 @@ import jax
 from tqdm.auto import tqdm
 
 from ode_lm.config import ODE_FAMILIES, Config, config_from_toml
-from ode_lm.data import BatchSampler, TokenizedCorpus, load_corpus
+from ode_lm.data import BatchSampler, TokenizedCorpus, Tokenizer, load_corpus
 from ode_lm.errors import CheckpointError, ConfigError, RunDirError, UserError
-from ode_lm.generate import generate
 from ode_lm.models import LanguageModel, count_parameters
 from ode_lm.train.checkpoint import latest_checkpoint, list_checkpoints, restore_state, save_checkpoint
 from ode_lm.train.evaluation import Evaluation, TrainingError, evaluate
@@ -118,13 +117,20 @@ def resume_state(cfg: Config, run: RunDir, corpus: TokenizedCorpus, template: An
     return state, header.step
 
 
+# The end-of-training sample: (model, config, tokenizer) -> text; ode_lm.generate.training_sample.
+Sampler = Callable[[LanguageModel, Config, Tokenizer], str]
+
+
 def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
-          say: Callable[[str], None] = print, check_resources: bool = True) -> TrainResult:
+          say: Callable[[str], None] = print, check_resources: bool = True,
+          sample: Sampler | None = None) -> TrainResult:
     """Train (or resume) the run ``cfg`` describes; see the README for what it writes.
 
     The run directory is locked for the whole call and left untouched until the first step
     has run (``rundir.py``); ``check_resources = False`` skips the memory and disk estimate
-    (``resources.py``) that refuses sizes which cannot fit.
+    (``resources.py``) that refuses sizes which cannot fit. With ``train.sample`` on,
+    ``sample`` (``ode_lm.generate.training_sample`` from the command line and ablations)
+    writes the end-of-training sample; training does not import the generation package.
     """
     resume = resume or cfg.checkpoint.resume
     maybe_initialize_distributed(cfg)
@@ -133,7 +139,7 @@ def train(cfg: Config, *, resume: bool = False, overwrite: bool = False,
     try:
         # Traced into every step compiled below; "default" leaves JAX's own setting alone.
         with contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision):
-            return _train(cfg, run, resume, say if run.lead else _quiet, check_resources)
+            return _train(cfg, run, resume, say if run.lead else _quiet, check_resources, sample)
     except RunDirError:
         run.discard()
         raise
@@ -146,7 +152,7 @@ def _quiet(message: str) -> None:
 
 
 def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
-           check_resources: bool) -> TrainResult:
+           check_resources: bool, sample: Sampler | None) -> TrainResult:
     corpus: TokenizedCorpus = load_corpus(cfg.data)
     check_sample_prompt(cfg, corpus.tokenizer)
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
@@ -182,7 +188,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
             if done % cfg.checkpoint.every == 0 or done == cfg.train.steps:
                 session.checkpoint(done)
             session.stop_if_signalled(done)
-    return session.result(parameters)
+    return session.result(parameters, sample)
 
 
 @dataclass
@@ -406,17 +412,19 @@ class Session:
         if signum:
             raise TrainingInterrupted(signum, done, self.checkpoints.of(done, self.state))
 
-    def result(self, parameters: int) -> TrainResult:
+    def result(self, parameters: int, sample: Sampler | None) -> TrainResult:
         """After the loop: the final evaluation (made now when a finished run was resumed)
         and the end-of-training sample."""
         model, cfg = self.state[0], self.cfg
         evaluation = self.evaluation or self.evaluate_split("val")
-        sample = end_of_training_sample(local_copy(model), cfg, self.corpus) if self.run.lead else ""
-        if sample:
-            self.say(f"sample ({cfg.train.sample_tokens} tokens after {cfg.train.sample_prompt!r}):\n"
-                  f"{cfg.train.sample_prompt}{sample}")
+        text = ""
+        if sample is not None and cfg.train.sample and self.run.lead:
+            text = sample(local_copy(model), cfg, self.corpus.tokenizer)
+        if text:
+            prompt = cfg.generate.prompt
+            self.say(f"sample (up to {cfg.generate.max_new_tokens} tokens after {prompt!r}):\n{prompt}{text}")
         ms, ran = self.clock.ms_per_step, cfg.train.steps - self.start
-        return TrainResult(self.run.path, cfg.train.steps, self.loss, evaluation, sample,
+        return TrainResult(self.run.path, cfg.train.steps, self.loss, evaluation, text,
                            best_val_loss=self.best_val if math.isfinite(self.best_val) else math.nan,
                            train_eval_loss=self.train_eval.loss if self.train_eval else math.nan,
                            skipped_steps=self.skipped, parameters=parameters,
@@ -448,27 +456,15 @@ def start_run(run: RunDir, cfg: Config, tokenizer_json: str, start: int, interru
 
 def check_sample_prompt(cfg: Config, tokenizer) -> None:
     """The end-of-training sample's prompt must encode, checked before training."""
-    if cfg.train.sample_tokens == 0:
+    if not cfg.train.sample:
         return
-    prompt = cfg.train.sample_prompt
+    prompt = cfg.generate.prompt
     try:
         tokenizer.encode(prompt)
     except UserError as e:
         alphabet = set(getattr(tokenizer, "alphabet", ""))
         missing = ", ".join(repr(c) for c in sorted(set(prompt) - alphabet)) if alphabet else str(e)
-        raise ConfigError(f"[train] sample_prompt = {prompt!r} has characters the {tokenizer.name} "
+        raise ConfigError(f"[generate] prompt = {prompt!r} has characters the {tokenizer.name} "
                           f"tokenizer of this corpus ({tokenizer.vocab_size} tokens) cannot encode: "
-                          f"{missing}; change train.sample_prompt, set train.sample_tokens = 0, or use "
+                          f"{missing}; change generate.prompt, set train.sample = false, or use "
                           "data.tokenizer = \"byte\"") from None
-
-
-def end_of_training_sample(model: LanguageModel, cfg: Config, corpus: TokenizedCorpus) -> str:
-    if cfg.train.sample_tokens == 0:
-        return ""
-    prompt = corpus.tokenizer.encode(cfg.train.sample_prompt)
-    n = min(cfg.train.sample_tokens, cfg.model.max_positions - len(prompt))
-    if n <= 0 or len(prompt) == 0:
-        return ""
-    ids = generate(model, prompt, cfg.ode, max_new_tokens=n, temperature=cfg.train.sample_temperature,
-                   seed=cfg.train.seed)
-    return corpus.tokenizer.decode(ids[0])
