@@ -434,7 +434,6 @@ def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
 
 def _build_sections(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Each section's dataclass, every key and value checked on its own (no cross-key rules)."""
-    raw = _moved_sample_keys(raw)
     sections = {}
     for section, values in raw.items():
         if section not in SECTIONS:
@@ -575,7 +574,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         value = tomllib.loads(f"v = {text}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
         value = text
-    return section, name, value
+    return _moved_sample_override(section, name, value)
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -594,7 +593,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"{source}: no such config file (pass a .toml file, e.g. configs/quickstart.toml)")
         try:
-            raw = _parse_toml(p.read_text(encoding="utf-8"), source)
+            raw = _moved_sample_keys(_parse_toml(p.read_text(encoding="utf-8"), source))
         except (UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"{source}: cannot read the config file: {e}") from None
     parsed = [(item, *parse_override(item)) for item in overrides]
@@ -647,7 +646,7 @@ def _involved_overrides(raw: dict[str, Any], parsed: list, message: str) -> list
 def config_from_toml(text: str, source: str) -> Config:
     """A config stored by ode-lm (a checkpoint's, or a run's config.toml): fully resolved, so
     a key it lacks was added after it was written, and takes the behaviour of then."""
-    return config_from_dict(_as_written_then(_parse_toml(text, source)), source)
+    return config_from_dict(_moved_sample_keys(_as_written_then(_parse_toml(text, source))), source)
 
 
 # What a resolved config written before 2026-12-01 (no [model] block key) ran: the parallel
@@ -664,9 +663,10 @@ def _as_written_then(raw: dict[str, Any]) -> dict[str, Any]:
     return {**raw, "model": {**legacy, **model}}
 
 
-# Keys of the end-of-training sample before it took the [generate] settings: each maps to
-# its new key, set only where the same config does not give that key itself (a resolved
-# config.toml gives every [generate] key, which ode-lm generate used for the run).
+# Keys of the end-of-training sample before it took the [generate] settings, still read in
+# config files, stored runs and overrides: each maps to its new key, set only where the
+# same file does not give that key itself (a resolved config.toml gives every [generate]
+# key, which ode-lm generate used for the run); an override always sets it.
 MOVED_SAMPLE_KEYS = {"sample_prompt": "prompt", "sample_tokens": "max_new_tokens",
                      "sample_temperature": "temperature"}
 
@@ -686,6 +686,15 @@ def _moved_sample_keys(raw: dict[str, Any]) -> dict[str, Any]:
             elif new not in generate:
                 generate[new] = value
     return {**raw, "train": train, "generate": generate}
+
+
+def _moved_sample_override(section: str, name: str, value: Any) -> tuple[str, str, Any]:
+    """An override of a ``MOVED_SAMPLE_KEYS`` key as the override of its new key."""
+    if section != "train" or name not in MOVED_SAMPLE_KEYS:
+        return section, name, value
+    if name == "sample_tokens" and value == 0:
+        return "train", "sample", False
+    return "generate", MOVED_SAMPLE_KEYS[name], value
 
 
 def _parse_toml(text: str, source: str) -> dict[str, Any]:

@@ -37,7 +37,7 @@ def write_tiny_base(directory: Path) -> Path:
     # 8 steps, evaluated at 4 and 8; data.max_bytes changes the data, not the compiled step,
     # so the 8 runs compile 2 programs (once, through the compilation cache).
     cfg = tiny_config(directory, **{"train.steps": 8, "train.eval_every": 4, "checkpoint.every": 4,
-                                    "train.sample_tokens": 0})
+                                    "train.sample": False})
     path = directory / "tiny.toml"
     path.write_text(cfg.to_toml())
     return path

@@ -97,7 +97,7 @@ def resume(ref: Reference, runs_dir: Path) -> str:
 def ref(tmp_path_factory) -> Reference:
     root = tmp_path_factory.mktemp("reliability")
     cfg = tiny_config(root, **{"train.steps": STEPS, "train.eval_every": 20, "train.eval_batches": 1,
-                               "train.sample_tokens": 0, "checkpoint.every": 3, "model.dropout": 0.1})
+                               "train.sample": False, "checkpoint.every": 3, "model.dropout": 0.1})
     path = root / "tiny.toml"
     path.write_text(cfg.to_toml())
     runs = root / "reference"
@@ -299,7 +299,7 @@ def test_a_non_finite_step_leaves_model_and_optimizer_unchanged(tiny):
 
 def test_on_nonfinite_skip_keeps_training_and_counts_skips(tiny):
     cfg = tiny(**{"train.steps": 12, "optim.lr": 1e8, "optim.warmup_steps": 0, "optim.grad_clip": 1e12,
-                  "train.on_nonfinite": "skip", "checkpoint.every": 4, "train.sample_tokens": 0})
+                  "train.on_nonfinite": "skip", "checkpoint.every": 4, "train.sample": False})
     notes = []
     result = train(cfg, say=notes.append)
     rows = [r for r in read_metrics(result.run_dir, "train") if "lr" not in r]

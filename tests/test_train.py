@@ -181,15 +181,19 @@ def test_cli_train_then_generate(tmp_path, tiny):
     assert proc.returncode == 2 and "no such run directory" in proc.stderr
 
 
-def test_the_end_of_training_sample_takes_the_generate_settings_and_reads_the_old_keys():
-    """``[train] sample_*`` (configs and runs from before) read as the ``[generate]`` keys; a
-    resolved config.toml keeps its own ``[generate]`` values, which ode-lm generate used."""
+def test_the_end_of_training_sample_takes_the_generate_settings_and_reads_the_old_keys(tmp_path):
+    """``[train] sample_*`` (config files, runs and overrides from before) read as the
+    ``[generate]`` keys; a resolved config.toml keeps its own ``[generate]`` values, which
+    ode-lm generate used."""
     from ode_lm.config import Config, config_from_dict, load_config
 
     old = load_config(None, ["train.sample_tokens=0", "train.sample_prompt=x"])
     assert not old.train.sample and old.generate.prompt == "x"
-    assert config_from_dict({"train": {"sample_tokens": 7, "sample_temperature": 0.5}}).generate == \
-        config_from_dict({"generate": {"max_new_tokens": 7, "temperature": 0.5}}).generate
+    path = tmp_path / "old.toml"
+    path.write_text("[train]\nsample_tokens = 7\nsample_temperature = 0.5\n")
+    assert load_config(path).generate == config_from_dict({"generate": {"max_new_tokens": 7,
+                                                                        "temperature": 0.5}}).generate
+    assert load_config(path, ["train.sample_tokens=3"]).generate.max_new_tokens == 3  # an override wins
     stored = (Config().to_toml().replace('prompt = "def "\n', "")  # no generate.prompt then
               .replace("[train]\n", '[train]\nsample_tokens = 8\nsample_prompt = "y"\n'))
     cfg = config_from_toml(stored, "config.toml")
