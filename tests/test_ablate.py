@@ -203,7 +203,7 @@ def test_malformed_ablation_on_the_command_line(tmp_path):
 
 def _fake_train(fail: dict[str, int], calls: list[str]):
     """``train`` that fails the first ``fail[name]`` attempts of a point."""
-    def train(cfg, *, overwrite=False, say=print, resume=False):
+    def train(cfg, *, overwrite=False, say=print, resume=False, sample=None):
         name = cfg.train.run_name
         calls.append(name)
         if calls.count(name) <= fail.get(name, 0):
