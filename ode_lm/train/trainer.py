@@ -153,6 +153,8 @@ def _quiet(message: str) -> None:
 
 def _train(cfg: Config, run: RunDir, resume: bool, say: Callable[[str], None],
            check_resources: bool, sample: Sampler | None) -> TrainResult:
+    """Data and checks; the state made (``init_state``), restored (``resume_state``) and put
+    on the devices (``parallel.replicate``); then the loop, one finished step at a time."""
     corpus: TokenizedCorpus = load_corpus(cfg.data)
     check_sample_prompt(cfg, corpus.tokenizer)
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
