@@ -22,6 +22,7 @@ from ode_lm.errors import UserError
 
 def _train(args: argparse.Namespace) -> int:
     from ode_lm.config import load_config
+    from ode_lm.generate import training_sample
     from ode_lm.train import train
 
     from ode_lm.train.interrupts import TrainingInterrupted
@@ -30,7 +31,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite,
-                       check_resources=not args.skip_resource_check)
+                       check_resources=not args.skip_resource_check, sample=training_sample)
     except TrainingInterrupted as e:
         again = shlex.join(["ode-lm", "train", args.config, *args.overrides, "--resume"])
         if is_lead():  # the process that wrote the checkpoint

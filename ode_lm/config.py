@@ -357,9 +357,8 @@ class TrainConfig(Section):
                              "other processes to join (train.distributed)")
     eval_every: int = knob(200, ge=1, doc="evaluate every N steps (and at the end)")
     eval_batches: int = knob(20, ge=1, doc="held-out batches per evaluation")
-    sample_tokens: int = knob(200, ge=0, doc="tokens sampled at the end of training")
-    sample_prompt: str = knob("def ", doc="prompt for the end-of-training sample")
-    sample_temperature: float = knob(0.8, gt=0.0, doc="temperature of that sample")
+    sample: bool = knob(True, doc="print a sample at the end of training, as [generate] sets it "
+                        "(prompt, max_new_tokens, temperature, ...)")
 
     def check(self) -> None:
         """The run's directory name and the multi-process settings."""
@@ -414,6 +413,8 @@ class CheckpointConfig(Section):
 class GenerateConfig(Section):
     """Text generation (``ode-lm generate`` flags of the same names override these)."""
 
+    prompt: str = knob("def ", doc="prompt of the end-of-training sample (train.sample; ode-lm "
+                       "generate takes --prompt)")
     max_new_tokens: int = knob(200, ge=1, doc="tokens to generate")
     temperature: float = knob(0.8, ge=0.0, doc="softmax temperature; 0 is greedy")
     top_k: int = knob(0, ge=0, doc="sample among the k most likely tokens (0: all)")
@@ -684,7 +685,7 @@ def parse_override(item: str) -> tuple[str, str, Any]:
         value = tomllib.loads(f"v = {text}")["v"]
     except (tomllib.TOMLDecodeError, RecursionError):
         value = text
-    return section, name, value
+    return _moved_sample_override(section, name, value)
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -703,7 +704,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not p.is_file():
             raise ConfigError(f"{source}: no such config file (pass a .toml file, e.g. configs/quickstart.toml)")
         try:
-            raw = _parse_toml(p.read_text(encoding="utf-8"), source)
+            raw = _moved_sample_keys(_parse_toml(p.read_text(encoding="utf-8"), source))
         except (UnicodeDecodeError, OSError) as e:
             raise ConfigError(f"{source}: cannot read the config file: {e}") from None
     parsed = [(item, *parse_override(item)) for item in overrides]
@@ -756,7 +757,7 @@ def _involved_overrides(raw: dict[str, Any], parsed: list, message: str) -> list
 def config_from_toml(text: str, source: str) -> Config:
     """A config stored by ode-lm (a checkpoint's, or a run's config.toml): fully resolved, so
     a key it lacks was added after it was written, and takes the behaviour of then."""
-    return config_from_dict(_as_written_then(_parse_toml(text, source)), source)
+    return config_from_dict(_moved_sample_keys(_as_written_then(_parse_toml(text, source))), source)
 
 
 # What a resolved config written before 2026-12-01 (no [model] block key) ran: the parallel
@@ -771,6 +772,40 @@ def _as_written_then(raw: dict[str, Any]) -> dict[str, Any]:
         return raw
     legacy = {k: v for k, v in LEGACY_MODEL.items() if k != "block" or model["family"] == "standard"}
     return {**raw, "model": {**legacy, **model}}
+
+
+# Keys of the end-of-training sample before it took the [generate] settings, still read in
+# config files, stored runs and overrides: each maps to its new key, set only where the
+# same file does not give that key itself (a resolved config.toml gives every [generate]
+# key, which ode-lm generate used for the run); an override always sets it.
+MOVED_SAMPLE_KEYS = {"sample_prompt": "prompt", "sample_tokens": "max_new_tokens",
+                     "sample_temperature": "temperature"}
+
+
+def _moved_sample_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """``[train] sample_*`` read as ``[generate]`` keys; ``sample_tokens = 0`` as ``train.sample = false``."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or not MOVED_SAMPLE_KEYS.keys() & train.keys():
+        return raw
+    generate = dict(raw["generate"]) if isinstance(raw.get("generate"), dict) else {}
+    train = dict(train)
+    for old, new in MOVED_SAMPLE_KEYS.items():
+        if old in train:
+            value = train.pop(old)
+            if old == "sample_tokens" and value == 0:
+                train.setdefault("sample", False)
+            elif new not in generate:
+                generate[new] = value
+    return {**raw, "train": train, "generate": generate}
+
+
+def _moved_sample_override(section: str, name: str, value: Any) -> tuple[str, str, Any]:
+    """An override of a ``MOVED_SAMPLE_KEYS`` key as the override of its new key."""
+    if section != "train" or name not in MOVED_SAMPLE_KEYS:
+        return section, name, value
+    if name == "sample_tokens" and value == 0:
+        return "train", "sample", False
+    return "generate", MOVED_SAMPLE_KEYS[name], value
 
 
 def _parse_toml(text: str, source: str) -> dict[str, Any]:

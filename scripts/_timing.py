@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -85,3 +86,20 @@ def time_steps(step, repeats: int, warmup: int, sync, windows: int = 3) -> StepT
         sync(out)
         back_to_back.append((time.perf_counter() - start) / repeats)
     return StepTime(statistics.median(back_to_back), statistics.median(synced))
+
+
+def renamed_flag(parser, old: str, new: str) -> None:
+    """``old`` was renamed ``new`` (one flag name per meaning across the scripts: ``--repeats``
+    timed repeats, ``--ode-steps`` ODE steps, ``--train-steps`` training steps); passing it
+    stops with a message naming the new flag."""
+    parser.add_argument(old, nargs="*", help=argparse.SUPPRESS,
+                        action=_Renamed, new=new)
+
+
+class _Renamed(argparse.Action):
+    def __init__(self, *args, new: str, **kwargs):
+        self.new = new
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is now {self.new} (same values)")

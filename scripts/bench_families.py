@@ -2,7 +2,7 @@
 
 Each family is built at the same size (reference: dim 256, 4 heads, 6 Euler steps or 6
 layers, seq 512, batch 32, dropout 0.1) and timed on its real jitted train step (the
-``TrainStep`` of ``ode_lm.train.steps`` with its XLA options: forward, backward, AdamW) on
+``build_train_step`` of ``ode_lm.train.steps``, with its XLA options: forward, backward, AdamW) on
 random tokens, so the script needs neither ``datasets`` nor ``tensorboardX``. Compile time is
 excluded. Steps are timed back to back, as the trainer queues them (the headline and the
 ratios), and synchronised one by one. Prints a table (ms/step, ratio to ``standard`` and to
@@ -24,18 +24,15 @@ from __future__ import annotations
 import argparse
 import time
 
-import equinox as eqx
 import jax
 import numpy as np
 
-from _timing import machine, print_table, time_steps, write_json
+from _timing import machine, print_table, renamed_flag, time_steps, write_json
 from ode_lm.config import (ADJOINTS, FAMILIES, SOLVERS, SSM_CARRIES, SSM_FORMS, SSM_PRODUCTS, SSM_SCANS,
                            config_from_dict)
-from ode_lm.models import build_model, count_parameters
+from ode_lm.models import count_parameters
 from ode_lm.models.accounting import flops_per_token, parameter_counts
-from ode_lm.train.optim import build_optimizer
-from ode_lm.train.precision import compute_dtype, param_dtype
-from ode_lm.train.steps import TrainStep
+from ode_lm.train.steps import build_train_step, init_state
 
 VOCAB = 256  # the byte tokenizer's
 
@@ -56,11 +53,8 @@ def family_config(family: str, args: argparse.Namespace, seq: int, ssm_form: str
 def time_family(family: str, args: argparse.Namespace, seq: int, ssm_form: str = "channel",
                 ssm_scan: str = "auto") -> dict:
     cfg = family_config(family, args, seq, ssm_form, ssm_scan)
-    model = build_model(cfg.model, VOCAB, jax.random.key(0), param_dtype(cfg))
-    optimizer = build_optimizer(cfg.optim, cfg.train.steps)
-    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
-    train_step = TrainStep(optimizer, cfg.ode, dtype)
+    model, _, opt_state = init_state(cfg, VOCAB)  # train.seed = 0
+    train_step = build_train_step(cfg)
     rng = np.random.default_rng(0)
     inputs, targets = (jax.device_put(rng.integers(0, VOCAB, (args.batch, seq), dtype=np.int32))
                        for _ in range(2))
@@ -145,7 +139,8 @@ def main() -> None:
     ap.add_argument("--ssm-heads", type=int, default=4, help="model.ssm_heads (form 'head')")
     ap.add_argument("--ssm-carry", default="matmul", choices=SSM_CARRIES, help="model.ssm_carry (form 'head')")
     ap.add_argument("--ssm-products", default="wide", choices=SSM_PRODUCTS, help="model.ssm_products (form 'head')")
-    ap.add_argument("--steps", dest="repeats", type=int, default=10, help="timed train steps per family")
+    ap.add_argument("--repeats", type=int, default=10, help="timed train steps per family")
+    renamed_flag(ap, "--steps", "--repeats")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/families_<platform>.json)")
     args = ap.parse_args()
 

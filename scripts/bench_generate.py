@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _timing import machine, print_table, write_json  # noqa: E402
+from _timing import machine, print_table, renamed_flag, write_json  # noqa: E402
 
 from ode_lm.config import GATE_APPLY, ModelConfig, ODEConfig  # noqa: E402
 from ode_lm.generate import generate, greedy_logits  # noqa: E402
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--solver", default="euler")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--ode-steps", dest="steps", type=int, default=6, help="ode.steps of the model")
+    renamed_flag(parser, "--steps", "--ode-steps")
     parser.add_argument("--bucket", type=int, default=128, help="padding granularity of --no-cache")
     parser.add_argument("--batch", type=int, nargs="*", default=[1, 8, 64], help="batched rows (none: skip)")
     parser.add_argument("--batch-new-tokens", type=int, default=1024)

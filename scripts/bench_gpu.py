@@ -128,14 +128,12 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
                     compiler_options: dict | None = None, unroll: str = "auto"):
     """ode-lm's real jitted train step (forward, backward, AdamW) on random tokens, as a
     zero-argument callable that returns the loss."""
-    from ode_lm.train.precision import compute_dtype
-    from ode_lm.train.steps import TrainStep
-    from ode_lm.train.trainer import init_state
+    from ode_lm.train.steps import build_train_step, init_state
 
     cfg = size_config(size, family, adjoint, attention, dtype, checkpoint_saves, unroll)
     vocab = size.get("vocab", VOCAB)
-    model, optimizer, opt_state = init_state(cfg, vocab)
-    step_fn = TrainStep(optimizer, cfg.ode, compute_dtype(cfg), compiler_options)
+    model, _, opt_state = init_state(cfg, vocab)
+    step_fn = build_train_step(cfg, compiler_options)
     rng = np.random.default_rng(0)
     x = jax.device_put(rng.integers(0, vocab, (size["batch"], size["seq"]), dtype=np.int32))
     y = jax.device_put(rng.integers(0, vocab, (size["batch"], size["seq"]), dtype=np.int32))

@@ -1,6 +1,6 @@
 """Training memory, step time and gradient error of each sensitivity as the steps grow.
 
-For N in --steps and each sensitivity (checkpoint, direct, backsolve, reversible), one
+For N in --ode-steps and each sensitivity (checkpoint, direct, backsolve, reversible), one
 training step (forward, backward, AdamW update) of the time-indexed model on random tokens:
 
 - temp MiB: the compiled executable's peak temporary memory
@@ -32,12 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _timing import machine, print_table, time_compiled, write_json
-from ode_lm.config import ADJOINTS, CHECKPOINT_SAVES, REVERSIBLE_SOLVERS, ModelConfig, ODEConfig, OptimConfig
+from _timing import machine, print_table, renamed_flag, time_compiled, write_json
+from ode_lm.config import (ADJOINTS, CHECKPOINT_SAVES, REVERSIBLE_SOLVERS, Config, DataConfig, ModelConfig,
+                           ODEConfig, TrainConfig)
 from ode_lm.models import build_model
 from ode_lm.ode import integrate_reversible
-from ode_lm.train.optim import build_optimizer
-from ode_lm.train.steps import cross_entropy
+from ode_lm.train.steps import build_train_step, cross_entropy, init_state
 
 VOCAB = 256
 MIB = 2 ** 20
@@ -48,23 +48,13 @@ def model_config(dim: int, heads: int, seq: int) -> ModelConfig:
 
 
 def measure_step(cfg: ModelConfig, ode: ODEConfig, batch: int, seq: int, repeats: int) -> dict:
-    """Compile one AdamW training step; its temporary memory and median time."""
-    model = build_model(cfg, VOCAB, jax.random.key(0))
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-    optimizer = build_optimizer(OptimConfig(), 1000)
-    opt_state = optimizer.init(params)
+    """Compile the trainer's training step (forward, backward, AdamW; ``build_train_step``);
+    its temporary memory and median time."""
+    run = Config(model=cfg, ode=ode, data=DataConfig(seq_len=seq), train=TrainConfig(batch_size=batch))
+    model, _, opt_state = init_state(run, VOCAB)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, VOCAB)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
-    def step(params, opt_state, inputs, targets):
-        def loss(p):
-            return cross_entropy(eqx.combine(p, static), inputs, targets, ode, None)[0]
-        value, grads = jax.value_and_grad(loss)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state, value
-
-    args = (params, opt_state, inputs, targets)
-    compiled = jax.jit(step).lower(*args).compile()
+    args = (model, opt_state, tokens[:, :-1], tokens[:, 1:], jax.random.key(2))
+    compiled = build_train_step(run).compiled(*args)
     memory = compiled.memory_analysis()
     seconds = time_compiled(compiled, *args, repeats=repeats)
     return {"temp_bytes": int(memory.temp_size_in_bytes),
@@ -155,7 +145,9 @@ def plot(records: list[dict], sensitivities: list[str], path: str, title: str) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16, 32, 64])
+    ap.add_argument("--ode-steps", dest="steps", type=int, nargs="+", default=[4, 8, 16, 32, 64],
+                    help="ode.steps N of each row")
+    renamed_flag(ap, "--steps", "--ode-steps")
     ap.add_argument("--sensitivities", nargs="+", default=list(ADJOINTS), choices=ADJOINTS)
     ap.add_argument("--checkpoint-saves", nargs="+", default=["states"], choices=CHECKPOINT_SAVES,
                     help="ode.checkpoint_saves policies to time for checkpoint (one row each)")

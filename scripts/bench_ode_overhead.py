@@ -1,9 +1,10 @@
 """What does integrating through diffrax cost over a hand-written residual loop?
 
-One training step (forward + backward) of the time-indexed model, two ways, same maths:
+One training step of the time-indexed model (the trainer's, ``build_train_step``: forward,
+backward, AdamW), two ways, same maths:
 
 - ours: ``integrate`` with diffrax Euler, N fixed steps, the configured sensitivity;
-- baseline: ``x <- x + (1/N) f(n/N, x)`` as a plain ``jax.lax.scan`` over N.
+- baseline: ``x <- x + (1/N) f(n/N, x)`` as a plain ``jax.lax.scan`` over N (``PlainLoop``).
 
 Prints ms/step, the ratio ours / baseline and both compile times for each N, and writes
 JSON. Compile time must not grow with N (both are loops, not unrolled).
@@ -14,20 +15,52 @@ JSON. Compile time must not grow with N (both are loops, not unrolled).
 from __future__ import annotations
 
 import argparse
+import time
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
 
-from _timing import compile_and_time, machine, print_table, write_json
-from ode_lm.config import ModelConfig, ODEConfig
-from ode_lm.models import build_model
+from _timing import machine, print_table, renamed_flag, time_compiled, write_json
+from ode_lm.config import config_from_dict
+from ode_lm.ode.stepping import SolveStats
+from ode_lm.train.steps import build_train_step, init_state
+
+
+class PlainLoop(eqx.Module):
+    """The model with its solve written by hand: ``x <- x + (1/N) f(n/N, x)`` as a
+    ``jax.lax.scan`` over N, the rest (embedding, readout, mixed precision) the model's own."""
+
+    model: eqx.Module
+
+    def in_dtype(self, dtype) -> "PlainLoop":
+        return PlainLoop(self.model.in_dtype(dtype))
+
+    def __call__(self, tokens, ode, *, key=None):
+        m, n = self.model, ode.steps
+        x0 = m.embedding(tokens)
+
+        def layer(x, i):
+            t = i.astype(x.dtype) / n
+            return x + (1.0 / n) * m.field(t, x.astype(x0.dtype)).astype(x.dtype), None
+        x, _ = jax.lax.scan(layer, x0.astype(jnp.float32), jnp.arange(n))
+        steps = jnp.asarray(n)
+        return m.readout(x.astype(x0.dtype), m.embedding), SolveStats(steps, steps, jnp.asarray(False))
+
+
+def compile_and_time(step, model, tokens, repeats: int) -> tuple[float, float]:
+    """``(compile seconds, median seconds per synchronised step)`` of the train step on ``model``."""
+    opt_state = step.optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    args = (model, opt_state, tokens[:, :-1], tokens[:, 1:], jax.random.key(2))
+    start = time.perf_counter()
+    compiled = step.compiled(*args)
+    return time.perf_counter() - start, time_compiled(compiled, *args, repeats=repeats)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--ode-steps", dest="steps", type=int, nargs="+", default=[4, 8, 16], help="Euler steps N")
+    renamed_flag(ap, "--steps", "--ode-steps")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
@@ -38,40 +71,19 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/ode_overhead.json")
     args = ap.parse_args()
 
-    cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=max(args.seq, 8), dropout=0.0)
-    model = build_model(cfg, 256, jax.random.key(0))
-    if args.dtype == "bfloat16":  # the same mixed precision as training: bf16 field, f32 state
-        model = model.in_dtype(jnp.bfloat16)
-    params, static = eqx.partition(model, eqx.is_array)
-    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0, 256)
-    targets = jnp.roll(tokens, -1, axis=1)
-
-    def loss_from_logits(logits):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
+    tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq + 1), 0, 256)
     rows, records = [], []
     for n in args.steps:
-        ode = ODEConfig(solver="euler", steps=n, adjoint=args.adjoint)
-
-        def ours(p):
-            def loss(p):
-                logits, _ = eqx.combine(p, static)(tokens, ode)
-                return loss_from_logits(logits.astype(jnp.float32))
-            return jax.value_and_grad(loss)(p)
-
-        def baseline(p):
-            def loss(p):
-                m = eqx.combine(p, static)
-                def layer(x, i):
-                    t = i.astype(x.dtype) / n
-                    return x + (1.0 / n) * m.field(t, x.astype(x0.dtype)).astype(x.dtype), None
-                x0 = m.embedding(tokens)
-                x, _ = jax.lax.scan(layer, x0.astype(jnp.float32), jnp.arange(n))
-                return loss_from_logits(m.readout(x.astype(x0.dtype), m.embedding).astype(jnp.float32))
-            return jax.value_and_grad(loss)(p)
-
-        c_ours, t_ours = compile_and_time(ours, params, repeats=args.repeats)
-        c_base, t_base = compile_and_time(baseline, params, repeats=args.repeats)
+        # The same mixed precision as training (train.dtype): bf16 field, f32 state.
+        cfg = config_from_dict({"model": {"dim": args.dim, "heads": args.heads,
+                                          "max_positions": max(args.seq, 8), "dropout": 0.0},
+                                "ode": {"solver": "euler", "steps": n, "adjoint": args.adjoint},
+                                "data": {"seq_len": args.seq},
+                                "train": {"batch_size": args.batch, "dtype": args.dtype}}, "bench_ode_overhead")
+        model, _, _ = init_state(cfg, 256)
+        step = build_train_step(cfg)
+        c_ours, t_ours = compile_and_time(step, model, tokens, args.repeats)
+        c_base, t_base = compile_and_time(step, PlainLoop(model), tokens, args.repeats)
         rows.append([n, t_ours * 1e3, t_base * 1e3, t_ours / t_base, c_ours, c_base])
         records.append({"steps": n, "ours_ms": t_ours * 1e3, "scan_ms": t_base * 1e3,
                         "ratio": t_ours / t_base, "ours_compile_s": c_ours, "scan_compile_s": c_base})

@@ -26,7 +26,7 @@ import time
 import jax
 import numpy as np
 
-from _timing import machine, print_table, write_json
+from _timing import machine, print_table, renamed_flag, write_json
 
 
 def per_step_ms(step, n: int) -> list[float]:
@@ -43,27 +43,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--train-steps", dest="steps", type=int, default=300, help="timed training steps per variant")
+    renamed_flag(ap, "--steps", "--train-steps")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/train_loop_<backend>.json)")
     args = ap.parse_args()
 
     from ode_lm.config import load_config
     from ode_lm.data import BatchSampler, load_corpus
     from ode_lm.train.parallel import DataParallel
-    from ode_lm.train.precision import compute_dtype
-    from ode_lm.train.steps import TrainStep
-    from ode_lm.train.trainer import init_state, train
+    from ode_lm.train.steps import build_train_step, init_state
+    from ode_lm.train.trainer import train
 
     with tempfile.TemporaryDirectory() as runs:
         cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps + 1}",
-                                        f"train.eval_every={10 * args.steps}", "train.sample_tokens=0",
+                                        f"train.eval_every={10 * args.steps}", "train.sample=false",
                                         f"checkpoint.every={10 * args.steps}", f"train.runs_dir={runs}"])
         corpus = load_corpus(cfg.data)
         sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
         parallel = DataParallel(cfg)
-        model, optimizer, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
+        model, _, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
         state = dict(zip(("model", "opt"), parallel.replicate((model, opt_state))))
-        train_step = TrainStep(optimizer, cfg.ode, compute_dtype(cfg))
+        train_step = build_train_step(cfg)
         fixed = [parallel.batch(a) for a in sampler.train_batch(0)]
         base_key = jax.random.key(0)
 

@@ -61,9 +61,8 @@ from ode_lm.errors import ConfigError, UserError  # noqa: E402
 from ode_lm.models import count_parameters  # noqa: E402
 from ode_lm.models.accounting import flops_per_token  # noqa: E402
 from ode_lm.train.optim import learning_rate_schedule  # noqa: E402
-from ode_lm.train.precision import compute_dtype, param_dtype  # noqa: E402
-from ode_lm.train.steps import EvalStep, TrainStep  # noqa: E402
-from ode_lm.train.trainer import init_state  # noqa: E402
+from ode_lm.train.evaluation import evaluate  # noqa: E402
+from ode_lm.train.steps import build_eval_step, build_train_step, init_state  # noqa: E402
 
 DROPOUT_KNOBS = ("dropout", "embd_dropout", "attn_dropout", "resid_dropout")
 WARMUP_STEPS = 3  # per side, left out of ms/step: compilation (and torch.compile's recompiles)
@@ -229,9 +228,8 @@ class OdeLmSide:
     name = "ode-lm"
 
     def __init__(self, cfg: Config, vocab: int):
-        self.model, optimizer, self.opt_state = init_state(cfg, vocab)
-        dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
-        self.train_step, self.eval_step = TrainStep(optimizer, cfg.ode, dtype), EvalStep(cfg.ode, dtype)
+        self.model, _, self.opt_state = init_state(cfg, vocab)
+        self.train_step, self.eval_step = build_train_step(cfg), build_eval_step(cfg)
         self.base_key = jax.random.key(cfg.train.seed + 1)
 
     def step(self, step: int, inputs, targets) -> float:
@@ -243,7 +241,7 @@ class OdeLmSide:
         return float(metrics["loss"])
 
     def evaluate(self, batches) -> float:
-        return float(np.mean([float(self.eval_step(self.model, x, y)[0]) for x, y in batches]))
+        return evaluate(self.model, self.eval_step, batches.__getitem__, len(batches), 1.0).loss
 
 
 class TorchSide:

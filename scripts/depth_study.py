@@ -70,7 +70,7 @@ def measure(run_dir: Path, batches: int) -> dict:
 def run_variant(args, family: str, name: str, overrides: tuple[str, ...]) -> dict:
     run_name = f"{family}__{name}".replace("+", "_")
     common = [f"model.family={family}", f"train.runs_dir={args.runs_dir}", f"train.run_name={run_name}",
-              "train.sample_tokens=0", *args.overrides]
+              "train.sample=false", *args.overrides]
     cfg = load_config(args.config, [*common, *overrides])
     run_dir = Path(cfg.train.runs_dir) / cfg.train.run_name
     final = run_dir / "checkpoints" / f"step_{cfg.train.steps:08d}.ckpt"

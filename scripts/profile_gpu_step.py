@@ -20,7 +20,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from _timing import machine, print_table, write_json
+from _timing import machine, print_table, renamed_flag, write_json
 from bench_gpu import SIZES, VOCAB, make_train_step
 from ode_lm.config import FAMILIES
 
@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--size", default="large", choices=list(SIZES))
     ap.add_argument("--family", default="time_indexed", choices=FAMILIES,
                     help="model family (standard: the per-kernel table to set the ODE step's against)")
-    ap.add_argument("--steps-profiled", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="train steps run under the profiler")
+    renamed_flag(ap, "--steps-profiled", "--repeats")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint")
     ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves")
@@ -73,16 +74,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             start = time.perf_counter()
-            for _ in range(args.steps_profiled):
+            for _ in range(args.repeats):
                 jax.block_until_ready(step())
-            wall = (time.perf_counter() - start) / args.steps_profiled * 1e3  # ms, profiler on
+            wall = (time.perf_counter() - start) / args.repeats * 1e3  # ms, profiler on
         totals, launches = kernel_times(Path(tmp))
-    per_step = {k: v / args.steps_profiled / 1e3 for k, v in totals.items()}  # ms
+    per_step = {k: v / args.repeats / 1e3 for k, v in totals.items()}  # ms
     busy = sum(per_step.values())
     groups = collections.Counter()
     for k, ms in per_step.items():
         groups[group_of(k)] += ms
-    kernels = launches / args.steps_profiled
+    kernels = launches / args.repeats
     print(f"{machine()['device']}: GPU busy {busy:.2f} ms of {wall:.2f} ms per step ({args.family}, {args.size}), "
           f"{kernels:.0f} kernels per step")
     print_table(["group", "ms/step", "share"], [[g, f"{ms:.2f}", f"{100 * ms / busy:.0f}%"]

@@ -45,7 +45,7 @@ def tiny_toml(root: Path, steps: int) -> Path:
         "ode": {"solver": "euler", "steps": 2},
         "data": {"seq_len": 16, "max_bytes": 300_000, "cache_dir": str(root / "cache")},
         "train": {"run_name": "tiny", "runs_dir": str(root / "runs"), "steps": steps, "batch_size": 4,
-                  "eval_every": 1000, "eval_batches": 1, "sample_tokens": 0},
+                  "eval_every": 1000, "eval_batches": 1, "sample": False},
         "log": {"every": 5, "progress": False, "tensorboard": True},
         "checkpoint": {"every": 5, "keep": 2}}, "stress")
     path = root / f"tiny_{steps}.toml"
@@ -112,8 +112,8 @@ def bad_inputs(h: Harness, workdir: Path, can_mount: bool) -> list[dict]:
         ("unknown solver", ["ode.solver=rk5"]),
         ("unknown key", ["ode.stepz=4"]),
         ("seq_len above max_positions", ["data.seq_len=128"]),
-        ("sample prompt outside the char alphabet", ["data.tokenizer=char", "train.sample_prompt=\u2603",
-                                                     "train.sample_tokens=8"]),
+        ("sample prompt outside the char alphabet", ["data.tokenizer=char", "generate.prompt=\u2603",
+                                                     "train.sample=true"]),
         ("checkpoint of another model on --resume", ["model.dim=64", "--resume"]),
     )]
     cases += [("resources", what, over + extra) for what, extra in (

@@ -38,10 +38,11 @@ def tiny_config(tmp_path: Path, **dotted) -> Config:
         "ode": {"solver": "euler", "steps": 2},
         "data": {"seq_len": 16, "max_bytes": 300_000, "cache_dir": str(tmp_path / "cache")},
         "train": {"run_name": "tiny", "runs_dir": str(tmp_path / "runs"), "steps": 30,
-                  "batch_size": 4, "eval_every": 10, "eval_batches": 2, "sample_tokens": 8},
+                  "batch_size": 4, "eval_every": 10, "eval_batches": 2},
         "optim": {"lr": 3e-3, "warmup_steps": 5},
         "log": {"every": 5, "progress": False, "tensorboard": False},
         "checkpoint": {"every": 10, "keep": 2},
+        "generate": {"max_new_tokens": 8},
     }
     for key, value in dotted.items():
         section, name = key.split(".")

@@ -37,7 +37,7 @@ def write_tiny_base(directory: Path) -> Path:
     # 8 steps, evaluated at 4 and 8; data.max_bytes changes the data, not the compiled step,
     # so the 8 runs compile 2 programs (once, through the compilation cache).
     cfg = tiny_config(directory, **{"train.steps": 8, "train.eval_every": 4, "checkpoint.every": 4,
-                                    "train.sample_tokens": 0})
+                                    "train.sample": False})
     path = directory / "tiny.toml"
     path.write_text(cfg.to_toml())
     return path
@@ -203,7 +203,7 @@ def test_malformed_ablation_on_the_command_line(tmp_path):
 
 def _fake_train(fail: dict[str, int], calls: list[str]):
     """``train`` that fails the first ``fail[name]`` attempts of a point."""
-    def train(cfg, *, overwrite=False, say=print, resume=False):
+    def train(cfg, *, overwrite=False, say=print, resume=False, sample=None):
         name = cfg.train.run_name
         calls.append(name)
         if calls.count(name) <= fail.get(name, 0):

@@ -259,7 +259,7 @@ def _train_bpe_run(tiny):
     from ode_lm.train import train
 
     cfg = tiny(**{"data.tokenizer": "bpe", "data.vocab_size": 512, "train.steps": 20, "train.eval_every": 20,
-                  "train.sample_tokens": 0, "checkpoint.every": 20})
+                  "train.sample": False, "checkpoint.every": 20})
     return cfg, train(cfg, say=lambda m: None)
 
 

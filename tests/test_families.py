@@ -245,7 +245,7 @@ def test_standard_family_trains_and_notes_that_ode_settings_are_ignored(tiny):
 
     said = []
     cfg = tiny(**{"model.family": "standard", "model.layers": 2, "ode.adjoint": "backsolve",
-                  "train.eval_batches": 1, "train.sample_tokens": 1})
+                  "train.eval_batches": 1})
     result = train(cfg, say=said.append)
     assert "family 'standard' is discrete: [ode] settings are ignored" in said
     losses = [r["loss"] for r in read_metrics(result.run_dir, "train") if "lr" not in r]

@@ -177,14 +177,15 @@ def test_unrolled_fixed_steps_compute_what_the_scan_computes():
 
 def test_checkpoint_saves_trades_memory_for_recomputation():
     """Keeping the matrix products' outputs costs memory between keeping only the states
-    and keeping everything, per step of the scan."""
+    and keeping everything, per step of the scan (scanned explicitly: ``unroll = "auto"``
+    writes the solve out on a GPU)."""
     cfg = ModelConfig(dim=64, heads=4, max_positions=64, dropout=0.0)
     params, static = eqx.partition(build_model(cfg, 32, jax.random.key(0)), eqx.is_array)
     tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, 32)
 
     def temp_bytes(**ode):
         def loss(p):
-            logits, _ = eqx.combine(p, static)(tokens, ODEConfig(solver="euler", steps=8, **ode))
+            logits, _ = eqx.combine(p, static)(tokens, ODEConfig(solver="euler", steps=8, unroll="scan", **ode))
             return jnp.mean(logits ** 2)
         return jax.jit(jax.grad(loss)).lower(params).compile().memory_analysis().temp_size_in_bytes
 
@@ -235,7 +236,8 @@ def test_checkpoint_saves_matmuls_keeps_the_standardised_input_not_the_state():
 
     def stacked(saves):  # residuals stacked over the 3 steps of the solve's scan
         def loss(p):
-            logits, _ = eqx.combine(p, static)(tokens, ODEConfig(solver="euler", steps=3, checkpoint_saves=saves))
+            logits, _ = eqx.combine(p, static)(tokens, ODEConfig(solver="euler", steps=3, unroll="scan",
+                                                                   checkpoint_saves=saves))
             return logits.astype(jnp.float32).mean()
         return [r.split(" ")[0] for r in saved_residuals(loss, params) if " output of scan " in r]
 

@@ -35,7 +35,7 @@ def test_bfloat16_trains_with_float32_master_weights(tiny):
 def test_matmul_precision_holds_while_training_and_not_after(tiny):
     seen = []
     before = jax.config.jax_default_matmul_precision
-    train(tiny(**{"train.steps": 2, "train.matmul_precision": "high", "train.sample_tokens": 0}),
+    train(tiny(**{"train.steps": 2, "train.matmul_precision": "high", "train.sample": False}),
           say=lambda m: seen.append(jax.config.jax_default_matmul_precision))
     assert seen and set(seen) == {"high"}
     assert jax.config.jax_default_matmul_precision == before

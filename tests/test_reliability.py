@@ -97,7 +97,7 @@ def resume(ref: Reference, runs_dir: Path) -> str:
 def ref(tmp_path_factory) -> Reference:
     root = tmp_path_factory.mktemp("reliability")
     cfg = tiny_config(root, **{"train.steps": STEPS, "train.eval_every": 20, "train.eval_batches": 1,
-                               "train.sample_tokens": 0, "checkpoint.every": 3, "model.dropout": 0.1})
+                               "train.sample": False, "checkpoint.every": 3, "model.dropout": 0.1})
     path = root / "tiny.toml"
     path.write_text(cfg.to_toml())
     runs = root / "reference"
@@ -299,7 +299,7 @@ def test_a_non_finite_step_leaves_model_and_optimizer_unchanged(tiny):
 
 def test_on_nonfinite_skip_keeps_training_and_counts_skips(tiny):
     cfg = tiny(**{"train.steps": 12, "optim.lr": 1e8, "optim.warmup_steps": 0, "optim.grad_clip": 1e12,
-                  "train.on_nonfinite": "skip", "checkpoint.every": 4, "train.sample_tokens": 0})
+                  "train.on_nonfinite": "skip", "checkpoint.every": 4, "train.sample": False})
     notes = []
     result = train(cfg, say=notes.append)
     rows = [r for r in read_metrics(result.run_dir, "train") if "lr" not in r]
@@ -423,9 +423,9 @@ def test_loader_fixes_found_by_fuzzing(tmp_path):
             config_from_dict(raw)
     with pytest.raises(ConfigError, match="nested too deeply"):
         config_from_toml("a = " + "[" * 50_000, "deep.toml")
-    cfg = config_from_dict({"train": {"sample_prompt": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
+    cfg = config_from_dict({"generate": {"prompt": 'a\x01\t"\\\x7fz'}, "data": {"paths": ["x\x00"]}})
     assert config_from_toml(cfg.to_toml(), "rt") == cfg
-    assert tomllib.loads(cfg.to_toml())["train"]["sample_prompt"] == 'a\x01\t"\\\x7fz'
+    assert tomllib.loads(cfg.to_toml())["generate"]["prompt"] == 'a\x01\t"\\\x7fz'
 
 
 # ---- run directories: names, locks, --overwrite, signals before the first step, resources --
@@ -591,7 +591,7 @@ def test_resource_check_refuses_without_building_or_compiling_anything(tiny, mon
     def never(*args, **kwargs):
         raise AssertionError("the model was built or the step compiled before the check")
     monkeypatch.setattr(trainer, "init_state", never)
-    monkeypatch.setattr(trainer, "TrainStep", never)
+    monkeypatch.setattr(trainer, "build_train_step", never)
     for dotted, needle in (({"train.batch_size": 10**7}, "lower train.batch_size"),
                            ({"model.max_positions": 10**9}, "lower model.max_positions"),
                            ({"model.dim": 2**16, "model.heads": 2}, "lower model.dim")):
@@ -638,8 +638,8 @@ def test_a_sample_prompt_the_char_alphabet_lacks_is_refused_before_training(tiny
     from ode_lm.train import trainer
 
     monkeypatch.setattr(trainer, "init_state", lambda *a: pytest.fail("trained first"))
-    with pytest.raises(ConfigError, match="sample_prompt = '☃x' has characters the char tokenizer .* '☃'"):
-        train(tiny(**{"data.tokenizer": "char", "train.sample_prompt": "\u2603x"}), say=lambda m: None)
+    with pytest.raises(ConfigError, match=r"\[generate\] prompt = '☃x' has characters the char tokenizer .* '☃'"):
+        train(tiny(**{"data.tokenizer": "char", "generate.prompt": "\u2603x"}), say=lambda m: None)
 
 
 def tmpfs(path: Path, size: str) -> bool:

@@ -6,6 +6,7 @@ import pytest
 
 from ode_lm.config import config_from_toml
 from ode_lm.errors import CheckpointError, RunDirError
+from ode_lm.generate import training_sample
 from ode_lm.train import TrainingError, load_run, train
 from ode_lm.train.checkpoint import list_checkpoints, read_checkpoint
 from ode_lm.train.logging import read_metrics
@@ -18,7 +19,7 @@ def train_losses(run_dir):
 
 def test_training_lowers_the_loss_and_writes_the_run(tiny):
     cfg = tiny(**{"train.steps": 40, "log.tensorboard": True})
-    result = train(cfg, say=lambda m: None)
+    result = train(cfg, say=lambda m: None, sample=training_sample)
     losses = train_losses(result.run_dir)
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
@@ -29,6 +30,7 @@ def test_training_lowers_the_loss_and_writes_the_run(tiny):
     assert [r["step"] for r in val] == [10, 20, 30, 40]
     assert val[-1]["bits_per_byte"] == pytest.approx(val[-1]["loss"] / math.log(2))
     assert math.isfinite(result.evaluation.loss) and len(result.sample) > 0
+    assert result.compilations == 1  # 40 steps, one compiled train step
 
 
 def test_resume_continues_the_same_loss_curve(tiny):
@@ -177,3 +179,23 @@ def test_cli_train_then_generate(tmp_path, tiny):
     assert "no checkpoint" in proc.stderr
     proc = run_cli("generate", str(tmp_path / "nowhere"), "--prompt", "x")
     assert proc.returncode == 2 and "no such run directory" in proc.stderr
+
+
+def test_the_end_of_training_sample_takes_the_generate_settings_and_reads_the_old_keys(tmp_path):
+    """``[train] sample_*`` (config files, runs and overrides from before) read as the
+    ``[generate]`` keys; a resolved config.toml keeps its own ``[generate]`` values, which
+    ode-lm generate used."""
+    from ode_lm.config import Config, config_from_dict, load_config
+
+    old = load_config(None, ["train.sample_tokens=0", "train.sample_prompt=x"])
+    assert not old.train.sample and old.generate.prompt == "x"
+    path = tmp_path / "old.toml"
+    path.write_text("[train]\nsample_tokens = 7\nsample_temperature = 0.5\n")
+    assert load_config(path).generate == config_from_dict({"generate": {"max_new_tokens": 7,
+                                                                        "temperature": 0.5}}).generate
+    assert load_config(path, ["train.sample_tokens=3"]).generate.max_new_tokens == 3  # an override wins
+    stored = (Config().to_toml().replace('prompt = "def "\n', "")  # no generate.prompt then
+              .replace("[train]\n", '[train]\nsample_tokens = 8\nsample_prompt = "y"\n'))
+    cfg = config_from_toml(stored, "config.toml")
+    assert cfg.generate.prompt == "y" and cfg.generate.max_new_tokens == Config().generate.max_new_tokens
+    assert cfg.train.sample

@@ -15,11 +15,9 @@ import dataclasses
 import itertools
 import json
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 from tqdm.auto import tqdm
 
 from ode_lm.ablate.grid import format_value, short_names, with_values
@@ -30,8 +28,8 @@ from ode_lm.data import BatchSampler, load_corpus
 from ode_lm.errors import ConfigError, UserError
 from ode_lm.paths import prepare_output_dir
 from ode_lm.train import load_run
-from ode_lm.train.precision import compute_dtype, param_dtype
-from ode_lm.train.steps import EvalStep
+from ode_lm.train.evaluation import SolveFailed, evaluate
+from ode_lm.train.steps import EvalStep, build_eval_step, cast_dtype
 
 ODE_STEPS = "ode.steps"
 # The converged solve of the (cheap) discretisation gap: RK4 on 64 steps, checked against 32.
@@ -50,27 +48,15 @@ def _check_keys(grid: dict[str, tuple]) -> None:
             validate_key(key, value, f"--grid {key}")
 
 
-def _evaluate(model, sampler: BatchSampler, ode: ODEConfig, dtype, batches: int,
-              bytes_per_token: float) -> dict:
-    """Held-out loss over ``batches`` batches; the first batch compiles and is not timed."""
-    step = EvalStep(ode, dtype)
-    losses, nfes, seconds = [], [], []
-    for i in range(batches):
-        t = time.perf_counter()
-        loss, nfe, failed = step(model, *sampler.val_batch(i))
-        loss = float(loss)
-        if i:
-            seconds.append(time.perf_counter() - t)
-        if bool(failed):
-            return {"status": "failed", "error": f"the adaptive solve reached ode.max_steps = "
-                    f"{ode.max_steps} before t = 1 on batch {i}"}
-        losses.append(loss)
-        nfes.append(int(nfe))
-    loss = float(np.mean(losses))
-    return {"status": "ok", "error": None, "val_loss": loss,
-            "bits_per_byte": loss / math.log(2) / bytes_per_token,
-            "perplexity": math.exp(min(loss, 50.0)), "nfe": float(np.mean(nfes)),
-            "ms_per_batch": 1000 * float(np.mean(seconds)) if seconds else None}
+def _evaluate(model, sampler: BatchSampler, step: EvalStep, batches: int, bytes_per_token: float) -> dict:
+    """``evaluate`` on held-out data as a row: the first batch compiles and is not timed; a
+    failed adaptive solve is the row's error."""
+    try:
+        ev = evaluate(model, step, sampler.val_batch, batches, bytes_per_token)
+    except SolveFailed as error:
+        return {"status": "failed", "error": str(error)}
+    return {"status": "ok", "error": None, "val_loss": ev.loss, "bits_per_byte": ev.bits_per_byte,
+            "perplexity": ev.perplexity, "nfe": float(ev.nfe), "ms_per_batch": ev.ms_per_batch}
 
 
 def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | None = None,
@@ -81,13 +67,9 @@ def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | 
     _check_keys(grid)
     if batches is not None and batches < 1:
         raise UserError(f"--batches {batches}: must be >= 1")
-    loaded = load_run(run, warn=say)
+    loaded = _load_ode_run(run, say)
     cfg = loaded.config
-    if cfg.model.family not in ODE_FAMILIES:
-        raise UserError(f"{run}: family '{cfg.model.family}' is not an ODE model, so it has no solver "
-                        f"or step count to change; the depth ablation needs one of {', '.join(ODE_FAMILIES)}")
     combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    names = short_names(list(grid))
     # Validate every combination before evaluating any (e.g. adaptive needs an error estimate).
     odes = [with_values(cfg, combo, "--grid " + ", ".join(f"{k}={format_value(v)}" for k, v in combo.items())).ode
             for combo in combos]
@@ -97,21 +79,35 @@ def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | 
                              markers=("results.jsonl",))
     corpus = load_corpus(cfg.data, tokenizer=loaded.tokenizer)  # the run's own tokens, whatever the cache holds
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
-    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
     batches = batches or cfg.train.eval_batches
     say(f"depth ablation of {loaded.checkpoint} (step {loaded.step}, trained with {cfg.ode.solver}, "
         f"{cfg.ode.steps} steps): {len(combos)} settings x {batches} held-out batches")
-
-    rows = []
-    for combo, ode in tqdm(list(zip(combos, odes)), desc="depth ablation", unit="setting",
-                           disable=not progress, dynamic_ncols=True):
-        row = {"values": combo, "trained": ode == cfg.ode,
-               **_evaluate(loaded.model, sampler, ode, dtype, batches, corpus.bytes_per_token)}
-        rows.append(row)
+    rows = [{"values": combo, "trained": ode == cfg.ode,
+             **_evaluate(loaded.model, sampler, build_eval_step(cfg, ode), batches, corpus.bytes_per_token)}
+            for combo, ode in tqdm(list(zip(combos, odes)), desc="depth ablation", unit="setting",
+                                   disable=not progress, dynamic_ncols=True)]
     with open(out / "results.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     _write_csv(out / "summary.csv", list(grid), rows)
+    plot = _plot(out / "loss_vs_nfe.png", grid, rows, cfg)
+    report = out / "report.md"
+    report.write_text("\n".join(_report_lines(loaded, grid, rows, batches, plot)))
+    return report
 
+
+def _load_ode_run(run: str | Path, say: Callable[[str], None]):
+    """The run's newest checkpoint (``load_run``); a discrete family has no solve to change."""
+    loaded = load_run(run, warn=say)
+    family = loaded.config.model.family
+    if family not in ODE_FAMILIES:
+        raise UserError(f"{run}: family '{family}' is not an ODE model, so it has no solver "
+                        f"or step count to change; the depth ablation needs one of {', '.join(ODE_FAMILIES)}")
+    return loaded
+
+
+def _plot(path: Path, grid: dict[str, tuple], rows: list[dict], cfg) -> Path:
+    """Validation loss against NFE, one series per setting of the keys other than ``ode.steps``."""
+    names = short_names(list(grid))
     group_keys = [k for k in grid if k != ODE_STEPS]
     series: dict[str, list] = {}
     for r in rows:
@@ -120,10 +116,14 @@ def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | 
         label = ", ".join(f"{names[k]}={format_value(r['values'][k])}" for k in group_keys) or "all settings"
         note = f"{names[ODE_STEPS]}={r['values'][ODE_STEPS]}" if ODE_STEPS in grid else ""
         series.setdefault(label, []).append((r["nfe"], r["val_loss"], math.nan, note))
-    plot = plot_series(series, out / "loss_vs_nfe.png", xlabel="NFE per forward pass",
-                       ylabel="validation loss (nats/token)", logx=True,
-                       title=f"one model trained with {cfg.ode.solver}, {cfg.ode.steps} steps")
-    lines = [f"# Inference-time depth ablation: {run_dir.name}", "",
+    return plot_series(series, path, xlabel="NFE per forward pass", ylabel="validation loss (nats/token)",
+                       logx=True, title=f"one model trained with {cfg.ode.solver}, {cfg.ode.steps} steps")
+
+
+def _report_lines(loaded, grid: dict[str, tuple], rows: list[dict], batches: int, plot: Path) -> list[str]:
+    """``report.md``: what was evaluated, on what, and one table row per setting."""
+    cfg, names = loaded.config, short_names(list(grid))
+    lines = [f"# Inference-time depth ablation: {loaded.checkpoint.parent.parent.name}", "",
              f"- Checkpoint: `{loaded.checkpoint}` (step {loaded.step}); family {cfg.model.family}; "
              f"trained with solver {cfg.ode.solver}, {cfg.ode.steps} steps"
              f"{' (adaptive)' if cfg.ode.adaptive else ''}",
@@ -142,10 +142,7 @@ def eval_ablation(run: str | Path, grid: dict[str, tuple], *, out: str | Path | 
         ms = "—" if r["ms_per_batch"] is None else f"{r['ms_per_batch']:.1f}"
         lines.append(f"| {cells} | {r['nfe']:.1f} | {r['val_loss']:.4f} | {r['bits_per_byte']:.4f} "
                      f"| {ms} | {'as trained' if r['trained'] else ''} |")
-    lines += ["", f"![validation loss vs NFE]({plot.name})", ""]
-    report = out / "report.md"
-    report.write_text("\n".join(lines))
-    return report
+    return lines + ["", f"![validation loss vs NFE]({plot.name})", ""]
 
 
 def _write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
@@ -169,7 +166,7 @@ def discretisation_gap(model, sampler: BatchSampler, ode: ODEConfig, dtype, batc
                        bytes_per_token: float) -> dict:
     """The cheap gap: the trained grid's held-out loss against one converged solve
     (``CONVERGED``); ``converged_check`` is the converged solve's own change from half its steps."""
-    results = {name: _evaluate(model, sampler, o, dtype, batches, bytes_per_token)
+    results = {name: _evaluate(model, sampler, EvalStep(o, dtype), batches, bytes_per_token)
                for name, o in (("trained", eval_ode(ode)), ("converged", eval_ode(ode, **CONVERGED)),
                                ("half", eval_ode(ode, **{**CONVERGED, "steps": CONVERGED["steps"] // 2})))}
     if any(r["status"] != "ok" for r in results.values()):
@@ -188,7 +185,6 @@ def run_gap(run_dir, batches: int | None = None) -> dict:
     cfg = loaded.config
     corpus = load_corpus(cfg.data)
     sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
-    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
-    gap = discretisation_gap(loaded.model, sampler, cfg.ode, dtype, batches or cfg.train.eval_batches,
+    gap = discretisation_gap(loaded.model, sampler, cfg.ode, cast_dtype(cfg), batches or cfg.train.eval_batches,
                              corpus.bytes_per_token)
     return {**gap, "step": loaded.step}

@@ -23,6 +23,7 @@ from ode_lm.ablate.depth import run_gap
 from ode_lm.ablate.grid import Ablation, GridPoint, config_sha
 from ode_lm.config import ODE_FAMILIES
 from ode_lm.errors import RunDirError, UserError
+from ode_lm.generate import training_sample
 from ode_lm.paths import prepare_output_dir
 from ode_lm.train import train
 
@@ -79,7 +80,7 @@ def run_point(point: GridPoint, say: Callable[[str], None]) -> dict:
     errors = []
     for attempt in range(1, ATTEMPTS + 1):
         try:
-            result = train(point.config, overwrite=True, say=say)
+            result = train(point.config, overwrite=True, say=say, sample=training_sample)
         except UserError:
             raise
         except Exception as e:  # a crash of this run: retry, then record it and go on

@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Int
 
-from ode_lm.config import GenerateConfig, ODEConfig, config_from_dict
+from ode_lm.config import Config, GenerateConfig, ODEConfig, config_from_dict
+from ode_lm.data import Tokenizer
 from ode_lm.errors import ConfigError, GenerationError
 from ode_lm.generate.sampling import Sampling, sample
 from ode_lm.models import LanguageModel
@@ -271,3 +272,16 @@ def _deliver(chunks: list, start: int, stop: int, on_token) -> int:
             for row in np.asarray(chunk):
                 on_token(row)
     return stop
+
+
+def training_sample(model: LanguageModel, cfg: Config, tokenizer: Tokenizer) -> str:
+    """The end-of-training sample (``train.sample``): one continuation of ``generate.prompt``
+    with the ``[generate]`` settings, cut to the positions the model has left; "" when none
+    are left. The command line hands it to ``ode_lm.train.train``, which does not import
+    this package."""
+    prompt = tokenizer.encode(cfg.generate.prompt)
+    n = min(cfg.generate.max_new_tokens, cfg.model.max_positions - len(prompt))
+    if n <= 0 or len(prompt) == 0:
+        return ""
+    ids = generate(model, prompt, cfg.ode, cfg.generate, max_new_tokens=n, num_samples=1, window=0)
+    return tokenizer.decode(ids[0])

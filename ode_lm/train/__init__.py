@@ -6,8 +6,8 @@ installs before anything else) can be imported without importing JAX.
 
 import importlib
 
-_EXPORTS = {"LoadedRun": "run", "load_run": "run", "Evaluation": "trainer", "TrainingError": "trainer",
-            "TrainResult": "trainer", "evaluate": "trainer", "train": "trainer"}
+_EXPORTS = {"LoadedRun": "run", "load_run": "run", "Evaluation": "evaluation", "TrainingError": "evaluation",
+            "TrainResult": "trainer", "evaluate": "evaluation", "train": "trainer"}
 
 __all__ = list(_EXPORTS)
 

@@ -11,7 +11,7 @@ from ode_lm.errors import CheckpointError
 from ode_lm.models import LanguageModel
 from ode_lm.train.checkpoint import newest_checkpoint, open_checkpoint
 from ode_lm.train.orbax_checkpoint import is_orbax_step
-from ode_lm.train.trainer import init_state
+from ode_lm.train.steps import init_state
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""The jitted training and evaluation steps."""
+"""The jitted training and evaluation steps, and how a run builds them.
+
+``init_state(cfg, vocab)`` makes the model and optimizer state, ``build_train_step(cfg)`` and
+``build_eval_step(cfg)`` the compiled steps: the trainer and every benchmark in ``scripts/``
+build them these ways, so a benchmark times the step a run trains with.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ode_lm.config import ODEConfig
-from ode_lm.models import LanguageModel
+from ode_lm.config import Config, ODEConfig
+from ode_lm.models import LanguageModel, build_model
+from ode_lm.train.optim import build_optimizer
+from ode_lm.train.precision import compute_dtype, param_dtype
 
 # XLA options of the compiled training step; only GPU compilers read them.
 # - dot merger off: the merger joins matrix products that share an operand into one product
@@ -151,3 +158,32 @@ class EvalStep:
 
     def __call__(self, model, inputs, targets):
         return self._jitted(model, inputs, targets)
+
+
+def cast_dtype(cfg: Config) -> jnp.dtype | None:
+    """The dtype the steps run the model in when it differs from the parameters' (bf16 mixed
+    precision), else None (``cross_entropy``)."""
+    return compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
+
+
+def init_state(cfg: Config, vocab: int):
+    """A fresh ``(model, optimizer, optimizer state)`` for ``cfg``; also the template
+    checkpoints load into."""
+    model = build_model(cfg.model, vocab, jax.random.key(cfg.train.seed), param_dtype(cfg))
+    optimizer = build_optimizer(cfg.optim, cfg.train.steps)
+    return model, optimizer, optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+def build_train_step(cfg: Config, compiler_options: dict[str, str | int | bool] | None = None,
+                     state_shardings=None) -> TrainStep:
+    """The train step of ``cfg``: AdamW of ``[optim]`` over ``train.steps``, the ``[ode]``
+    solve, ``train.dtype``; ``compiler_options`` and ``state_shardings`` (FSDP) as
+    ``TrainStep``'s. Its optimizer state is ``init_state``'s (the optimizer is a pure
+    function of the config)."""
+    return TrainStep(build_optimizer(cfg.optim, cfg.train.steps), cfg.ode, cast_dtype(cfg), compiler_options,
+                     state_shardings)
+
+
+def build_eval_step(cfg: Config, ode: ODEConfig | None = None) -> EvalStep:
+    """The evaluation step of ``cfg`` (its ``[ode]`` solve unless ``ode``)."""
+    return EvalStep(cfg.ode if ode is None else ode, cast_dtype(cfg))
