@@ -117,7 +117,8 @@ def test_two_processes_train_fsdp_with_sharded_orbax_checkpoints(tmp_path):
     pytest.importorskip("orbax.checkpoint")
     from ode_lm.train.orbax_checkpoint import list_orbax
     settings = {"train.steps": 20, "train.eval_every": 20, "train.eval_batches": 1, "checkpoint.every": 8,
-                "checkpoint.keep": 3, "train.sample_tokens": 4}
+                "checkpoint.keep": 3, "train.sample": True,
+                "generate.max_new_tokens": 4}
     single = train(tiny_config(tmp_path / "single", **settings), say=lambda m: None)
     cfg = tmp_path / "c.toml"
     cfg.write_text(tiny_config(tmp_path, **settings).to_toml())

@@ -31,7 +31,7 @@ pytest.importorskip("orbax.checkpoint")
 STEPS = 20
 # Checkpoints at 8, 16 and 20 are all kept: a test removes the later ones to resume from 8.
 SETTINGS = {"train.steps": STEPS, "train.eval_every": STEPS, "train.eval_batches": 1,
-            "train.sample_tokens": 0, "checkpoint.every": 8, "checkpoint.keep": 3}
+            "train.sample": False, "checkpoint.every": 8, "checkpoint.keep": 3}
 
 # Two runs on N devices (the replicated one writes files, the FSDP one orbax directories),
 # and the per-device bytes of their state: resident shards and XLA's compiled step.
