@@ -60,6 +60,7 @@ NONFINITE_ACTIONS = ("stop", "skip")  # what a step with a non-finite loss or gr
 CHECKPOINT_FORMATS = ("auto", "file", "orbax")  # auto: orbax when train.fsdp, else file
 MATMUL_PRECISIONS = ("default", "high", "highest")  # float32 products; "default": TF32 on NVIDIA GPUs
 CHECKPOINT_SAVES = ("states", "matmuls")  # what fixed-step `checkpoint` keeps for the backward pass
+SAVES_CHOICES = ("auto", *CHECKPOINT_SAVES)  # ode.checkpoint_saves: a policy, or "auto"
 # How a fixed-step backprop solve runs its steps: a scan, written out, or "auto" (written out
 # on a GPU up to ode_lm.ode.sensitivities.AUTO_UNROLL_MAX_NFE evaluations, scanned beyond and on a CPU). The TOML
 # booleans of earlier configs still read: true = "unroll", false = "scan".
@@ -208,12 +209,13 @@ class ODEConfig(Section):
     icoeff: float = knob(1.0, gt=0.0, doc="PID controller integral coefficient")
     dcoeff: float = knob(0.0, ge=0.0, doc="PID controller derivative coefficient")
     adjoint: str = knob("checkpoint", choices=ADJOINTS, doc="sensitivity (gradient) method")
-    checkpoint_saves: str = knob("states", choices=CHECKPOINT_SAVES,
+    checkpoint_saves: str = knob("auto", choices=SAVES_CHOICES,
                                  doc="adjoint \"checkpoint\" on fixed steps keeps each step's state and "
                                      "recomputes the rest ('states'), or keeps the matrix products', "
                                      "fused attention's and the standardisation's outputs instead, "
                                      "recomputing only elementwise work ('matmuls': more memory, "
-                                     "less recomputation)")
+                                     "less recomputation); 'auto': 'matmuls' where the solve is "
+                                     "unrolled on a GPU (ode.unroll), 'states' everywhere else")
     unroll: str = knob("auto", choices=UNROLL_MODES, booleans=UNROLL_BOOLEANS,
                        doc="fixed steps with adjoint \"checkpoint\" or \"direct\": \"unroll\" writes the "
                            "steps out one by one instead of scanning one compiled step (compile time "
@@ -253,7 +255,7 @@ class ODEConfig(Section):
         if self.adjoint == "reversible" and self.solver not in REVERSIBLE_SOLVERS:
             raise _bad("ode.adjoint", f" = \"reversible\" wraps an explicit Runge-Kutta solver; solver = "
                        f"\"{self.solver}\" is not one; use one of {', '.join(REVERSIBLE_SOLVERS)}")
-        if self.checkpoint_saves != "states" and (self.adjoint != "checkpoint" or self.adaptive):
+        if self.checkpoint_saves == "matmuls" and (self.adjoint != "checkpoint" or self.adaptive):
             raise _bad("ode.checkpoint_saves", f" = \"{self.checkpoint_saves}\" applies to adjoint = "
                        f"\"checkpoint\" with fixed steps (adaptive = false); {fixed}; leave "
                        "checkpoint_saves = \"states\"")

@@ -365,3 +365,16 @@ def test_sensitivity_objects_are_built_from_the_config_keys():
     assert sensitivity(ODEConfig(adjoint="backsolve")) == Backsolve()
     with pytest.raises((ValueError, ConfigError), match="reversible"):  # refused by the config or here
         sensitivity(ODEConfig(adjoint="direct", reversible=True))
+
+
+def test_checkpoint_saves_auto_keeps_the_products_only_where_a_gpu_solve_is_unrolled():
+    from ode_lm.ode import checkpoint_saves
+
+    auto = ODEConfig(solver="euler", steps=12)  # checkpoint_saves = "auto", unroll = "auto"
+    assert checkpoint_saves(auto, "gpu") == "matmuls" and checkpoint_saves(auto, "cpu") == "states"
+    scanned = (ODEConfig(solver="euler", steps=17), ODEConfig(solver="euler", steps=12, unroll="scan"))
+    other = (ODEConfig(solver="euler", steps=12, adjoint="direct"),
+             ODEConfig(solver="tsit5", adaptive=True), ODEConfig(solver="heun", adjoint="backsolve"))
+    assert {checkpoint_saves(ode, "gpu") for ode in scanned + other} == {"states"}
+    assert checkpoint_saves(dataclasses.replace(auto, checkpoint_saves="states"), "gpu") == "states"
+    assert checkpoint_saves(dataclasses.replace(auto, checkpoint_saves="matmuls"), "cpu") == "matmuls"

@@ -36,7 +36,7 @@ import numpy as np
 from ode_lm.config import Config, ModelConfig, ODEConfig
 from ode_lm.models.base import ONE_HOT_MAX_VOCAB
 from ode_lm.nn import BlockGates
-from ode_lm.ode import SOLVER_SPECS
+from ode_lm.ode import SOLVER_SPECS, checkpoint_saves
 
 # Attribute name on a model's path -> component; the deepest match on a leaf's path wins.
 COMPONENTS = {"embedding": "embeddings", "layers": "block", "block": "block", "modulation": "modulation",
@@ -252,7 +252,7 @@ def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1,
         solve = m.layers * evaluation
     elif ode.adjoint == "direct" and not ode.adaptive:
         solve = nfe(m, ode) * evaluation
-    elif ode.checkpoint_saves == "matmuls":  # every evaluation's products (q, k, v, fc1, ...)
+    elif checkpoint_saves(ode) == "matmuls":  # every evaluation's products (q, k, v, fc1, ...)
         solve = (ode.steps + 1) * state + nfe(m, ode) * b * t * m.dim * (4 + m.mlp_ratio) * compute
     else:
         # checkpoint: every step's state; while one step is recomputed, its stages' states and
