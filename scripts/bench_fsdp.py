@@ -46,12 +46,9 @@ def state_and_step(config: str, overrides: list[str], fsdp: bool, abstract: bool
     import jax.numpy as jnp
 
     from ode_lm.config import load_config
-    from ode_lm.train.optim import build_optimizer
     from ode_lm.train.parallel import DataParallel
-    from ode_lm.train.precision import compute_dtype, param_dtype
     from ode_lm.train.sharding import place, state_shapes
-    from ode_lm.train.steps import TrainStep
-    from ode_lm.train.trainer import init_state
+    from ode_lm.train.steps import build_train_step, init_state
 
     cfg = load_config(config, [*overrides, f"train.fsdp={str(fsdp).lower()}"])
     parallel = DataParallel(cfg)
@@ -59,17 +56,15 @@ def state_and_step(config: str, overrides: list[str], fsdp: bool, abstract: bool
         shapes = state_shapes(cfg, 256)
         shardings = parallel.state_shardings(shapes)
         state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-        optimizer = build_optimizer(cfg.optim, cfg.train.steps)
         batch = [jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32,
                                       sharding=parallel.batch_sharding)] * 2
     else:
-        model, optimizer, opt_state = init_state(cfg, 256)
+        model, _, opt_state = init_state(cfg, 256)
         shardings = parallel.state_shardings((model, opt_state))
         state = place((model, opt_state), shardings)
         tokens = jax.random.randint(jax.random.key(1), (cfg.train.batch_size, cfg.data.seq_len + 1), 0, 256)
         batch = [parallel.batch(jax.device_get(tokens[:, :-1])), parallel.batch(jax.device_get(tokens[:, 1:]))]
-    dtype = compute_dtype(cfg) if compute_dtype(cfg) != param_dtype(cfg) else None
-    step = TrainStep(optimizer, cfg.ode, dtype, state_shardings=shardings if fsdp else None)
+    step = build_train_step(cfg, state_shardings=shardings if fsdp else None)
     return cfg, parallel, state, shardings, step, batch, jax.random.key(0)
 
 

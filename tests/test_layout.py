@@ -7,9 +7,6 @@ from tests.conftest import REPO
 
 LAYERS = (("errors",), ("paths",), ("config",), ("data", "nn", "ode"), ("models",), ("generate", "train"),
           ("ablate", "interop"), ("analyze",), ("cli",))
-# Imports against the order that issue 22's restructuring removes (ode/fixed.py's remat
-# policy names nn's primitives; the trainer's end-of-training sample calls generate).
-PENDING = {("train", "generate")}
 
 
 def imports_between_units():
@@ -41,5 +38,5 @@ def test_every_import_points_to_an_earlier_layer():
     found = list(imports_between_units())
     assert any(src == "cli" for src, _, _ in found)  # the scan sees function-local imports too
     wrong = [f"{where}: {src} imports {dst}" for src, dst, where in found
-             if layer[dst] >= layer[src] and (src, dst) not in PENDING]
+             if layer[dst] >= layer[src]]
     assert not wrong, "\n".join(wrong)
