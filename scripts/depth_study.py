@@ -41,6 +41,9 @@ VARIANTS = {
     "kinetic0.1+jitter": ("ode.kinetic_weight=0.1", "ode.grid_jitter=1.0"),
     "kinetic1+jitter": ("ode.kinetic_weight=1.0", "ode.grid_jitter=1.0"),
     "steps_range": ("ode.steps_range=[2,8]",),
+    "steps_range+kinetic": ("ode.steps_range=[2,8]", "ode.kinetic_weight=0.01"),
+    "steps_range+kinetic0.1": ("ode.steps_range=[2,8]", "ode.kinetic_weight=0.1"),
+    "steps_range16+kinetic": ("ode.steps_range=[2,16]", "ode.kinetic_weight=0.01"),
 }
 
 
