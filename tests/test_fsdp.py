@@ -216,3 +216,17 @@ def test_fsdp_needs_data_parallel(tmp_path):
     cfg = tiny_config(tmp_path, **{"train.fsdp": True, "train.data_parallel": False})
     with pytest.raises(ConfigError, match="needs train.data_parallel = true"):
         train(cfg, say=lambda m: None)
+
+
+def test_an_orbax_run_named_relative_to_the_working_directory_loads(tmp_path, monkeypatch):
+    """`ode-lm generate runs/<name>`: orbax wants absolute directories, ode-lm takes the path
+    as the user typed it, for saving and for loading."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, **{"train.runs_dir": "runs", "train.steps": 2, "train.eval_every": 2,
+                                   "checkpoint.every": 2, "checkpoint.format": "orbax", "train.sample": False})
+    train(cfg, say=lambda m: None)
+    assert [p.name for p in list_orbax(Path("runs/tiny"))] == ["step_00000002"]
+    relative, absolute = (load_run(p, warn=lambda m: None) for p in ("runs/tiny", tmp_path / "runs" / "tiny"))
+    assert relative.step == absolute.step == 2
+    for a, b in zip(jax.tree.leaves(relative.model), jax.tree.leaves(absolute.model)):
+        np.testing.assert_array_equal(a, b)

@@ -65,13 +65,18 @@ def is_orbax_step(path: Path) -> bool:
 def _reason(e: Exception) -> str:
     """The first line of an orbax / tensorstore error, without the store specs it appends."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text.split(' [tensorstore_spec')[0][:300]}"
+    for tail in (" [tensorstore_spec", " See full TensorStore details"):
+        text = text.split(tail)[0]
+    return f"{type(e).__name__}: {text[:300]}"
 
 
 def _restore(path: Path, args) -> dict:
     """Items of step directory ``path`` by ``args`` (an ``ocp.args.Composite``), read only."""
     ocp = _ocp()
-    manager = ocp.CheckpointManager(path.parent, options=_options(ocp, read_only=True), item_names=_ITEMS)
+    # orbax takes absolute directories only; a run named relative to the working directory
+    # (`ode-lm generate runs/quickstart`) is resolved here.
+    manager = ocp.CheckpointManager(path.parent.absolute(), options=_options(ocp, read_only=True),
+                                    item_names=_ITEMS)
     try:
         return manager.restore(int(_NAME.match(path.name).group(1)), args=args)
     finally:
@@ -141,7 +146,7 @@ class OrbaxWriter:
         ocp = self._ocp
         if self._manager is None:  # creating it removes the temporaries of saves a SIGKILL cut short
             self._manager = ocp.CheckpointManager(
-                self.directory, item_names=_ITEMS,
+                self.directory.absolute(), item_names=_ITEMS,  # orbax takes absolute paths only
                 options=_options(ocp, max_to_keep=self.keep, create=True, cleanup_tmp_directories=True,
                                  enable_async_checkpointing=True))
         arrays = {f"{i:05d}": leaf for i, leaf in enumerate(jax.tree.leaves(state))}
