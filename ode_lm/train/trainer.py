@@ -108,15 +108,15 @@ def resume_state(cfg: Config, run: RunDir, corpus: TokenizedCorpus, template: An
     if found is None:
         say(f"resume: no checkpoint in {run.path}, starting from step 0")
         return template, 0
-    path, header = found.path, found
-    check_compatible(config_from_toml(header.config_toml, str(path)), cfg, path)
-    if header.tokenizer != corpus.tokenizer.state():
+    path = found.path
+    check_compatible(config_from_toml(found.config_toml, str(path)), cfg, path)
+    if found.tokenizer != corpus.tokenizer.state():
         raise CheckpointError(f"{path} was trained with another {corpus.tokenizer.name} tokenizer "
                               "than the corpus gives now; resume with the run's own config.toml "
                               "(data.tokenizer_file = <run>/tokenizer.json for BPE) or start a new run_name")
     state = found.restore(template, shardings)
-    say(f"resume: continuing from {path} (step {header.step})")
-    return state, header.step
+    say(f"resume: continuing from {path} (step {found.step})")
+    return state, found.step
 
 
 # The end-of-training sample: (model, config, tokenizer) -> text; ode_lm.generate.training_sample.
