@@ -18,7 +18,8 @@ batch). Each device count runs in a fresh process with
   allocated: the state is abstract): replicated, and with FSDP's optimizer-state savings
   over ``--shards`` devices (each holds 1/N of AdamW's moments, in the step's inputs and its
   outputs). A bisection over multiples of ``--granularity``, stopped by ``--budget-s``
-  (the bracket found so far is reported).
+  (the bracket found so far is reported); each width compiles in its own process, with
+  XLA's GEMM autotuning off (``fits_in_child``).
 
     python scripts/bench_fsdp.py gpu configs/time_indexed.toml          # -> docs/results/fsdp_gpu.json
 """
@@ -121,10 +122,10 @@ def step_time(args) -> dict:
             "rounds_ms": {"replicated": times[False], "fsdp": times[True]}}
 
 
-def fits(args, dim: int, capacity: int) -> dict:
+def fits(config: str, overrides: list[str], dim: int, capacity: int, shards: int) -> dict:
     """XLA's memory analysis of the train step at width ``dim``: peak bytes, optimizer bytes."""
-    overrides = [*args.overrides, f"model.dim={dim}", f"model.heads={max(1, dim // 64)}"]
-    _, _, state, _, step, batch, key = state_and_step(args.config, overrides, False, abstract=True)
+    overrides = [*overrides, f"model.dim={dim}", f"model.heads={max(1, dim // 64)}"]
+    _, _, state, _, step, batch, key = state_and_step(config, overrides, False, abstract=True)
     start = time.perf_counter()
     analysis = step.compiled(*state, *batch, key).memory_analysis()
     peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
@@ -132,10 +133,25 @@ def fits(args, dim: int, capacity: int) -> dict:
     optimizer = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[1]))
     parameters = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
     # FSDP over N devices: each holds 1/N of the optimizer state it takes in and gives out.
-    sharded = peak - 2 * optimizer * (1 - 1 / args.shards)
+    sharded = peak - 2 * optimizer * (1 - 1 / shards)
     return {"dim": dim, "parameters": parameters // 4, "peak_bytes": peak, "optimizer_bytes": optimizer,
             "peak_with_sharded_optimizer_bytes": int(sharded), "fits": peak <= capacity,
             "fits_with_sharded_optimizer": sharded <= capacity, "compile_s": time.perf_counter() - start}
+
+
+def fits_in_child(args, dim: int, capacity: int) -> dict:
+    """``fits`` in a fresh process with XLA's GEMM autotuning off: autotuning runs every
+    candidate kernel at the probed width (minutes per probe at widths of 10k and more) and
+    picks among kernels, not buffer sizes, so the memory analysis is that of the tuned step
+    up to a kernel's workspace."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_autotune_level=0".strip()
+    env = {**os.environ, "XLA_FLAGS": flags,
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, "_probe", os.path.abspath(args.config), str(dim), str(capacity),
+                           str(args.shards), *args.overrides], env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"probe of model.dim={dim} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def widest(args, capacity: int, deadline: float) -> dict:
@@ -143,7 +159,7 @@ def widest(args, capacity: int, deadline: float) -> dict:
 
     def probe(dim):
         if dim not in probes:
-            probes[dim] = fits(args, dim, capacity)
+            probes[dim] = fits_in_child(args, dim, capacity)
             print(f"  dim {dim}: peak {probes[dim]['peak_bytes'] / 2**30:.2f} GiB, with sharded optimizer "
                   f"{probes[dim]['peak_with_sharded_optimizer_bytes'] / 2**30:.2f} GiB", flush=True)
         return probes[dim]
@@ -158,6 +174,9 @@ def widest(args, capacity: int, deadline: float) -> dict:
         if probe(hi * unit)[key]:  # the whole range fits: raise --max-dim
             result[key] = {"largest_dim": None, "bracket": [hi * unit, None]}
             continue
+        # the probes of the search before bound this one too
+        lo = max([lo, *(d // unit for d, p in probes.items() if p[key])])
+        hi = min([hi, *(d // unit for d, p in probes.items() if not p[key])])
         while hi - lo > 1 and time.monotonic() < deadline:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if probe(mid * unit)[key] else (lo, mid)
@@ -189,6 +208,10 @@ def gpu(args) -> None:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_measure":  # one device count (a child process)
         print(json.dumps(measure_memory(sys.argv[2], sys.argv[3:])))
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_probe":  # one width (a child process)
+        config, dim, capacity, shards, *overrides = sys.argv[2:]
+        print(json.dumps(fits(config, overrides, int(dim), int(capacity), int(shards))))
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="mode", required=True)

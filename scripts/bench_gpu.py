@@ -102,7 +102,7 @@ def peak_tflops(kind: str, override: float | None) -> float | None:
 
 
 def size_config(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
-                dtype: str = "bfloat16", checkpoint_saves: str = "states", unroll: str = "auto"):
+                dtype: str = "bfloat16", checkpoint_saves: str = "auto", unroll: str = "auto"):
     """The ode-lm config of one benchmark size (dropout 0; ``standard`` has ``steps`` layers)."""
     from ode_lm.config import config_from_dict
 
@@ -124,7 +124,7 @@ def train_flops_per_step(size: dict, family: str) -> float:
 
 
 def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attention: str = "auto",
-                    dtype: str = "bfloat16", checkpoint_saves: str = "states",
+                    dtype: str = "bfloat16", checkpoint_saves: str = "auto",
                     compiler_options: dict | None = None, unroll: str = "auto"):
     """ode-lm's real jitted train step (forward, backward, AdamW) on random tokens, as a
     zero-argument callable that returns the loss."""
@@ -150,7 +150,7 @@ def make_train_step(size: dict, family: str, adjoint: str = "checkpoint", attent
 
 
 def ours(size: dict, family: str, repeats: int, adjoint: str = "checkpoint", attention: str = "auto",
-         dtype: str = "bfloat16", checkpoint_saves: str = "states", compiler_options: dict | None = None,
+         dtype: str = "bfloat16", checkpoint_saves: str = "auto", compiler_options: dict | None = None,
          unroll: str = "auto") -> StepTime:
     step = make_train_step(size, family, adjoint, attention, dtype, checkpoint_saves, compiler_options, unroll)
     start = time.perf_counter()
@@ -187,7 +187,8 @@ def parse_args() -> argparse.Namespace:
                     "(torch.compile on a CPU needs a C compiler and takes minutes)")
     ap.add_argument("--no-standard", action="store_true", help="skip the discrete baseline")
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint of ours")
-    ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves of ours")
+    ap.add_argument("--checkpoint-saves", default="auto", help="ode.checkpoint_saves of ours (default: the "
+                    "config default, auto)")
     ap.add_argument("--attention", default="auto", help="model.attention of ours")
     ap.add_argument("--variants", nargs="*", default=None, choices=list(VARIANTS),
                     help="also time ours under these other settings (no names: all)")
@@ -230,9 +231,9 @@ def time_peers(name: str, size: dict, args) -> dict[str, StepTime]:
 
 
 def record(name: str, size: dict, t_ours: StepTime, t_std: StepTime | None, peers: dict[str, StepTime],
-           variants: list[dict], peak: float | None) -> dict:
+           variants: list[dict], peak: float | None, saves: str) -> dict:
     """One size's JSON record (the keys of earlier results kept, peers added)."""
-    from ode_lm.ode.sensitivities import unrolls
+    from ode_lm.ode.sensitivities import checkpoint_saves, unrolls
 
     tokens = size["batch"] * size["seq"]
     flops = {f: train_flops_per_step(size, f) for f in ("time_indexed", "standard")}
@@ -249,6 +250,7 @@ def record(name: str, size: dict, t_ours: StepTime, t_std: StepTime | None, peer
             "ours_ms": _ms(t_ours), "ours_tokens_per_s": tokens / t_ours.back_to_back, "ours_mfu": mfu(t_ours),
             "ours_ms_synced": _ms(t_ours, "synced"), "ours_first_call_s": t_ours.first_call,
             "ours_unrolled": unrolls(size_config(size, "time_indexed").ode),  # ode.unroll = "auto"'s pick
+            "ours_checkpoint_saves": checkpoint_saves(size_config(size, "time_indexed", checkpoint_saves=saves).ode),
             "peer_ms": _ms(eager), "peer_ms_synced": _ms(eager, "synced"),
             "speedup_vs_peer": eager and eager.back_to_back / t_ours.back_to_back,
             "speedup_vs_peer_synced": eager and eager.synced / t_ours.synced,
@@ -307,7 +309,7 @@ def main() -> None:
                  if "standard" in FAMILIES and not args.no_standard else None)
         variants = time_variants(size, name, args, train_flops_per_step(size, "time_indexed"), peak)
         peers = time_peers(name, size, args)
-        records.append(record(name, size, t_ours, t_std, peers, variants, peak))
+        records.append(record(name, size, t_ours, t_std, peers, variants, peak, args.checkpoint_saves))
         # Written after every size: a run cut short keeps what it measured.
         write_json(args.out, {"benchmark": "gpu_train_step", "machine": versions, "smoke": args.smoke,
                               "peak_bf16_tflops": peak, "results": records})
