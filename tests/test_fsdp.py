@@ -230,3 +230,28 @@ def test_an_orbax_run_named_relative_to_the_working_directory_loads(tmp_path, mo
     assert relative.step == absolute.step == 2
     for a, b in zip(jax.tree.leaves(relative.model), jax.tree.leaves(absolute.model)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_orbax_step_stops_generate_with_one_line(tmp_path):
+    """An intact orbax run generates without orbax's notices on the terminal; one whose
+    arrays were overwritten stops with exit status 2 and one line naming the step, none of
+    the errors of the reads orbax leaves behind."""
+    from tests.conftest import run_cli
+
+    cfg = tiny_config(tmp_path, **{"train.steps": 2, "train.eval_every": 2, "checkpoint.every": 2,
+                                   "checkpoint.format": "orbax", "train.sample": False})
+    train(cfg, say=lambda m: None)
+    run_dir = Path(cfg.train.runs_dir) / cfg.train.run_name
+    args = ("generate", str(run_dir), "--prompt", "ab", "--max-new-tokens", "2")
+    intact = run_cli(*args)
+    assert intact.returncode == 0, intact.stderr
+    assert "absl" not in intact.stderr and "Traceback" not in intact.stderr
+    (step,) = list_orbax(run_dir)
+    chunks = [p for p in (step / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(os.urandom(64))
+    damaged = run_cli(*args)
+    assert damaged.returncode == 2
+    assert damaged.stderr.strip().splitlines() == [damaged.stderr.strip()], damaged.stderr[-2000:]
+    assert damaged.stderr.startswith("ode-lm: error: ") and step.name in damaged.stderr

@@ -20,7 +20,12 @@ was written fails on restore with a CheckpointError naming it.
 
 from __future__ import annotations
 
+import gc
+import io
+import logging
 import re
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,17 +75,73 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
+class _Quiet:
+    """Keeps orbax's side channels out of the terminal while it reads a step: absl's notices
+    about the read-only options it adjusts and, when a damaged step fails, the errors of the
+    reads it leaves behind: "Exception ignored in <coroutine>" as they are collected, and the
+    tracebacks tensorstore's threads print when they complete into the closed event loop.
+    What reaches ``sys.stderr`` in the meantime is kept and written out after a successful
+    read; after a failed one it is dropped (the failure reaches the caller as one exception),
+    once the leftover reads have gone quiet, and the filter of orbax's coroutines stays
+    installed: orbax's reading thread may release them after the caller has moved on."""
+
+    DRAIN_S = 0.2  # a failed read is over once nothing more was printed for this long
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+        self.levels = [logger.level for logger in self.loggers]
+        self.stderr, self.hook = sys.stderr, sys.unraisablehook
+        for logger in self.loggers:
+            logger.setLevel(logging.CRITICAL)
+        sys.stderr, sys.unraisablehook = io.StringIO(), self._unraisable
+        return self
+
+    def _unraisable(self, unraisable):
+        if "orbax" not in getattr(getattr(unraisable.object, "cr_code", None), "co_filename", ""):
+            self.hook(unraisable)
+
+    def _drain(self):
+        seen = -1
+        while seen != len(sys.stderr.getvalue()):
+            seen = len(sys.stderr.getvalue())
+            gc.collect()
+            time.sleep(self.DRAIN_S)
+
+    def __exit__(self, kind, error, trace):
+        failed = kind is not None or getattr(self, "failed", False)
+        if failed:
+            self._drain()
+        captured, sys.stderr = sys.stderr.getvalue(), self.stderr
+        if not failed:
+            sys.unraisablehook = self.hook
+        for logger, level in zip(self.loggers, self.levels):
+            logger.setLevel(level)
+        if not failed:
+            sys.stderr.write(captured)
+        return False
+
+
+class _ReadFailed(Exception):
+    """orbax could not read a step; the message is ``_reason`` of its error."""
+
+
 def _restore(path: Path, args) -> dict:
-    """Items of step directory ``path`` by ``args`` (an ``ocp.args.Composite``), read only."""
+    """Items of step directory ``path`` by ``args`` (an ``ocp.args.Composite``), read only;
+    raises ``_ReadFailed`` once orbax's own exception (and the reads it holds) is released."""
     ocp = _ocp()
-    # orbax takes absolute directories only; a run named relative to the working directory
-    # (`ode-lm generate runs/quickstart`) is resolved here.
-    manager = ocp.CheckpointManager(path.parent.absolute(), options=_options(ocp, read_only=True),
-                                    item_names=_ITEMS)
-    try:
-        return manager.restore(int(_NAME.match(path.name).group(1)), args=args)
-    finally:
-        manager.close()
+    reason = None
+    with _Quiet() as quiet:
+        # orbax takes absolute directories only; a run named relative to the working
+        # directory (`ode-lm generate runs/quickstart`) is resolved here.
+        manager = ocp.CheckpointManager(path.parent.absolute(), options=_options(ocp, read_only=True),
+                                        item_names=_ITEMS)
+        try:
+            return manager.restore(int(_NAME.match(path.name).group(1)), args=args)
+        except Exception as e:  # orbax raises many kinds for a damaged directory
+            reason, quiet.failed = _reason(e), True
+        finally:
+            manager.close()
+    raise _ReadFailed(reason)
 
 
 def _leaf_names(state: Any) -> list[str]:
@@ -94,8 +155,8 @@ def read_orbax_meta(path: Path) -> dict:
     step = int(_NAME.match(path.name).group(1))
     try:
         meta = _restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # orbax raises many kinds for a damaged directory
-        raise CheckpointError(f"{path} is not a readable orbax checkpoint ({_reason(e)})") from None
+    except _ReadFailed as e:
+        raise CheckpointError(f"{path} is not a readable orbax checkpoint ({e})") from None
     if not isinstance(meta, dict) or meta.get("step") != step:
         raise CheckpointError(f"{path} is not an ode-lm orbax checkpoint (its record names no step {step})")
     return meta
@@ -121,8 +182,8 @@ def restore_orbax(path: Path, meta: dict, template: Any, shardings: Any) -> Any:
                 for i, (leaf, target) in enumerate(zip(leaves, targets))}
     try:
         arrays = _restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:
-        raise CheckpointError(f"{path} does not fit the configured model or is damaged ({_reason(e)}); "
+    except _ReadFailed as e:
+        raise CheckpointError(f"{path} does not fit the configured model or is damaged ({e}); "
                               "move it away to use the previous step") from None
     for i, leaf in enumerate(leaves):
         got = arrays[f"{i:05d}"]
