@@ -167,17 +167,16 @@ def test_orbax_checkpoint_of_two_devices_resumes_on_four(two_devices, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_step(two_devices, tmp_path):
-    """A save after every step keeps one in flight most of the time; SIGKILL the trainer
-    while a temporary step directory exists, then resume: the killed save is not used."""
-    _, out = two_devices
+def train_until_a_save_is_in_flight(tmp_path: Path):
+    """Start an FSDP orbax run saving after every step; return ``(cfg, run, proc, step)`` once
+    a temporary step directory (a save in flight) exists for ``step`` >= 3."""
     settings = {**SETTINGS, "checkpoint.every": 1, "checkpoint.keep": 50, "train.fsdp": True}
     cfg = tmp_path / "c.toml"
     cfg.write_text(tiny_config(tmp_path, **settings).to_toml())
-    run, saves = tmp_path / "runs" / "tiny", orbax_dir(tmp_path / "runs" / "tiny")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    proc = subprocess.Popen([sys.executable, "-m", "ode_lm.cli", "train", str(cfg)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "tiny"
+    saves = orbax_dir(run)
+    proc = subprocess.Popen([sys.executable, "-m", "ode_lm.cli", "train", str(cfg)], cwd=REPO, env=CPU_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline, cut = time.monotonic() + 300, []
     while not cut:
         assert proc.poll() is None, proc.stderr.read()
@@ -185,19 +184,48 @@ def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_step(tw
         cut = [p for p in saves.glob("step_*.orbax-checkpoint-tmp*")] if saves.is_dir() else []
         if cut and int(cut[0].name[5:13]) < 3:
             cut = []  # leave a complete step or two before it
+    return cfg, run, proc, int(cut[0].name[5:13])
+
+
+def resume_and_compare(cfg: Path, run: Path, step: int, uninterrupted: list[float]) -> None:
+    result = subprocess.run([sys.executable, "-m", "ode_lm.cli", "train", str(cfg), "--resume"], cwd=REPO,
+                            env=CPU_ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"(step {step})" in result.stdout
+    np.testing.assert_allclose(losses(run), uninterrupted, rtol=1e-5)
+    assert not list(orbax_dir(run).glob("*tmp*"))  # no temporary is left behind
+
+
+CPU_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+
+
+def test_sigkill_during_an_async_save_resumes_from_the_previous_complete_step(two_devices, tmp_path):
+    """A save after every step keeps one in flight most of the time; SIGKILL the trainer
+    while a temporary step directory exists, then resume: the killed save is not used."""
+    _, out = two_devices
+    cfg, run, proc, killed = train_until_a_save_is_in_flight(tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    killed = int(cut[0].name[5:13])
     complete = [int(p.name[5:]) for p in list_orbax(run)]
     assert killed not in complete and max(complete) == killed - 1, (killed, complete)
     assert newest_checkpoint(run).step == killed - 1
+    resume_and_compare(cfg, run, killed - 1, out["loss_False"])  # the writer removes the temporary
 
-    result = subprocess.run([sys.executable, "-m", "ode_lm.cli", "train", str(cfg), "--resume"], cwd=REPO,
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"(step {killed - 1})" in result.stdout
-    np.testing.assert_allclose(losses(run), out["loss_False"], rtol=1e-5)
-    assert not list(saves.glob("*tmp*"))  # the writer removed the killed save's temporary
+
+def test_sigterm_during_an_async_save_finishes_it_and_saves_the_step_it_stopped_at(two_devices, tmp_path):
+    """SIGTERM while a save is in flight: the trainer finishes the step, waits for the save,
+    saves the step it stopped at and exits with 128 + SIGTERM; the resumed run continues the
+    uninterrupted loss curve from that step."""
+    _, out = two_devices
+    cfg, run, proc, in_flight = train_until_a_save_is_in_flight(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    complete = [int(p.name[5:]) for p in list_orbax(run)]
+    stopped = newest_checkpoint(run).step
+    assert in_flight in complete and stopped >= in_flight and complete[-1] == stopped, (in_flight, complete)
+    assert "Traceback" not in stderr
+    resume_and_compare(cfg, run, stopped, out["loss_False"])
 
 
 def test_info_plans_a_quarter_of_the_state_per_device_on_four(tmp_path):
