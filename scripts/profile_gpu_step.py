@@ -60,7 +60,7 @@ def main() -> None:
     renamed_flag(ap, "--steps-profiled", "--repeats")
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint")
-    ap.add_argument("--checkpoint-saves", default="states", help="ode.checkpoint_saves")
+    ap.add_argument("--checkpoint-saves", default="auto", help="ode.checkpoint_saves")
     ap.add_argument("--out", default="docs/results/gpu_profile.json")
     ap.add_argument("--hlo", default=None, help="also write the step's optimised HLO here")
     args = ap.parse_args()

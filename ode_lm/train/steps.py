@@ -37,9 +37,46 @@ TRAIN_STEP_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0,
                                "xla_gpu_command_buffer_scheduling_mode": "CONCURRENT"}
 
 
+@jax.custom_vjp
+def token_cross_entropy(logits: Float[Array, "*positions vocab"], targets: Int[Array, "*positions"]
+                        ) -> Float[Array, "*positions"]:
+    """``-log softmax(z)[y] = logsumexp(z) - z_y`` per position, in at least float32.
+
+    The gradient is ``softmax(z) - onehot(y)``, computed in one elementwise pass from ``z``
+    and the saved ``logsumexp(z)`` and returned in the logits' dtype: bf16 logits are read,
+    never copied to float32 in memory. (Differentiating the float32 formula through
+    ``z.astype(float32)`` made XLA write float32 copies of ``z`` and of its gradient: at
+    GPT-2 small's vocabulary, 50304, six passes of about 1 ms each over logit-sized tensors
+    in an H200 step of 35 ms.)
+    """
+    return _cross_entropy_forward(logits, targets)[0]
+
+
+def _wide(logits: Array) -> Array:
+    return logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+
+
+def _cross_entropy_forward(logits, targets):
+    z = _wide(logits)
+    lse = jax.nn.logsumexp(z, axis=-1)
+    picked = jnp.take_along_axis(z, targets[..., None], axis=-1)[..., 0]
+    return lse - picked, (logits, targets, lse)
+
+
+def _cross_entropy_backward(residuals, g):
+    logits, targets, lse = residuals
+    onehot = targets[..., None] == jnp.arange(logits.shape[-1], dtype=targets.dtype)
+    grad = (jnp.exp(_wide(logits) - lse[..., None]) - onehot) * g[..., None]
+    return grad.astype(logits.dtype), None
+
+
+token_cross_entropy.defvjp(_cross_entropy_forward, _cross_entropy_backward)
+
+
 def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
                   ode: ODEConfig, key: PRNGKeyArray | None, dtype=None):
-    """Mean next-token cross-entropy in nats, computed in float32, and the solve stats.
+    """Mean next-token cross-entropy in nats (``token_cross_entropy``: at least float32) and
+    the solve stats.
 
     ``dtype`` (e.g. bf16) runs the model on copies of the parameters cast to it
     (``LanguageModel.in_dtype``); gradients still arrive in the parameters' own dtype.
@@ -47,8 +84,7 @@ def cross_entropy(model: LanguageModel, inputs: Int[Array, "batch seq"], targets
     if dtype is not None:
         model = model.in_dtype(dtype)
     logits, stats = model(inputs, ode, key=key)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
-    return loss.mean(), stats
+    return token_cross_entropy(logits, targets).mean(), stats
 
 
 def objective(model: LanguageModel, inputs: Int[Array, "batch seq"], targets: Int[Array, "batch seq"],
