@@ -83,7 +83,7 @@ def batch_throughput(model, prompt, ode, batches: list[int], new_tokens: int) ->
     return results
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512, 1024])
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -99,8 +99,35 @@ def main() -> None:
     parser.add_argument("--gate-apply", default="auto", choices=GATE_APPLY, help="model.gate_apply")
     parser.add_argument("--rtol", type=float, default=1e-3, help="adaptive-deviation tolerance")
     parser.add_argument("--out", default=None, help="JSON path (default docs/results/generate_<backend>.json)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def cached_vs_recompute(model, prompt, ode, args, n: int) -> tuple[list, dict]:
+    """Batch-1 greedy decoding of ``n`` tokens cached, recomputed (``--no-cache``) and
+    streamed: one table row and its record (compiled beforehand)."""
+    run = {c: (lambda c=c: generate(model, prompt, ode, greedy=True, max_new_tokens=n, cache=c,
+                                    bucket=args.bucket)) for c in (True, False)}
+    run["streamed"] = lambda: generate(model, prompt, ode, greedy=True, max_new_tokens=n, chunk=args.chunk,
+                                       on_token=lambda _: None)
+    run[True]()  # compile the cached paths (--no-cache's lengths are compiled up front)
+    run["streamed"]()
+    tokens, seconds = {}, {}
+    for c in (True, False, "streamed"):
+        seconds[c] = timed(lambda c=c: tokens.__setitem__(c, run[c]()))
+    agree = float(np.mean(tokens[True] == tokens[False]))
+    rate = {c: n / seconds[c] for c in seconds}
+    row = [n, round(rate[True], 1), round(rate["streamed"], 1), round(rate[False], 1),
+           round(rate[True] / rate[False], 1), round(seconds[True], 3), round(seconds[False], 3), agree]
+    return row, {"new_tokens": n, "cached_tokens_per_s": rate[True],
+                 "recompute_tokens_per_s": rate[False], "speedup": rate[True] / rate[False],
+                 "cached_s": seconds[True], "recompute_s": seconds[False],
+                 "greedy_token_agreement": agree, "streamed_tokens_per_s": rate["streamed"],
+                 "streamed_chunk": args.chunk,
+                 "streamed_same_tokens": bool(np.array_equal(tokens["streamed"], tokens[True]))}
+
+
+def main() -> None:
+    args = parse_args()
     longest = args.prompt_len + max(args.new_tokens + ([args.batch_new_tokens] if args.batch else []))
     cfg = ModelConfig(dim=args.dim, heads=args.heads, max_positions=longest, dropout=0.0, gate_apply=args.gate_apply)
     model = build_model(cfg, 256, jax.random.key(0))
@@ -114,30 +141,9 @@ def main() -> None:
         length = min(length, longest - 1)
         generate(model, np.resize(prompt, length), ode, greedy=True, max_new_tokens=1, cache=False,
                  bucket=args.bucket)
-
-    rows, results = [], []
-    for n in args.new_tokens:
-        run = {c: (lambda c=c: generate(model, prompt, ode, greedy=True, max_new_tokens=n, cache=c,
-                                        bucket=args.bucket)) for c in (True, False)}
-        run["streamed"] = lambda: generate(model, prompt, ode, greedy=True, max_new_tokens=n, chunk=args.chunk,
-                                           on_token=lambda _: None)
-        run[True]()  # compile the cached paths (--no-cache's lengths are compiled above)
-        run["streamed"]()
-        tokens, seconds = {}, {}
-        for c in (True, False, "streamed"):
-            seconds[c] = timed(lambda c=c: tokens.__setitem__(c, run[c]()))
-        agree = float(np.mean(tokens[True] == tokens[False]))
-        rate = {c: n / seconds[c] for c in seconds}
-        rows.append([n, round(rate[True], 1), round(rate["streamed"], 1), round(rate[False], 1),
-                     round(rate[True] / rate[False], 1), round(seconds[True], 3), round(seconds[False], 3), agree])
-        results.append({"new_tokens": n, "cached_tokens_per_s": rate[True],
-                        "recompute_tokens_per_s": rate[False], "speedup": rate[True] / rate[False],
-                        "cached_s": seconds[True], "recompute_s": seconds[False],
-                        "greedy_token_agreement": agree, "streamed_tokens_per_s": rate["streamed"],
-                        "streamed_chunk": args.chunk,
-                        "streamed_same_tokens": bool(np.array_equal(tokens["streamed"], tokens[True]))})
+    rows, results = zip(*(cached_vs_recompute(model, prompt, ode, args, n) for n in args.new_tokens))
     print_table(["new tokens", "cached tok/s", f"streamed (chunk {args.chunk}) tok/s", "no-cache tok/s",
-                 "speedup", "cached s", "no-cache s", "greedy agree"], rows)
+                 "speedup", "cached s", "no-cache s", "greedy agree"], list(rows))
     batch_results = batch_throughput(model, prompt, ode, args.batch, args.batch_new_tokens)
 
     deviation = adaptive_deviation(model, jnp.asarray(prompt)[None], min(64, max(args.new_tokens)), args.rtol)
@@ -145,7 +151,7 @@ def main() -> None:
           f"full-sequence solve {deviation['full_sequence_steps']} steps; max |logit deviation| "
           f"{deviation['max_abs_logit_deviation']:.3g}, greedy agreement {deviation['greedy_agreement']:.3f}")
     out = args.out or f"docs/results/generate_{jax.default_backend()}.json"
-    write_json(out, {"machine": machine(), "config": vars(args), "results": results,
+    write_json(out, {"machine": machine(), "config": vars(args), "results": list(results),
                      "batch_results": batch_results, "adaptive_deviation": deviation})
 
 

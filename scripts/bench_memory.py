@@ -143,7 +143,7 @@ def plot(records: list[dict], sensitivities: list[str], path: str, title: str) -
     print(f"wrote {path}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ode-steps", dest="steps", type=int, nargs="+", default=[4, 8, 16, 32, 64],
                     help="ode.steps N of each row")
@@ -166,9 +166,12 @@ def main() -> None:
     args = ap.parse_args()
     if "direct" not in args.sensitivities:
         ap.error("--sensitivities must include direct (the reference)")
-    out = args.out or f"docs/results/memory_{jax.default_backend()}.json"
-    cfg = model_config(args.dim, args.heads, args.seq)
+    return args
 
+
+def measure_all(args) -> tuple[list[list], list[dict]]:
+    """One row per (N, sensitivity): the step's temporaries, its time and its gradient error."""
+    cfg = model_config(args.dim, args.heads, args.seq)
     rows, records = [], []
     for n in args.steps:
         errors = gradient_errors(args, n)
@@ -184,7 +187,11 @@ def main() -> None:
             rows.append([n, label, m["temp_bytes"] / MIB, m["step_s"] * 1e3, f"{errors[label]:.2e}",
                          "" if own is None else f"{own:.2e}"])
             print(" | ".join(str(c) if not isinstance(c, float) else f"{c:.3f}" for c in rows[-1]), flush=True)
+    return rows, records
 
+
+def targets_of(args, records: list[dict]) -> dict:
+    """Reversible memory flat in N, direct memory linear in N, reversible time vs checkpoint."""
     def get(adjoint, n, key):
         return next(r[key] for r in records if r["sensitivity"] == adjoint and r["steps"] == n)
 
@@ -202,19 +209,31 @@ def main() -> None:
         ratios = {n: get("reversible", n, "step_s") / get("checkpoint", n, "step_s") for n in args.steps}
         targets["reversible_over_checkpoint_time"] = ratios
         targets["reversible_time_ok"] = max(ratios.values()) <= 2.5
+    return targets
 
-    title = (f"one AdamW step, time-indexed model dim={args.dim} heads={args.heads} seq={args.seq} "
-             f"batch={args.batch}, solver={args.solver}, lambda={args.coupling}, {machine()['device']}")
+
+def report(args, rows: list[list], targets: dict, title: str) -> None:
     print(title)
     print_table(["N", "sensitivity", "temp MiB", "step ms", "grad err vs direct", "vs own direct"], rows)
     if "reversible_memory_ratio" in targets:
-        print(f"reversible memory N={hi} / N={lo}: {targets['reversible_memory_ratio']:.3f} (target <= 1.2: "
-              f"{'met' if targets['reversible_memory_ok'] else 'MISSED'})")
-    print(f"direct memory: {slope / MIB:.3f} MiB per step, linear fit R^2 = {targets['direct_linear_r2']:.4f}")
+        print(f"reversible memory N={max(args.steps)} / N={min(args.steps)}: {targets['reversible_memory_ratio']:.3f} "
+              f"(target <= 1.2: {'met' if targets['reversible_memory_ok'] else 'MISSED'})")
+    print(f"direct memory: {targets['direct_bytes_per_step'] / MIB:.3f} MiB per step, linear fit R^2 = "
+          f"{targets['direct_linear_r2']:.4f}")
     if "reversible_time_ok" in targets:
         worst = max(targets["reversible_over_checkpoint_time"].values())
         print(f"reversible / checkpoint step time: at most {worst:.2f}x (target <= 2.5x: "
               f"{'met' if targets['reversible_time_ok'] else 'MISSED'})")
+
+
+def main() -> None:
+    args = parse_args()
+    out = args.out or f"docs/results/memory_{jax.default_backend()}.json"
+    rows, records = measure_all(args)
+    targets = targets_of(args, records)
+    title = (f"one AdamW step, time-indexed model dim={args.dim} heads={args.heads} seq={args.seq} "
+             f"batch={args.batch}, solver={args.solver}, lambda={args.coupling}, {machine()['device']}")
+    report(args, rows, targets, title)
     write_json(out, {"benchmark": "memory", "machine": machine(), "args": vars(args),
                      "results": records, "targets": targets})
     plot(records, [label for label, _, _ in variants(args)], args.plot or str(out).removesuffix(".json") + ".png", title)

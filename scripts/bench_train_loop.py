@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from _timing import machine, print_table, renamed_flag, write_json
 
@@ -39,56 +38,66 @@ def per_step_ms(step, n: int) -> list[float]:
     return times
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--train-steps", dest="steps", type=int, default=300, help="timed training steps per variant")
     renamed_flag(ap, "--steps", "--train-steps")
     ap.add_argument("--out", default=None, help="JSON path (default docs/results/train_loop_<backend>.json)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    from ode_lm.config import load_config
+
+def time_the_step(cfg, steps: int) -> tuple[dict[str, list[float]], float]:
+    """Per-step ms of the bare step and of the step fed the trainer's way, and the mean ms of
+    the bare step queued back to back."""
     from ode_lm.data import BatchSampler, load_corpus
     from ode_lm.train.parallel import DataParallel
     from ode_lm.train.steps import build_train_step, init_state
+
+    corpus = load_corpus(cfg.data)
+    sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+    parallel = DataParallel(cfg)
+    model, _, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
+    state = dict(zip(("model", "opt"), parallel.replicate((model, opt_state))))
+    train_step = build_train_step(cfg)
+    fixed = [parallel.batch(a) for a in sampler.train_batch(0)]
+    base_key = jax.random.key(0)
+
+    def queue():
+        state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], *fixed, base_key)
+        return metrics["loss"]
+
+    def bare(i):
+        jax.block_until_ready(queue())
+
+    state["batch"] = tuple(map(parallel.batch, sampler.train_batch(0)))
+
+    def fed(i):
+        inputs, targets = state["batch"]
+        state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], inputs, targets,
+                                                           jax.random.fold_in(base_key, i))
+        state["batch"] = tuple(map(parallel.batch, sampler.train_batch(i + 1)))  # overlaps the step
+        float(metrics["loss"])
+
+    series = {"step": per_step_ms(bare, steps), "step+data": per_step_ms(fed, steps)}
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = queue()
+    jax.block_until_ready(loss)
+    return series, 1e3 * (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    args = parse_args()
+    from ode_lm.config import load_config
     from ode_lm.train.trainer import train
 
     with tempfile.TemporaryDirectory() as runs:
         cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps + 1}",
                                         f"train.eval_every={10 * args.steps}", "train.sample=false",
                                         f"checkpoint.every={10 * args.steps}", f"train.runs_dir={runs}"])
-        corpus = load_corpus(cfg.data)
-        sampler = BatchSampler(corpus, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
-        parallel = DataParallel(cfg)
-        model, _, opt_state = init_state(cfg, corpus.tokenizer.vocab_size)
-        state = dict(zip(("model", "opt"), parallel.replicate((model, opt_state))))
-        train_step = build_train_step(cfg)
-        fixed = [parallel.batch(a) for a in sampler.train_batch(0)]
-        base_key = jax.random.key(0)
-
-        def queue():
-            state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], *fixed, base_key)
-            return metrics["loss"]
-
-        def bare(i):
-            jax.block_until_ready(queue())
-
-        state["batch"] = tuple(map(parallel.batch, sampler.train_batch(0)))
-
-        def fed(i):
-            inputs, targets = state["batch"]
-            state["model"], state["opt"], metrics = train_step(state["model"], state["opt"], inputs, targets,
-                                                               jax.random.fold_in(base_key, i))
-            state["batch"] = tuple(map(parallel.batch, sampler.train_batch(i + 1)))  # overlaps the step
-            float(metrics["loss"])
-
-        series = {"step": per_step_ms(bare, args.steps), "step+data": per_step_ms(fed, args.steps)}
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            loss = queue()
-        jax.block_until_ready(loss)
-        back_to_back = 1e3 * (time.perf_counter() - start) / args.steps
+        series, back_to_back = time_the_step(cfg, args.steps)
         result = train(cfg)
     fifth = max(1, args.steps // 5)
     rows, records = [], []

@@ -93,12 +93,8 @@ def clean_failure(rc: int, output: str, expected_rc: int = 2) -> str | None:
     return None
 
 
-def bad_inputs(h: Harness, workdir: Path, can_mount: bool) -> list[dict]:
+def bad_input_cases(h: Harness, runs: Path, workdir: Path, can_mount: bool) -> list[tuple[str, str, list[str]]]:
     """(kind, what, arguments): each must exit 2 with one line and leave the runs intact."""
-    runs = workdir / "runs"
-    rc, out = h.run("train", str(h.short), f"train.runs_dir={runs}")
-    assert rc == 0, out
-    (runs / "afile").write_text("a file, not a run")
     big = ["ode.steps=1"]
     cases = [("run name", f"train.run_name={name!r} --overwrite", ["train", str(h.short), f"train.runs_dir={runs}",
                                                                    f"train.run_name={name}", "--overwrite"])
@@ -133,29 +129,41 @@ def bad_inputs(h: Harness, workdir: Path, can_mount: bool) -> list[dict]:
         cases += [("full disk", f"runs_dir on a full 8 KiB tmpfs{flag}", ["train", str(h.short),
                    f"train.runs_dir={disk}", *([flag.strip()] if flag else [])])
                   for flag in ("", " --skip-resource-check")]
-    rows = []
-    for kind, what, args in cases:
-        disk = workdir / "disk"
-        mounted = any(str(a).startswith(f"train.runs_dir={disk}") for a in args)
-        if mounted:
-            disk.mkdir(exist_ok=True)
-            subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], check=True)
-        before = {"runs": snapshot(runs), "repo": snapshot(REPO / "configs")}
-        t0 = time.monotonic()
-        rc, output = h.run(*args)
-        seconds = time.monotonic() - t0
-        lost = before != {"runs": snapshot(runs), "repo": snapshot(REPO / "configs")}
-        if mounted:
-            lost = lost or any(disk.iterdir())
-            subprocess.run(["umount", str(disk)], check=False)
-        problem = clean_failure(rc, output) or ("something changed or was left behind" if lost else None)
-        message = next((ln for ln in output.splitlines() if ln.startswith("ode-lm: ")), "")
-        rows.append({"kind": kind, "input": what, "exit": rc, "seconds": round(seconds, 1),
-                     "clean": problem is None, "problem": problem, "message": message[:300],
-                     **({"output": output[-2000:]} if problem else {})})
-        print(f"{'ok ' if problem is None else 'BAD'} {kind}: {what}: exit {rc} in {seconds:.1f} s; {message[:160]}",
-              flush=True)
-    return rows
+    return cases
+
+
+def run_bad_input(h: Harness, runs: Path, workdir: Path, kind: str, what: str, args: list[str]) -> dict:
+    """One case: its exit status, its message, and whether it failed cleanly and lost nothing."""
+    disk = workdir / "disk"
+    mounted = any(str(a).startswith(f"train.runs_dir={disk}") for a in args)
+    if mounted:
+        disk.mkdir(exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], check=True)
+    before = {"runs": snapshot(runs), "repo": snapshot(REPO / "configs")}
+    t0 = time.monotonic()
+    rc, output = h.run(*args)
+    seconds = time.monotonic() - t0
+    lost = before != {"runs": snapshot(runs), "repo": snapshot(REPO / "configs")}
+    if mounted:
+        lost = lost or any(disk.iterdir())
+        subprocess.run(["umount", str(disk)], check=False)
+    problem = clean_failure(rc, output) or ("something changed or was left behind" if lost else None)
+    message = next((ln for ln in output.splitlines() if ln.startswith("ode-lm: ")), "")
+    print(f"{'ok ' if problem is None else 'BAD'} {kind}: {what}: exit {rc} in {seconds:.1f} s; {message[:160]}",
+          flush=True)
+    return {"kind": kind, "input": what, "exit": rc, "seconds": round(seconds, 1),
+            "clean": problem is None, "problem": problem, "message": message[:300],
+            **({"output": output[-2000:]} if problem else {})}
+
+
+def bad_inputs(h: Harness, workdir: Path, can_mount: bool) -> list[dict]:
+    """Train one short run, then try every bad input of ``bad_input_cases`` against it."""
+    runs = workdir / "runs"
+    rc, out = h.run("train", str(h.short), f"train.runs_dir={runs}")
+    assert rc == 0, out
+    (runs / "afile").write_text("a file, not a run")
+    return [run_bad_input(h, runs, workdir, kind, what, args)
+            for kind, what, args in bad_input_cases(h, runs, workdir, can_mount)]
 
 
 def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int) -> None:
