@@ -86,6 +86,7 @@ class _Quiet:
     installed: orbax's reading thread may release them after the caller has moved on."""
 
     DRAIN_S = 0.2  # a failed read is over once nothing more was printed for this long
+    failed = False  # set by the reader when orbax raised
 
     def __enter__(self):
         self.loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
@@ -108,15 +109,14 @@ class _Quiet:
             time.sleep(self.DRAIN_S)
 
     def __exit__(self, kind, error, trace):
-        failed = kind is not None or getattr(self, "failed", False)
+        failed = kind is not None or self.failed
         if failed:
             self._drain()
         captured, sys.stderr = sys.stderr.getvalue(), self.stderr
-        if not failed:
-            sys.unraisablehook = self.hook
         for logger, level in zip(self.loggers, self.levels):
             logger.setLevel(level)
         if not failed:
+            sys.unraisablehook = self.hook
             sys.stderr.write(captured)
         return False
 
