@@ -37,6 +37,7 @@ from pathlib import Path
 import jax
 
 from _timing import machine, print_table, time_compiled, write_json
+from ode_lm.train.steps import peak_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 2**20
@@ -81,8 +82,7 @@ def measure_memory(config: str, overrides: list[str]) -> dict:
         out["fsdp" if fsdp else "replicated"] = {
             "resident_bytes": device_bytes(state),
             "compiled_argument_bytes": int(analysis.argument_size_in_bytes),
-            "compiled_peak_bytes": int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                       + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)}
+            "compiled_peak_bytes": peak_bytes(analysis)}
     return out
 
 
@@ -127,9 +127,7 @@ def fits(config: str, overrides: list[str], dim: int, capacity: int, shards: int
     overrides = [*overrides, f"model.dim={dim}", f"model.heads={max(1, dim // 64)}"]
     _, _, state, _, step, batch, key = state_and_step(config, overrides, False, abstract=True)
     start = time.perf_counter()
-    analysis = step.compiled(*state, *batch, key).memory_analysis()
-    peak = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
-               - analysis.alias_size_in_bytes)
+    peak = peak_bytes(step.compiled(*state, *batch, key).memory_analysis())
     optimizer = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[1]))
     parameters = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state[0]))
     # FSDP over N devices: each holds 1/N of the optimizer state it takes in and gives out.

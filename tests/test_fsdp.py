@@ -44,7 +44,7 @@ SCRIPT = textwrap.dedent("""
     from ode_lm.train.logging import read_metrics
     from ode_lm.train.parallel import DataParallel
     from ode_lm.train.sharding import device_bytes, place, planned_device_bytes
-    from ode_lm.train.steps import TrainStep
+    from ode_lm.train.steps import TrainStep, peak_bytes
     from ode_lm.train.trainer import init_state
     root, settings = Path(sys.argv[1]), json.loads(sys.argv[2])
     out = {"devices": jax.device_count()}
@@ -62,8 +62,7 @@ SCRIPT = textwrap.dedent("""
         batch = [parallel.batch(jax.numpy.zeros((cfg.train.batch_size, cfg.data.seq_len), "int32"))] * 2
         analysis = step.compiled(model, opt_state, *batch, jax.random.key(0)).memory_analysis()
         out[f"compiled_{fsdp}"] = int(analysis.argument_size_in_bytes)
-        out[f"peak_{fsdp}"] = int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
-                                  + analysis.temp_size_in_bytes - analysis.alias_size_in_bytes)
+        out[f"peak_{fsdp}"] = peak_bytes(analysis)
     print(json.dumps(out))
 """)
 

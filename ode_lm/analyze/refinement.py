@@ -20,13 +20,13 @@ from typing import Callable
 import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
-import optax
 from tqdm.auto import tqdm
 
 from ode_lm.ablate.depth import eval_ode
 from ode_lm.config import ODEConfig
 from ode_lm.data import BatchSampler
 from ode_lm.ode import VectorField, integrate
+from ode_lm.train.steps import token_cross_entropy
 
 SOLVERS = ("euler", "rk4", "tsit5")
 STEP_COUNTS = (1, 2, 4, 8, 16, 32, 64)
@@ -53,9 +53,8 @@ def solve_errors(field: VectorField, x0, exact, solver: str, step_counts=STEP_CO
 @eqx.filter_jit
 def _logits(model, tokens, targets, ode: ODEConfig):
     logits, stats = model(tokens, ode)
-    logits = logits.astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-    return logits, loss, stats.nfe, stats.failed
+    loss = token_cross_entropy(logits, targets).mean()  # the training loss's formula
+    return logits.astype(jnp.float32), loss, stats.nfe, stats.failed
 
 
 def refinement(model, sampler: BatchSampler, ode: ODEConfig, batches: int, *,

@@ -175,10 +175,14 @@ class TrainStep:
             m = self.compiled(model, opt_state, inputs, targets, key).memory_analysis()
         except (AttributeError, NotImplementedError):  # a backend without the analysis
             return None
-        if m is None:
-            return None
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-                   - m.alias_size_in_bytes)
+        return None if m is None else peak_bytes(m)
+
+
+def peak_bytes(analysis) -> int:
+    """A compiled program's peak by XLA's ``memory_analysis()``: arguments + outputs +
+    temporaries - the outputs that alias (donated) arguments."""
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+               - analysis.alias_size_in_bytes)
 
 
 class EvalStep:
