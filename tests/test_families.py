@@ -292,7 +292,7 @@ def test_folded_layer_norm_and_gated_weight_equal_the_plain_formulas():
 def test_attention_leaving_out_key_and_value_biases_equals_the_plain_formula():
     """``Attention.project`` drops the key bias (softmax ignores a per-query constant) and
     moves the value bias into the output projection (softmax rows sum to one): outputs and
-    gradients equal the textbook attention with every bias in place, full and cached (float64)."""
+    gradients equal the textbook attention with every bias in place (float64)."""
     from ode_lm.nn import BlockGates, LayerNorm
     from ode_lm.nn.block import Attention
 
@@ -325,11 +325,36 @@ def test_attention_leaving_out_key_and_value_biases_equals_the_plain_formula():
         for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_allclose(g, h, rtol=1e-10, atol=1e-12)
 
-        cache = attn.empty_cache(1, 2, seq)
-        first, cache = attn.extend(norm.standardize(x[:, :4]), gates, cache, 0, 0, norm)
-        rest, _ = attn.extend(norm.standardize(x[:, 4:]), gates, cache, 0, 4, norm)
-        np.testing.assert_allclose(jnp.concatenate([first, rest], 1), attn(norm.standardize(x), gates, norm),
-                                   rtol=1e-12, atol=1e-12)
+
+def test_the_folded_decode_block_equals_the_block_chunk_by_chunk():
+    """``DecodeBlock`` (gates, norms and biases folded into two merged products) run on two
+    chunks against its KV cache gives the block's ``f(x)`` on the whole sequence: the
+    parallel block, and a sequential layer's two sub-layers (float64)."""
+    from ode_lm.nn import Block, BlockGates, DecodeBlock
+
+    with jax.enable_x64(True):
+        dim, heads, seq, ratio = 8, 2, 6, 3
+        block = Block(dim, heads, ratio, key=jax.random.key(0), std=0.5, dtype=jnp.float64)
+        leaves, tree = jax.tree.flatten(block)  # every weight, bias and norm parameter random
+        keys = jax.random.split(jax.random.key(1), len(leaves) + 5)
+        block = jax.tree.unflatten(tree, [jax.random.normal(k, leaf.shape, jnp.float64)
+                                          for k, leaf in zip(keys, leaves)])
+        gates = BlockGates(*(jax.nn.sigmoid(jax.random.normal(k, (n,), jnp.float64))
+                             for k, n in zip(keys[-5:], BlockGates.sizes(dim, ratio))))
+        x = jax.random.normal(keys[-1], (2, seq, dim), jnp.float64)
+        folded = DecodeBlock.of(block, gates)
+
+        def chunked(run):
+            cache = block.attn.empty_cache(1, 2, seq)
+            first, cache = run(x[:, :4], cache, 0)
+            rest, _ = run(x[:, 4:], cache, 4)
+            return jnp.concatenate([first, rest], 1)
+
+        np.testing.assert_allclose(chunked(lambda z, c, s: folded(z, c, 0, s)), block(x, gates),
+                                   rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(chunked(lambda z, c, s: folded.attention_branch(z, c, 0, s)),
+                                   block.attention_branch(x, gates), rtol=1e-11, atol=1e-11)
+        np.testing.assert_allclose(folded.mlp_branch(x), block.mlp_branch(x, gates), rtol=1e-11, atol=1e-11)
 
 
 def test_standardize_gradient_equals_autodiff_of_the_plain_formula():

@@ -23,7 +23,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ode_lm.config import ModelConfig, ODEConfig
 from ode_lm.errors import GenerationError
-from ode_lm.nn import SAVES, Block, Dropout, DropoutRates, LayerNorm
+from ode_lm.nn import SAVES, Block, BlockGates, DecodeBlock, Dropout, DropoutRates, LayerNorm
 from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, fixed_grid,
                         grid_scheme, integrate, solve_dtype)
 
@@ -46,14 +46,20 @@ class Embedding(eqx.Module):
 
     def __call__(self, tokens: Int[Array, "batch seq"], offset: int | Int[Array, ""] = 0
                  ) -> Float[Array, "batch seq dim"]:
-        pos = jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[-1])
         vocab = self.tokens.shape[0]
         if vocab <= ONE_HOT_MAX_VOCAB:
             # A one-hot product rather than a gather: the gather's gradient is a scatter-add
             # whose atomic updates collide on frequent tokens (a space is ~15% of bytes), which
             # made byte-level training steps 2-5x slower on an H100 than on uniform tokens.
+            pos = jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[-1])
             return jax.nn.one_hot(tokens, vocab, dtype=self.tokens.dtype) @ self.tokens + pos
-        return self.tokens[tokens] + pos
+        return self.lookup(tokens, offset)
+
+    def lookup(self, tokens: Int[Array, "batch seq"], offset: int | Int[Array, ""] = 0
+               ) -> Float[Array, "batch seq dim"]:
+        """The same embedding by a gather (exactly equal): for decoding, which takes no
+        gradient, and where the one-hot product is a column sum over the vocabulary per token."""
+        return self.tokens[tokens] + jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[-1])
 
 
 class Readout(eqx.Module):
@@ -110,7 +116,9 @@ class LanguageModel(eqx.Module):
 class CachedField(VectorField):
     """A vector field that can also evaluate new positions against per-evaluation caches.
 
-    ``dropout`` is set for a training solve only (``ODELanguageModel.hidden_final``).
+    Its block at depth-time ``t`` (``block_at``) is what decoding evaluates: ``decode_blocks``
+    folds it once per evaluation of the decoding grid (``DecodeBlock``), and ``extend`` runs
+    one. ``dropout`` is set for a training solve only (``ODELanguageModel.hidden_final``).
     """
 
     dropout: eqx.AbstractVar[Dropout | None]
@@ -121,21 +129,32 @@ class CachedField(VectorField):
         return eqx.tree_at(lambda f: f.dropout, self, self.dropout.at_step(step))
 
     @abc.abstractmethod
+    def block_at(self, t: Float[Array, ""]) -> tuple[Block, BlockGates]:
+        """The transformer block and its gates at depth-time ``t``."""
+
+    @abc.abstractmethod
     def init_cache(self, slots: int, batch: int, max_len: int) -> PyTree:
         """Empty per-evaluation state, stacked over ``slots`` evaluations."""
 
-    @abc.abstractmethod
-    def extend(self, t: Float[Array, ""], x: Float[Array, "batch chunk dim"], cache: PyTree,
+    def decode_blocks(self, times: Float[Array, " slots"], dtype) -> DecodeBlock:
+        """The folded block of every evaluation at ``times``, stacked over evaluations."""
+        return jax.vmap(lambda t: DecodeBlock.of(*self.block_at(t), dtype))(times)
+
+    def extend(self, block: DecodeBlock, t: Float[Array, ""], x: Float[Array, "batch chunk dim"], cache: PyTree,
                slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], PyTree]:
-        """``f(t, x)`` of a chunk at positions ``start ...``, evaluation number ``slot``."""
+        """``f(t, x)`` of a chunk at positions ``start ...``, evaluation number ``slot``, whose
+        folded block is ``block``."""
+        return block(x, cache, slot, start)
 
 
 class ODECache(eqx.Module):
-    """A frozen solve to continue: per-evaluation state and the step grid it belongs to."""
+    """A frozen solve to continue: per-evaluation state, the step grid it belongs to and the
+    folded block of each evaluation on it."""
 
     slots: PyTree  # the field's per-evaluation state (keys/values, SSM states), stacked over slots
     grid: Float[Array, " steps+1"]
     scheme: GridScheme
+    blocks: DecodeBlock  # stacked over slots
     # Unroll the step loop of one-token decode solves (no device loop, which costs a host
     # round trip per step on GPU). Fixed grids only: an adaptive one may have max_steps steps.
     unroll: bool = eqx.field(static=True)
@@ -195,21 +214,28 @@ class ODELanguageModel(LanguageModel):
             grid = fixed_grid(ode.steps, solve_dtype(self.embedding.tokens))  # the training solve's times
         scheme = grid_scheme(ode.solver)
         slots = self.field.init_cache(scheme.slots(grid.shape[0] - 1), prompt.shape[0], max_len)
-        return ODECache(slots, grid, scheme, unroll=not ode.adaptive)
+        blocks = _decode_blocks(self.field, scheme.slot_times(grid), self.embedding.tokens.dtype)
+        return ODECache(slots, grid, scheme, blocks, unroll=not ode.adaptive)
 
     def extend(self, tokens, start, cache: ODECache):
-        x0 = self.embedding(tokens, start)
+        x0 = self.embedding.lookup(tokens, start)
         dtype = x0.dtype
         state_dtype = jnp.promote_types(dtype, jnp.float32)
 
         def evaluate(slot, t, x, slots):
-            dx, slots = self.field.extend(t, x.astype(dtype), slots, slot, start)
+            block = jax.tree.map(lambda leaf: leaf[slot], cache.blocks)
+            dx, slots = self.field.extend(block, t, x.astype(dtype), slots, slot, start)
             return dx.astype(state_dtype), slots
 
         x1, slots = cache.scheme.solve(evaluate, cache.grid, x0.astype(state_dtype), cache.slots,
                                        unroll=cache.unroll and tokens.shape[1] == 1)
         logits = self.readout(x1.astype(dtype), self.embedding)
         return logits, eqx.tree_at(lambda c: c.slots, cache, slots)
+
+
+@eqx.filter_jit
+def _decode_blocks(field: CachedField, times, dtype) -> DecodeBlock:
+    return field.decode_blocks(times, dtype)
 
 
 @eqx.filter_jit

@@ -37,10 +37,6 @@ class HypernetworkField(CachedField):
     def init_cache(self, slots, batch, max_len):
         return self.hypernetwork.structure().attn.empty_cache(slots, batch, max_len)
 
-    def extend(self, t, x, cache, slot, start):
-        block, gates = self.block_at(t)
-        return block.extend(x, gates, cache, slot, start)
-
 
 def build_hypernetwork(cfg: ModelConfig, vocab: int, key: PRNGKeyArray, dtype=jnp.float32) -> ODELanguageModel:
     k_shared, k_block, k_hyper = jax.random.split(key, 3)

@@ -26,8 +26,20 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.config import ModelConfig, ODEConfig
 from ode_lm.models.base import Embedding, LanguageModel, Readout, build_block, build_shared, dropout_rates
-from ode_lm.nn import Block, BlockGates, Dropout, DropoutRates, KVCache
+from ode_lm.nn import Block, DecodeBlock, Dropout, DropoutRates, KVCache
 from ode_lm.ode import SolveStats
+
+
+class LayersCache(eqx.Module):
+    """Decoding state: one key/value slot per layer, and each layer folded (``DecodeBlock``)."""
+
+    kv: KVCache
+    blocks: tuple[DecodeBlock, ...]
+
+
+@eqx.filter_jit
+def _decode_blocks(layers: tuple[Block, ...], dtype) -> tuple[DecodeBlock, ...]:
+    return tuple(DecodeBlock.of(block, dtype=dtype) for block in layers)
 
 
 class StandardLanguageModel(LanguageModel):
@@ -64,22 +76,24 @@ class StandardLanguageModel(LanguageModel):
         x, stats = self.hidden_final(tokens, ode, key=key)
         return self.readout(x.astype(self.embedding.tokens.dtype), self.embedding), stats
 
-    def init_cache(self, prompt, ode, max_len) -> KVCache:
-        return self.layers[0].attn.empty_cache(len(self.layers), prompt.shape[0], max_len)
+    def init_cache(self, prompt, ode, max_len) -> LayersCache:
+        kv = self.layers[0].attn.empty_cache(len(self.layers), prompt.shape[0], max_len)
+        return LayersCache(kv, _decode_blocks(self.layers, self.embedding.tokens.dtype))
 
-    def extend(self, tokens, start, cache: KVCache):
-        x = self.embedding(tokens, start)
+    def extend(self, tokens, start, cache: LayersCache):
+        x = self.embedding.lookup(tokens, start)
         compute = x.dtype
         x = x.astype(jnp.promote_types(compute, jnp.float32))
-        for slot, block in enumerate(self.layers):
+        kv = cache.kv
+        for slot, block in enumerate(cache.blocks):
             if self.sequential:
-                a, cache = block.attention_extend(x.astype(compute), cache, slot, start)
+                a, kv = block.attention_branch(x.astype(compute), kv, slot, start)
                 x = x + a.astype(x.dtype)
                 x = x + block.mlp_branch(x.astype(compute)).astype(x.dtype)
             else:
-                dx, cache = block.extend(x.astype(compute), BlockGates(), cache, slot, start)
+                dx, kv = block(x.astype(compute), kv, slot, start)
                 x = x + dx.astype(x.dtype)
-        return self.readout(x.astype(compute), self.embedding), cache
+        return self.readout(x.astype(compute), self.embedding), LayersCache(kv, cache.blocks)
 
 
 def residual_init_std(cfg: ModelConfig) -> float:

@@ -54,9 +54,6 @@ class TimeIndexedField(CachedField):
     def init_cache(self, slots, batch, max_len):
         return self.block.attn.empty_cache(slots, batch, max_len)
 
-    def extend(self, t, x, cache, slot, start):
-        return self.block.extend(x, self.gates(t), cache, slot, start)
-
 
 def time_indexed_field(cfg: ModelConfig, key: PRNGKeyArray, dtype,
                        constant: Float[Array, " time_embed_dim"] | None = None) -> TimeIndexedField:

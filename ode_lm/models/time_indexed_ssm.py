@@ -54,8 +54,8 @@ class TimeIndexedSSMField(CachedField):
         return SSMFieldCache(self.time_indexed.init_cache(slots, batch, max_len),
                              jnp.zeros((slots, *state.shape), state.dtype))
 
-    def extend(self, t, x, cache: SSMFieldCache, slot, start):
-        a, kv = self.time_indexed.extend(t, x, cache.kv, slot, start)
+    def extend(self, block, t, x, cache: SSMFieldCache, slot, start):
+        a, kv = block(x, cache.kv, slot, start)
         state = jax.lax.dynamic_index_in_dim(cache.ssm, slot, keepdims=False)
         state, g = self.ssm.extend(state, x, t)
         states = jax.lax.dynamic_update_index_in_dim(cache.ssm, state, slot, 0)

@@ -1,6 +1,6 @@
 """Neural-network pieces shared by every model family."""
 
-from ode_lm.nn.block import MLP, Attention, Block, BlockGates
+from ode_lm.nn.block import MLP, Attention, Block, BlockGates, DecodeBlock
 from ode_lm.nn.cache import KVCache
 from ode_lm.nn.dropout import Dropout, DropoutRates
 from ode_lm.nn.hypernetwork import AbstractHyperNetwork, DenseHyperNetwork, RankOneHyperNetwork
@@ -10,6 +10,6 @@ from ode_lm.nn.saves import SAVES
 from ode_lm.nn.ssm import SelectiveSSM
 from ode_lm.nn.time_embedding import sinusoidal
 
-__all__ = ["MLP", "AbstractHyperNetwork", "Attention", "Block", "BlockGates", "DenseHyperNetwork", "Dropout",
+__all__ = ["MLP", "AbstractHyperNetwork", "Attention", "Block", "BlockGates", "DecodeBlock", "DenseHyperNetwork", "Dropout",
            "DropoutRates", "KVCache", "LayerNorm", "Linear", "Modulation", "RankOneHyperNetwork", "SAVES",
            "SelectiveSSM", "sinusoidal"]

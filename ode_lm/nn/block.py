@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.nn.cache import KVCache
 from ode_lm.nn.dropout import Dropout
-from ode_lm.nn.layers import LayerNorm, Linear, gates_weights, gelu
+from ode_lm.nn.layers import LayerNorm, Linear, gates_weights, gelu, standardize
 
 
 class BlockGates(NamedTuple):
@@ -129,27 +129,6 @@ class Attention(eqx.Module):
         dim = self.proj.weight.shape[1]
         return KVCache.empty(slots, batch, self.heads, max_len, dim // self.heads, self.proj.weight.dtype)
 
-    def extend(self, x: Float[Array, "batch chunk dim"], gates: BlockGates, cache: KVCache,
-               slot: Int[Array, ""], start: Int[Array, ""], norm: LayerNorm | None = None
-               ) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
-        """Attention of a chunk at positions ``start ...`` to itself and the cached prefix.
-
-        Writes the chunk's keys/values into ``slot``; query ``start + i`` attends to cached
-        positions ``<= start + i`` (the tail of the buffer is masked).
-        """
-        b, t, d = x.shape
-        q, k, v, value_bias = self.project(x, gates, norm)
-        shape = (b, t, self.heads, d // self.heads)
-        cache = cache.write(slot, start, k.reshape(shape), v.reshape(shape))
-        keys, values = cache.read(slot)
-        wide = jnp.promote_types(x.dtype, jnp.float32)  # softmax in >= float32 (float64 stays)
-        scores = jnp.einsum("bthd,bhld->bhtl", q.reshape(shape), keys).astype(wide)
-        scores = scores / jnp.sqrt(jnp.asarray(shape[-1], wide))
-        visible = jnp.arange(cache.max_len)[None, :] <= start + jnp.arange(t)[:, None]
-        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(values.dtype)
-        out = jnp.einsum("bhtl,bhld->bthd", probs, values)
-        return self.proj(out.reshape(b, t, d), gates.proj, input_shift=value_bias, gate_apply=self.gate_apply), cache
-
 
 class MLP(eqx.Module):
     fc1: Linear
@@ -227,14 +206,85 @@ class Block(eqx.Module):
         m = self.mlp(self.ln_mlp.standardize(x), gates, self.ln_mlp)
         return m if dropout is None else dropout.mlp_out(m)
 
-    def extend(self, x: Float[Array, "batch chunk dim"], gates: BlockGates, cache: KVCache,
-               slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
-        """The parallel ``f`` of a chunk of new positions, attending through ``cache`` slot ``slot``."""
-        x_hat = self.ln_attn.standardize(x)
-        a, cache = self.attn.extend(x_hat, gates, cache, slot, start, self.ln_attn)
-        return a + self.mlp(x_hat, gates, self.ln_mlp), cache
 
-    def attention_extend(self, x: Float[Array, "batch chunk dim"], cache: KVCache, slot: Int[Array, ""],
+class DecodeBlock(eqx.Module):
+    """A block at one depth-time, its gates and norms folded into two merged products, for
+    evaluating a few new positions against a KV cache (decoding)::
+
+        [q | k | v | h] = x_hat W_in + b_in,     W_in  = [diag(g_a) W_qkv diag(gate_qkv) | diag(g_m) W_1 diag(gate_1)]
+        f(x)            = [attn(q, k, v) | gelu(h)] W_out + b_attn + b_mlp,
+                                                 W_out = [W_proj diag(gate_proj) ; W_2 diag(gate_2)]
+
+    with ``x_hat`` the standardised ``x`` and ``g``, the norms' gains (their shifts and the
+    layers' biases fold into ``b_in``, ``b_attn = b_proj`` and ``b_mlp = b_2``): the same
+    ``f`` as ``Block(x, gates)``. The gates depend on ``t`` only, so a decoding grid builds one
+    ``DecodeBlock`` per evaluation once (``of``), and each decoded token's evaluation runs two
+    products and the attention instead of the gates' MLP, the folds and five products.
+    GPT-2's sequential layer reads the same weights a sub-layer at a time
+    (``attention_branch``, ``mlp_branch``).
+
+    Both matrices are stored transposed (``[outputs, inputs]``): a one-token product then
+    sums along rows, which the GPU does with one warp per output instead of a few blocks
+    for all of them.
+    """
+
+    w_in: Float[Array, "3*dim+hidden dim"]  # W_in transposed
+    b_in: Float[Array, " 3*dim+hidden"]
+    w_out: Float[Array, "dim dim+hidden"]  # W_out transposed
+    b_attn: Float[Array, " dim"]
+    b_mlp: Float[Array, " dim"]
+    heads: int = eqx.field(static=True)
+    eps: float = eqx.field(static=True)
+
+    @classmethod
+    def of(cls, block: Block, gates: BlockGates = BlockGates(), dtype=None) -> "DecodeBlock":
+        """``block`` under ``gates``, folded (in ``dtype``, default the block's)."""
+        (w_qkv, b_qkv), (w_1, b_1) = (lin.effective(g, norm) for lin, g, norm in (
+            (block.attn.qkv, gates.qkv, block.ln_attn), (block.mlp.fc1, gates.fc1, block.ln_mlp)))
+        (w_p, b_p), (w_2, b_2) = (lin.effective(g) for lin, g in ((block.attn.proj, gates.proj),
+                                                                  (block.mlp.fc2, gates.fc2)))
+        b_qkv, b_1, b_p, b_2 = (jnp.zeros_like(w[0]) if b is None else b
+                                for w, b in ((w_qkv, b_qkv), (w_1, b_1), (w_p, b_p), (w_2, b_2)))
+        leaves = (jnp.concatenate([w_qkv, w_1], 1).T, jnp.concatenate([b_qkv, b_1]),
+                  jnp.concatenate([w_p, w_2], 0).T, b_p, b_2)
+        dtype = dtype or w_qkv.dtype
+        return cls(*(leaf.astype(dtype) for leaf in leaves), block.attn.heads, block.ln_attn.eps)
+
+    def _dim(self) -> int:
+        return self.w_out.shape[0]
+
+    def _attention(self, qkv: Float[Array, "batch chunk 3*dim"], cache: KVCache, slot, start
+                   ) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
+        b, t, _ = qkv.shape
+        q, k, v = (z.reshape(b, t, self.heads, -1) for z in jnp.split(qkv, 3, axis=-1))
+        out, cache = cache.attend(slot, start, q, k, v)
+        return out.reshape(b, t, self._dim()), cache
+
+    def __call__(self, x: Float[Array, "batch chunk dim"], cache: KVCache, slot: Int[Array, ""],
+                 start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
+        """The parallel block's ``f(x)`` of a chunk at positions ``start ...``, attending through
+        ``cache`` slot ``slot`` (which it writes)."""
+        d = self._dim()
+        y = _product(standardize(x, self.eps), self.w_in) + self.b_in
+        a, cache = self._attention(y[..., : 3 * d], cache, slot, start)
+        z = jnp.concatenate([a, gelu(y[..., 3 * d:])], axis=-1)
+        return _product(z, self.w_out) + (self.b_attn + self.b_mlp), cache
+
+    def attention_branch(self, x: Float[Array, "batch chunk dim"], cache: KVCache, slot: Int[Array, ""],
                          start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
-        """``attention_branch`` of a chunk of new positions (sequential layers, decoding)."""
-        return self.attn.extend(self.ln_attn.standardize(x), BlockGates(), cache, slot, start, self.ln_attn)
+        """``attn(LN_a(x))`` of a chunk: a sequential layer's first sub-layer."""
+        d = self._dim()
+        qkv = _product(standardize(x, self.eps), self.w_in[: 3 * d]) + self.b_in[: 3 * d]
+        a, cache = self._attention(qkv, cache, slot, start)
+        return _product(a, self.w_out[:, :d]) + self.b_attn, cache
+
+    def mlp_branch(self, x: Float[Array, "batch chunk dim"]) -> Float[Array, "batch chunk dim"]:
+        """``mlp(LN_m(x))``: a sequential layer's second sub-layer."""
+        d = self._dim()
+        h = _product(standardize(x, self.eps), self.w_in[3 * d:]) + self.b_in[3 * d:]
+        return _product(gelu(h), self.w_out[:, d:]) + self.b_mlp
+
+
+def _product(x: Float[Array, "... fan_in"], w_t: Float[Array, "fan_out fan_in"]) -> Float[Array, "... fan_out"]:
+    """``x W`` of a transposed ``W``."""
+    return jnp.einsum("...i,oi->...o", x, w_t)

@@ -43,3 +43,19 @@ class KVCache(eqx.Module):
                                                          Float[Array, "batch heads max_len head_dim"]]:
         return (jax.lax.dynamic_index_in_dim(self.keys, slot, keepdims=False),
                 jax.lax.dynamic_index_in_dim(self.values, slot, keepdims=False))
+
+    def attend(self, slot: Int[Array, ""] | int, start: Int[Array, ""] | int,
+               q: Float[Array, "batch chunk heads head_dim"], k: Float[Array, "batch chunk heads head_dim"],
+               v: Float[Array, "batch chunk heads head_dim"]) -> tuple[Float[Array, "batch chunk heads head_dim"],
+                                                                      "KVCache"]:
+        """Causal attention of a chunk at positions ``start ...`` to itself and the cached prefix,
+        after writing its keys and values into ``slot``: query ``start + i`` attends to
+        positions ``<= start + i`` (the buffer's unwritten tail is masked). The softmax runs in
+        at least float32 (float64 stays float64)."""
+        cache = self.write(slot, start, k, v)
+        keys, values = cache.read(slot)
+        wide = jnp.promote_types(q.dtype, jnp.float32)
+        scores = jnp.einsum("bthd,bhld->bhtl", q, keys).astype(wide) / jnp.sqrt(jnp.asarray(q.shape[-1], wide))
+        visible = jnp.arange(self.max_len)[None, :] <= start + jnp.arange(q.shape[1])[:, None]
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(values.dtype)
+        return jnp.einsum("bhtl,bhld->bthd", probs, values), cache

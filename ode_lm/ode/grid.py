@@ -65,6 +65,11 @@ class GridScheme(eqx.Module):
         return self.cost.nfe(steps)
 
     @abc.abstractmethod
+    def slot_times(self, grid: Float[Array, " steps+1"]) -> Float[Array, " slots"]:
+        """The depth-time of each evaluation (cache slot) of a solve on ``grid``, as ``solve``
+        passes it to ``evaluate``."""
+
+    @abc.abstractmethod
     def solve(self, evaluate: Evaluate, grid: Float[Array, " steps+1"], x0: State, carry: Carry,
               unroll: bool = False) -> tuple[State, Carry]:
         """Integrate from ``x(grid[0]) = x0`` to ``grid[-1]``; ``carry`` threads per-slot state.
@@ -105,6 +110,11 @@ class RungeKuttaScheme(GridScheme):
             c, a, b = c[:-1], a[:-1], b[:-1]
         return cls(c, a, b, spec)
 
+    def slot_times(self, grid):
+        # Slot n * stages + j: t_n + c_j h_n, computed as solve computes it.
+        t, h = grid[:-1, None], (grid[1:] - grid[:-1])[:, None]
+        return (t + jnp.asarray(self.c, grid.dtype) * h).reshape(-1)
+
     def solve(self, evaluate, grid, x0, carry, unroll=False):
         stages = len(self.b)
 
@@ -132,6 +142,9 @@ class ReversibleHeunScheme(GridScheme):
 
     def __init__(self, spec: SolverSpec):
         self.cost = spec.cost  # one evaluation before the first step, one per step
+
+    def slot_times(self, grid):
+        return grid  # slot n: t_n
 
     def solve(self, evaluate, grid, x0, carry, unroll=False):
         v0, carry = evaluate(jnp.asarray(0), grid[0], x0, carry)
