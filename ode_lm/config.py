@@ -428,6 +428,8 @@ class GenerateConfig(Section):
     num_samples: int = knob(1, ge=1, doc="independent samples of the same prompt (one batch)")
     chunk: int = knob(32, ge=1, doc="tokens per device call while streaming (one compiled loop "
                       "each; 1: a call per token)")
+    unroll: int = knob(4, ge=1, doc="tokens decoded per iteration of the device loop (a GPU pays the "
+                       "loop's control once per iteration; more compiles longer)")
     seed: int = knob(0, ge=0, doc="sampling seed")
     window: int = knob(0, ge=0, doc="sliding window: tokens dropped from the front when the context "
                        "exceeds max_positions (0: off, exceeding max_positions is an error)")

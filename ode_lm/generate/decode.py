@@ -62,37 +62,49 @@ def _prefill(model: LanguageModel, context: Int[Array, "batch n"], cache, seen, 
 _prefill = jax.jit(_prefill, static_argnames="s", donate_argnums=(2, 3, 4))
 
 
-def _decode_loop(model, token, position, cache, seen, key, s, size: int, count):
+def _decode_loop(model, token, position, cache, seen, key, s, size: int, count, unroll: int):
     """Up to ``size`` tokens after ``token`` in one device loop, the first ``count`` of them
     chosen (``count`` = ``size`` makes the trip count static): ``(tokens [size, batch], last
-    token, seen, key, cache, position)``. Rows past ``count`` stay 0."""
+    token, seen, key, cache, position)``. Rows past ``count`` stay 0.
 
-    def body(i, carry):
+    Each loop iteration decodes ``unroll`` tokens (``generate.unroll``; a last loop takes the
+    ``count % unroll`` left): a GPU pays the loop's control, a round trip to the host, once
+    per iteration.
+    """
+
+    def one(i, carry):
         tokens, token, seen, key, cache, position = carry
         logits, cache = model.decode_step(token, position, cache)
         token, seen, key = _choose(logits, seen, key, s)
         return tokens.at[i].set(token), token, seen, key, cache, position + 1
-    tokens = jnp.zeros((size, token.shape[0]), jnp.int32)
-    return jax.lax.fori_loop(0, count, body, (tokens, token, seen, key, cache, position))
+
+    def several(n, carry):
+        for j in range(unroll):
+            carry = one(n * unroll + j, carry)
+        return carry
+    carry = (jnp.zeros((size, token.shape[0]), jnp.int32), token, seen, key, cache, position)
+    full = count // unroll
+    carry = jax.lax.fori_loop(0, full, several, carry) if unroll > 1 else carry
+    return jax.lax.fori_loop(full * unroll if unroll > 1 else 0, count, one, carry)
 
 
 def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
-            seen, key, count: Int[Array, ""], s: Sampling, size: int):
+            seen, key, count: Int[Array, ""], s: Sampling, size: int, unroll: int):
     """A chunk of ``count <= size`` tokens (the streaming path: ``size`` = ``generate.chunk``;
     ``count`` is traced, so a short last chunk reuses the program)."""
     TRACES["decode"] += 1
-    return _decode_loop(model, token, position, cache, seen, key, s, size, count)
+    return _decode_loop(model, token, position, cache, seen, key, s, size, count, unroll)
 
 
 def _decode_many(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,
-                 seen, key, s: Sampling, count: int):
+                 seen, key, s: Sampling, count: int, unroll: int):
     """``count`` tokens in one device loop of static length (nobody watches them arrive)."""
     TRACES["decode_many"] += 1
-    return _decode_loop(model, token, position, cache, seen, key, s, count, count)
+    return _decode_loop(model, token, position, cache, seen, key, s, count, count, unroll)
 
 
-_decode = jax.jit(_decode, static_argnames=("s", "size"), donate_argnums=(1, 2, 3, 4, 5))
-_decode_many = jax.jit(_decode_many, static_argnames=("s", "count"), donate_argnums=(1, 2, 3, 4, 5))
+_decode = jax.jit(_decode, static_argnames=("s", "size", "unroll"), donate_argnums=(1, 2, 3, 4, 5))
+_decode_many = jax.jit(_decode_many, static_argnames=("s", "count", "unroll"), donate_argnums=(1, 2, 3, 4, 5))
 
 
 def _recompute(model: LanguageModel, window: Int[Array, "batch length"], read: Int[Array, ""],
@@ -127,8 +139,8 @@ def greedy_logits(model: LanguageModel, prompt: Int[Array, "batch prompt"], cach
 
 
 class _Cached:
-    def __init__(self, model, ode, max_len):
-        self.model, self.ode, self.max_len = model, ode, max_len
+    def __init__(self, model, ode, max_len, unroll):
+        self.model, self.ode, self.max_len, self.unroll = model, ode, max_len, unroll
 
     def restart(self, context, seen, key, s):
         context = jnp.asarray(context)
@@ -143,10 +155,11 @@ class _Cached:
         program of exactly ``count`` steps."""
         if chunk is None:
             tokens, token, seen, key, self.cache, self.position = _decode_many(
-                self.model, token, self.position, self.cache, seen, key, s=s, count=count)
+                self.model, token, self.position, self.cache, seen, key, s=s, count=count, unroll=self.unroll)
             return tokens, token, seen, key
         tokens, token, seen, key, self.cache, self.position = _decode(
-            self.model, token, self.position, self.cache, seen, key, jnp.asarray(count, jnp.int32), s=s, size=chunk)
+            self.model, token, self.position, self.cache, seen, key, jnp.asarray(count, jnp.int32), s=s, size=chunk,
+            unroll=self.unroll)
         return tokens[:count], token, seen, key
 
 
@@ -203,7 +216,7 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
     prompts = _check_prompts(prompt_ids, vocab, limit, s)
     length = prompts.shape[1]
     max_len = limit if s.window else length + s.max_new_tokens
-    runner = _Cached(model, ode, max_len) if s.cache else _Recompute(model, ode, max_len, bucket)
+    runner = _Cached(model, ode, max_len, s.unroll) if s.cache else _Recompute(model, ode, max_len, bucket)
     sampling = Sampling.of(s)
 
     sequence = np.repeat(prompts.astype(np.int32), s.num_samples, axis=0)  # prompt-major rows
