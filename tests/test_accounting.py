@@ -76,3 +76,20 @@ def test_cli_info():
         assert needle in proc.stdout, proc.stdout
     bad = run_cli("info", "configs/time_indexed.toml", "model.family=transformer")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "standard" in bad.stderr
+
+
+@pytest.mark.parametrize("family, solver", [("time_indexed", "rk4"), ("standard", "euler")])
+def test_generation_memory_counts_the_caches_decoding_builds(family, solver):
+    """The estimate's key/value cache and folded blocks are the bytes ``init_cache`` allocates."""
+    from ode_lm.config import Config, DataConfig, ODEConfig
+    from ode_lm.models.accounting import generation_memory
+
+    cfg = Config(model=ModelConfig(family=family, dim=16, heads=2, layers=3, max_positions=40),
+                 ode=ODEConfig(solver=solver, steps=2), data=DataConfig(seq_len=40))
+    model = build_model(cfg.model, 32, jax.random.key(0))
+    cache = model.init_cache(jnp.zeros((3, 5), jnp.int32), cfg.ode, 40)
+    kv = cache.kv if family == "standard" else cache.slots
+    parts = generation_memory(cfg, 32, count_parameters(model), 3, 40, 5, cache=True).parts
+    nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))  # noqa: E731
+    assert parts["key/value cache"] == nbytes(kv)
+    assert parts["folded blocks"] == nbytes(cache.blocks)

@@ -19,8 +19,9 @@ readout ``C . h`` (5 in form ``head``, whose decay is per head): the recurrence'
 Per-evaluation work does not scale with tokens: the modulation MLP, the SSM's parameter
 MLP, or the hypernetwork's weight generation (``2 n_in n_out H`` per matrix, plus the dense
 form's six time embeddings, biases and norms). NFE comes
-from the solver table's rule (``SOLVER_SPECS``, the one training and decoding count by) at ``ode.steps`` (for adaptive solves, the initial step
-count: a lower bound); the discrete ``standard`` family has ``NFE = model.layers``.
+from the solver table's rule (``SOLVER_SPECS``, the one training counts by) at ``ode.steps`` (for adaptive solves, the initial step
+count: a lower bound); the discrete ``standard`` family has ``NFE = model.layers``. Decoding's
+caches have one slot per evaluation of its own grid loop (``grid_scheme(solver).slots``).
 A training step is counted as 3x the forward pass (backward = 2x forward).
 """
 
@@ -36,7 +37,7 @@ import numpy as np
 from ode_lm.config import Config, ModelConfig, ODEConfig
 from ode_lm.models.base import ONE_HOT_MAX_VOCAB
 from ode_lm.nn import BlockGates
-from ode_lm.ode import SOLVER_SPECS, checkpoint_saves
+from ode_lm.ode import SOLVER_SPECS, checkpoint_saves, grid_scheme
 
 # Attribute name on a model's path -> component; the deepest match on a leaf's path wins.
 COMPONENTS = {"embedding": "embeddings", "layers": "block", "block": "block", "modulation": "modulation",
@@ -267,13 +268,17 @@ def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1,
 def generation_memory(cfg: Config, vocab: int, parameters: int, samples: int, length: int,
                       prompt: int, cache: bool) -> MemoryEstimate:
     """What generation needs: the parameters, every evaluation's keys and values over
-    ``length`` positions (``samples`` rows; the cached path), and the prompt's forward pass."""
+    ``length`` positions (``samples`` rows) and folded block (``DecodeBlock``: ``W_in``,
+    ``W_out`` and their biases; the cached path), and the prompt's forward pass."""
     m = cfg.model
     compute = DTYPE_BYTES[cfg.train.dtype]
+    weight = 8 if cfg.train.dtype == "float64" else 4  # the parameters' dtype
     # Cached decoding solves with the plain solver (ode.grid_scheme), one slot per evaluation.
-    slots = m.layers if m.family == "standard" else SOLVER_SPECS[cfg.ode.solver].nfe(cfg.ode.steps)
+    slots = m.layers if m.family == "standard" else grid_scheme(cfg.ode.solver).slots(cfg.ode.steps)
     kv = 2 * slots * samples * length * m.dim * compute if cache else 0
+    hidden = m.mlp_ratio * m.dim
+    folded = slots * (2 * m.dim * (2 * m.dim + hidden) + 5 * m.dim + hidden) * weight if cache else 0
     width = prompt if cache else length
     forward = samples * width * m.dim * (4 + m.mlp_ratio) * compute + samples * width * vocab * 4
-    return MemoryEstimate({"parameters": parameters * (8 if cfg.train.dtype == "float64" else 4),
-                           "key/value cache": kv, "activations": forward})
+    return MemoryEstimate({"parameters": parameters * weight, "key/value cache": kv,
+                           "folded blocks": folded, "activations": forward})
