@@ -118,7 +118,7 @@ def _info(args: argparse.Namespace) -> int:
 
 # ``ode-lm generate`` flags that override the run's [generate] config (same names).
 GENERATE_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "greedy",
-                  "cache", "num_samples", "chunk", "unroll", "seed", "window")
+                  "cache", "num_samples", "chunk", "unroll", "decode_weights", "seed", "window")
 WINDOW_AUTO = -1  # bare ``--window``: drop max_positions // 4 tokens per slide
 
 
@@ -219,6 +219,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--num-samples", type=int, help="independent samples of the prompt")
     p.add_argument("--chunk", type=int, help="tokens per device call while streaming (1: one per token)")
     p.add_argument("--unroll", type=int, help="tokens decoded per iteration of the device loop")
+    p.add_argument("--decode-weights", help="auto, per_evaluation or shared (see generate.decode_weights)")
     p.add_argument("--seed", type=int)
     p.add_argument("--window", type=int, nargs="?", const=WINDOW_AUTO, metavar="N",
                    help="slide a window past max_positions, dropping N tokens each time "

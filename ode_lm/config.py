@@ -53,6 +53,7 @@ DROPOUT_KEYS = ("embd_dropout", "attn_dropout", "resid_dropout")
 FROM_DROPOUT = -1.0  # the default of those three: "take model.dropout" (resolved on construction)
 SSM_SCANS = ("auto", "associative", "sequential", "chunked")  # how the SSM runs along the sequence
 SSM_FORMS = ("channel", "head")  # the SSM's decay: per channel and state, or one per head
+DECODE_WEIGHTS = ("auto", "per_evaluation", "shared")  # generate.decode_weights (models/base.py)
 GATE_APPLY = ("auto", "weights", "activations")  # where a gated Linear's gate multiplies (nn/layers.py)
 SSM_CARRIES = ("matmul", "scan")  # how form head's chunked scan passes states between chunks
 SSM_PRODUCTS = ("wide", "compute")  # the dtype of form head's chunked matrix products
@@ -430,6 +431,12 @@ class GenerateConfig(Section):
                       "each; 1: a call per token)")
     unroll: int = knob(4, ge=1, doc="tokens decoded per iteration of the device loop (a GPU pays the "
                        "loop's control once per iteration; more compiles longer)")
+    decode_weights: str = knob("auto", choices=DECODE_WEIGHTS,
+                               doc="the weights a cached decoding step reads, for families whose block "
+                               "does not change with t (time_indexed, constant, time_indexed_ssm): each "
+                               "evaluation's gates folded into its own copy (per_evaluation: fewest "
+                               "kernels) or one copy with the gates on the products' outputs (shared: "
+                               "one copy in the caches); auto: per_evaluation on a GPU, else shared")
     seed: int = knob(0, ge=0, doc="sampling seed")
     window: int = knob(0, ge=0, doc="sliding window: tokens dropped from the front when the context "
                        "exceeds max_positions (0: off, exceeding max_positions is an error)")

@@ -23,7 +23,7 @@ import numpy as np
 
 from _timing import machine, print_table, write_json
 from profile_gpu_step import group_of, kernel_times
-from ode_lm.config import FAMILIES, ModelConfig, ODEConfig
+from ode_lm.config import DECODE_WEIGHTS, FAMILIES, ModelConfig, ODEConfig
 from ode_lm.generate import generate
 from ode_lm.models import build_model
 
@@ -38,6 +38,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--new-tokens", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1, help="samples decoded at once")
     ap.add_argument("--unroll", type=int, default=None, help="generate.unroll (default: its default)")
+    ap.add_argument("--decode-weights", default=None, choices=DECODE_WEIGHTS,
+                    help="generate.decode_weights (default: its default)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--out", default="docs/results/gpu_profile_decode.json")
     return ap.parse_args()
@@ -50,7 +52,7 @@ def profile_family(family: str, args) -> dict:
     ode = ODEConfig(solver="euler", steps=args.ode_steps)
     prompt = np.asarray(jax.random.randint(jax.random.key(1), (args.prompt_len,), 0, 256))
 
-    settings = {} if args.unroll is None else {"unroll": args.unroll}
+    settings = {k: v for k, v in (("unroll", args.unroll), ("decode_weights", args.decode_weights)) if v is not None}
 
     def run():
         return generate(model, prompt, ode, greedy=args.batch == 1, temperature=1.0, num_samples=args.batch,

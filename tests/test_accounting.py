@@ -78,17 +78,20 @@ def test_cli_info():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "standard" in bad.stderr
 
 
-@pytest.mark.parametrize("family, solver", [("time_indexed", "rk4"), ("standard", "euler")])
-def test_generation_memory_counts_the_caches_decoding_builds(family, solver):
+@pytest.mark.parametrize("decode_weights", ["per_evaluation", "shared"])
+@pytest.mark.parametrize("family, solver", [(f, "rk4" if f == "time_indexed" else "euler") for f in FAMILIES])
+def test_generation_memory_counts_the_caches_decoding_builds(family, solver, decode_weights):
     """The estimate's key/value cache and folded blocks are the bytes ``init_cache`` allocates."""
-    from ode_lm.config import Config, DataConfig, ODEConfig
+    from ode_lm.config import Config, DataConfig, GenerateConfig, ODEConfig
     from ode_lm.models.accounting import generation_memory
 
     cfg = Config(model=ModelConfig(family=family, dim=16, heads=2, layers=3, max_positions=40),
-                 ode=ODEConfig(solver=solver, steps=2), data=DataConfig(seq_len=40))
+                 ode=ODEConfig(solver=solver, steps=2), data=DataConfig(seq_len=40),
+                 generate=GenerateConfig(decode_weights=decode_weights))
     model = build_model(cfg.model, 32, jax.random.key(0))
-    cache = model.init_cache(jnp.zeros((3, 5), jnp.int32), cfg.ode, 40)
+    cache = model.init_cache(jnp.zeros((3, 5), jnp.int32), cfg.ode, 40, decode_weights)
     kv = cache.kv if family == "standard" else cache.slots
+    kv = kv.kv if family == "time_indexed_ssm" else kv  # its SSM states are not counted
     parts = generation_memory(cfg, 32, count_parameters(model), 3, 40, 5, cache=True).parts
     nbytes = lambda tree: sum(leaf.nbytes for leaf in jax.tree.leaves(tree))  # noqa: E731
     assert parts["key/value cache"] == nbytes(kv)

@@ -327,9 +327,10 @@ def test_attention_leaving_out_key_and_value_biases_equals_the_plain_formula():
 
 
 def test_the_folded_decode_block_equals_the_block_chunk_by_chunk():
-    """``DecodeBlock`` (gates, norms and biases folded into two merged products) run on two
-    chunks against its KV cache gives the block's ``f(x)`` on the whole sequence: the
-    parallel block, and a sequential layer's two sub-layers (float64)."""
+    """``DecodeBlock`` (gates, norms and biases folded into two merged products, or the gates
+    kept on the products' outputs) run on two chunks against its KV cache gives the block's
+    ``f(x)`` on the whole sequence: the parallel block, and a sequential layer's two
+    sub-layers (float64)."""
     from ode_lm.nn import Block, BlockGates, DecodeBlock
 
     with jax.enable_x64(True):
@@ -342,7 +343,6 @@ def test_the_folded_decode_block_equals_the_block_chunk_by_chunk():
         gates = BlockGates(*(jax.nn.sigmoid(jax.random.normal(k, (n,), jnp.float64))
                              for k, n in zip(keys[-5:], BlockGates.sizes(dim, ratio))))
         x = jax.random.normal(keys[-1], (2, seq, dim), jnp.float64)
-        folded = DecodeBlock.of(block, gates)
 
         def chunked(run):
             cache = block.attn.empty_cache(1, 2, seq)
@@ -350,11 +350,14 @@ def test_the_folded_decode_block_equals_the_block_chunk_by_chunk():
             rest, _ = run(x[:, 4:], cache, 4)
             return jnp.concatenate([first, rest], 1)
 
-        np.testing.assert_allclose(chunked(lambda z, c, s: folded(z, c, 0, s)), block(x, gates),
-                                   rtol=1e-11, atol=1e-11)
-        np.testing.assert_allclose(chunked(lambda z, c, s: folded.attention_branch(z, c, 0, s)),
-                                   block.attention_branch(x, gates), rtol=1e-11, atol=1e-11)
-        np.testing.assert_allclose(folded.mlp_branch(x), block.mlp_branch(x, gates), rtol=1e-11, atol=1e-11)
+        for fold in (True, False):  # gates in the weights, or on the products' outputs
+            folded = DecodeBlock.of(block, gates, fold=fold)
+            assert (folded.gates is None) == fold
+            np.testing.assert_allclose(chunked(lambda z, c, s: folded(z, c, 0, s)), block(x, gates),
+                                       rtol=1e-11, atol=1e-11)
+            np.testing.assert_allclose(chunked(lambda z, c, s: folded.attention_branch(z, c, 0, s)),
+                                       block.attention_branch(x, gates), rtol=1e-11, atol=1e-11)
+            np.testing.assert_allclose(folded.mlp_branch(x), block.mlp_branch(x, gates), rtol=1e-11, atol=1e-11)
 
 
 def test_standardize_gradient_equals_autodiff_of_the_plain_formula():

@@ -52,10 +52,10 @@ def test_grid_loop_reproduces_integrate(solver):
     assert int(calls) == scheme.slots(5)
 
 
-def assert_cached_equals_full_recompute(model, solver):
+def assert_cached_equals_full_recompute(model, solver, decode_weights="auto"):
     ode = ODEConfig(solver=solver, steps=2)
     prompt = tokens()
-    new, cached = greedy_decode(model, prompt, model.init_cache(prompt, ode, PROMPT + DECODED))
+    new, cached = greedy_decode(model, prompt, model.init_cache(prompt, ode, PROMPT + DECODED, decode_weights))
     # One causal forward pass over the whole sequence gives, at every position, the logits
     # a full recomputation of that prefix gives.
     full, _ = eqx.filter_jit(model)(jnp.concatenate([prompt, new], axis=1), ode)
@@ -67,6 +67,18 @@ def assert_cached_equals_full_recompute(model, solver):
 @pytest.mark.parametrize("solver", FIXED_STEP_SOLVERS)
 def test_cached_decoding_equals_full_recompute(model, solver):
     assert_cached_equals_full_recompute(model, solver)
+
+
+@pytest.mark.parametrize("family", ["time_indexed", "time_indexed_ssm", "hypernetwork"])
+@pytest.mark.parametrize("decode_weights", ["per_evaluation", "shared"])
+def test_cached_decoding_is_exact_with_either_decode_weights(family, decode_weights):
+    """Gates folded into each evaluation's weights, or one copy of the weights with the gates
+    on the products' outputs (the hypernetwork's block changes with t: always its own)."""
+    model = family_model(family)
+    cache = model.init_cache(tokens(), ODEConfig(solver="heun", steps=2), PROMPT + DECODED, decode_weights)
+    shares = decode_weights == "shared" and family != "hypernetwork"
+    assert cache.shared_weights == shares and cache.blocks.w_in.ndim == (2 if shares else 3)
+    assert_cached_equals_full_recompute(model, "heun", decode_weights)
 
 
 def family_model(family, **kw):

@@ -139,12 +139,13 @@ def greedy_logits(model: LanguageModel, prompt: Int[Array, "batch prompt"], cach
 
 
 class _Cached:
-    def __init__(self, model, ode, max_len, unroll):
-        self.model, self.ode, self.max_len, self.unroll = model, ode, max_len, unroll
+    def __init__(self, model, ode, max_len, s: GenerateConfig):
+        self.model, self.ode, self.max_len = model, ode, max_len
+        self.unroll, self.decode_weights = s.unroll, s.decode_weights
 
     def restart(self, context, seen, key, s):
         context = jnp.asarray(context)
-        self.cache = self.model.init_cache(context, self.ode, self.max_len)
+        self.cache = self.model.init_cache(context, self.ode, self.max_len, self.decode_weights)
         token, seen, key, self.cache = _prefill(self.model, context, self.cache, seen, key, s=s)
         self.position = jnp.asarray(context.shape[1], jnp.int32)  # on device: no transfer per token
         return token, seen, key
@@ -216,7 +217,7 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
     prompts = _check_prompts(prompt_ids, vocab, limit, s)
     length = prompts.shape[1]
     max_len = limit if s.window else length + s.max_new_tokens
-    runner = _Cached(model, ode, max_len, s.unroll) if s.cache else _Recompute(model, ode, max_len, bucket)
+    runner = _Cached(model, ode, max_len, s) if s.cache else _Recompute(model, ode, max_len, bucket)
     sampling = Sampling.of(s)
 
     sequence = np.repeat(prompts.astype(np.int32), s.num_samples, axis=0)  # prompt-major rows

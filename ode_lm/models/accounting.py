@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ode_lm.config import Config, ModelConfig, ODEConfig
-from ode_lm.models.base import ONE_HOT_MAX_VOCAB
+from ode_lm.models.base import ONE_HOT_MAX_VOCAB, resolve_decode_weights
 from ode_lm.nn import BlockGates
 from ode_lm.ode import SOLVER_SPECS, checkpoint_saves, grid_scheme
 
@@ -265,6 +265,10 @@ def train_memory(cfg: Config, vocab: int, parameters: int, devices: int = 1,
                            "logits": 2 * b * t * vocab * 4})
 
 
+# Families whose field's block does not change with t (``CachedField.block_is_constant``).
+CONSTANT_BLOCK_FAMILIES = ("time_indexed", "constant", "time_indexed_ssm")
+
+
 def generation_memory(cfg: Config, vocab: int, parameters: int, samples: int, length: int,
                       prompt: int, cache: bool) -> MemoryEstimate:
     """What generation needs: the parameters, every evaluation's keys and values over
@@ -277,7 +281,10 @@ def generation_memory(cfg: Config, vocab: int, parameters: int, samples: int, le
     slots = m.layers if m.family == "standard" else grid_scheme(cfg.ode.solver).slots(cfg.ode.steps)
     kv = 2 * slots * samples * length * m.dim * compute if cache else 0
     hidden = m.mlp_ratio * m.dim
-    folded = slots * (2 * m.dim * (2 * m.dim + hidden) + 5 * m.dim + hidden) * weight if cache else 0
+    matrices, vectors = 2 * m.dim * (2 * m.dim + hidden), 5 * m.dim + hidden  # of one DecodeBlock
+    if m.family in CONSTANT_BLOCK_FAMILIES and resolve_decode_weights(cfg.generate.decode_weights) == "shared":
+        matrices, vectors = matrices / slots, 2 * vectors  # + DecodeGates: 3 d + hidden, d, d
+    folded = int(slots * (matrices + vectors) * weight) if cache else 0
     width = prompt if cache else length
     forward = samples * width * m.dim * (4 + m.mlp_ratio) * compute + samples * width * vocab * 4
     return MemoryEstimate({"parameters": parameters * weight, "key/value cache": kv,

@@ -15,6 +15,7 @@ docs/generation.md).
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -88,10 +89,13 @@ class LanguageModel(eqx.Module):
         """``key`` turns dropout on (training); ``None`` is the deterministic eval mode."""
 
     @abc.abstractmethod
-    def init_cache(self, prompt: Int[Array, "batch seq"], ode: ODEConfig, max_len: int) -> PyTree:
+    def init_cache(self, prompt: Int[Array, "batch seq"], ode: ODEConfig, max_len: int,
+                   decode_weights: str = "auto") -> PyTree:
         """An empty decoding cache for sequences of up to ``max_len`` positions.
 
-        The prompt matters only to adaptive ODE solves, whose step grid it fixes.
+        The prompt matters only to adaptive ODE solves, whose step grid it fixes;
+        ``decode_weights`` (``generate.decode_weights``) only to families whose block does not
+        change with ``t``.
         """
 
     @abc.abstractmethod
@@ -136,9 +140,17 @@ class CachedField(VectorField):
     def init_cache(self, slots: int, batch: int, max_len: int) -> PyTree:
         """Empty per-evaluation state, stacked over ``slots`` evaluations."""
 
-    def decode_blocks(self, times: Float[Array, " slots"], dtype) -> DecodeBlock:
-        """The folded block of every evaluation at ``times``, stacked over evaluations."""
-        return jax.vmap(lambda t: DecodeBlock.of(*self.block_at(t), dtype))(times)
+    # Whether ``block_at(t)`` is one block for every ``t`` (only its gates vary), so decoding
+    # may keep one copy of its weights (``generate.decode_weights = "shared"``).
+    block_is_constant: ClassVar[bool] = False
+
+    def decode_blocks(self, times: Float[Array, " slots"], dtype, shared: bool) -> DecodeBlock:
+        """The block of every evaluation at ``times``, stacked over evaluations: gates folded
+        into each one's weights, or (``shared``) one copy of the weights and per-evaluation gates."""
+        blocks = jax.vmap(lambda t: DecodeBlock.of(*self.block_at(t), dtype, fold=not shared))(times)
+        if not shared:
+            return blocks
+        return eqx.tree_at(lambda b: (b.w_in, b.w_out), blocks, (blocks.w_in[0], blocks.w_out[0]))
 
     def extend(self, block: DecodeBlock, t: Float[Array, ""], x: Float[Array, "batch chunk dim"], cache: PyTree,
                slot: Int[Array, ""], start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], PyTree]:
@@ -155,6 +167,7 @@ class ODECache(eqx.Module):
     grid: Float[Array, " steps+1"]
     scheme: GridScheme
     blocks: DecodeBlock  # stacked over slots
+    shared_weights: bool = eqx.field(static=True)  # blocks hold one copy of the matrices
     # Unroll the step loop of one-token decode solves (no device loop, which costs a host
     # round trip per step on GPU). Fixed grids only: an adaptive one may have max_steps steps.
     unroll: bool = eqx.field(static=True)
@@ -196,8 +209,9 @@ class ODELanguageModel(LanguageModel):
         x1, stats = self.hidden_final(tokens, ode, key=key)
         return self.readout(x1.astype(self.embedding.tokens.dtype), self.embedding), stats
 
-    def init_cache(self, prompt, ode, max_len):
-        """Cache slots for every evaluation of the solve on the decoding grid.
+    def init_cache(self, prompt, ode, max_len, decode_weights="auto"):
+        """Cache slots for every evaluation of the solve on the decoding grid, and each
+        evaluation's block (``decode_weights``: ``generate.decode_weights``).
 
         Fixed steps: the grid ``n / steps``. Adaptive: the grid the solver accepts for the
         prompt, frozen for the rest of the generation (an approximation; docs/generation.md).
@@ -214,8 +228,9 @@ class ODELanguageModel(LanguageModel):
             grid = fixed_grid(ode.steps, solve_dtype(self.embedding.tokens))  # the training solve's times
         scheme = grid_scheme(ode.solver)
         slots = self.field.init_cache(scheme.slots(grid.shape[0] - 1), prompt.shape[0], max_len)
-        blocks = _decode_blocks(self.field, scheme.slot_times(grid), self.embedding.tokens.dtype)
-        return ODECache(slots, grid, scheme, blocks, unroll=not ode.adaptive)
+        shared = type(self.field).block_is_constant and resolve_decode_weights(decode_weights) == "shared"
+        blocks = _decode_blocks(self.field, scheme.slot_times(grid), self.embedding.tokens.dtype, shared)
+        return ODECache(slots, grid, scheme, blocks, shared, unroll=not ode.adaptive)
 
     def extend(self, tokens, start, cache: ODECache):
         x0 = self.embedding.lookup(tokens, start)
@@ -223,7 +238,7 @@ class ODELanguageModel(LanguageModel):
         state_dtype = jnp.promote_types(dtype, jnp.float32)
 
         def evaluate(slot, t, x, slots):
-            block = jax.tree.map(lambda leaf: leaf[slot], cache.blocks)
+            block = cache.blocks.at(slot, cache.shared_weights)
             dx, slots = self.field.extend(block, t, x.astype(dtype), slots, slot, start)
             return dx.astype(state_dtype), slots
 
@@ -233,9 +248,18 @@ class ODELanguageModel(LanguageModel):
         return logits, eqx.tree_at(lambda c: c.slots, cache, slots)
 
 
+def resolve_decode_weights(setting: str) -> str:
+    """``generate.decode_weights``: ``auto`` is ``per_evaluation`` on a GPU, whose decoding is
+    bound by its number of kernels, and ``shared`` elsewhere, where one copy of the weights
+    stays in the processor's caches across a token's evaluations."""
+    if setting == "auto":
+        return "per_evaluation" if jax.default_backend() == "gpu" else "shared"
+    return setting
+
+
 @eqx.filter_jit
-def _decode_blocks(field: CachedField, times, dtype) -> DecodeBlock:
-    return field.decode_blocks(times, dtype)
+def _decode_blocks(field: CachedField, times, dtype, shared: bool) -> DecodeBlock:
+    return field.decode_blocks(times, dtype, shared)
 
 
 @eqx.filter_jit

@@ -76,7 +76,7 @@ class StandardLanguageModel(LanguageModel):
         x, stats = self.hidden_final(tokens, ode, key=key)
         return self.readout(x.astype(self.embedding.tokens.dtype), self.embedding), stats
 
-    def init_cache(self, prompt, ode, max_len) -> LayersCache:
+    def init_cache(self, prompt, ode, max_len, decode_weights="auto") -> LayersCache:
         kv = self.layers[0].attn.empty_cache(len(self.layers), prompt.shape[0], max_len)
         return LayersCache(kv, _decode_blocks(self.layers, self.embedding.tokens.dtype))
 

@@ -27,6 +27,8 @@ class TimeIndexedField(CachedField):
     ``constant`` family, the same model with ``t`` removed.
     """
 
+    block_is_constant = True  # one block; only the gates depend on t
+
     block: Block
     modulation: Modulation
     time_embed_dim: int = eqx.field(static=True)

@@ -32,6 +32,8 @@ class SSMFieldCache(eqx.Module):
 
 
 class TimeIndexedSSMField(CachedField):
+    block_is_constant = True  # one block; only the gates depend on t
+
     time_indexed: TimeIndexedField
     ssm: SelectiveSSM
     dropout: Dropout | None = eqx.field(default=None, kw_only=True)  # set for a training solve

@@ -207,6 +207,14 @@ class Block(eqx.Module):
         return m if dropout is None else dropout.mlp_out(m)
 
 
+class DecodeGates(NamedTuple):
+    """Per-output gates a ``DecodeBlock`` applies to its products' outputs (shared weights)."""
+
+    into: Float[Array, " 3*dim+hidden"]  # of the [q|k|v|h] product
+    attn: Float[Array, " dim"]  # of the attention's output product
+    mlp: Float[Array, " dim"]  # of the MLP's output product
+
+
 class DecodeBlock(eqx.Module):
     """A block at one depth-time, its gates and norms folded into two merged products, for
     evaluating a few new positions against a KV cache (decoding)::
@@ -223,9 +231,13 @@ class DecodeBlock(eqx.Module):
     GPT-2's sequential layer reads the same weights a sub-layer at a time
     (``attention_branch``, ``mlp_branch``).
 
-    Both matrices are stored transposed (``[outputs, inputs]``): a one-token product then
-    sums along rows, which the GPU does with one warp per output instead of a few blocks
-    for all of them.
+    ``gates`` set (``of(..., fold=False)``): the matrices stay ungated, one copy for every
+    evaluation of a block that does not change with ``t``, and the gates multiply the
+    products' outputs, ``[q|k|v|h] = (x_hat W_in) * gate_in + b_in`` and
+    ``f = (a W_proj) * gate_proj + (gelu(h) W_2) * gate_2 + b_attn + b_mlp`` (two output
+    products). Both matrices are stored transposed (``[outputs, inputs]``): a one-token
+    product sums along rows, which the GPU does with one warp per output instead of a few
+    blocks for all of them.
     """
 
     w_in: Float[Array, "3*dim+hidden dim"]  # W_in transposed
@@ -233,25 +245,47 @@ class DecodeBlock(eqx.Module):
     w_out: Float[Array, "dim dim+hidden"]  # W_out transposed
     b_attn: Float[Array, " dim"]
     b_mlp: Float[Array, " dim"]
+    gates: DecodeGates | None
     heads: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
 
     @classmethod
-    def of(cls, block: Block, gates: BlockGates = BlockGates(), dtype=None) -> "DecodeBlock":
-        """``block`` under ``gates``, folded (in ``dtype``, default the block's)."""
-        (w_qkv, b_qkv), (w_1, b_1) = (lin.effective(g, norm) for lin, g, norm in (
+    def of(cls, block: Block, gates: BlockGates = BlockGates(), dtype=None, fold: bool = True) -> "DecodeBlock":
+        """``block`` under ``gates`` (in ``dtype``, default the block's): folded into the
+        weights, or (``fold=False``) kept apart as ``DecodeGates``."""
+        apart = not fold and gates.qkv is not None
+        (w_qkv, b_qkv), (w_1, b_1) = (lin.effective(g, norm, gate_weights=not apart) for lin, g, norm in (
             (block.attn.qkv, gates.qkv, block.ln_attn), (block.mlp.fc1, gates.fc1, block.ln_mlp)))
-        (w_p, b_p), (w_2, b_2) = (lin.effective(g) for lin, g in ((block.attn.proj, gates.proj),
-                                                                  (block.mlp.fc2, gates.fc2)))
+        (w_p, b_p), (w_2, b_2) = (lin.effective(None if apart else g) for lin, g in (
+            (block.attn.proj, gates.proj), (block.mlp.fc2, gates.fc2)))
         b_qkv, b_1, b_p, b_2 = (jnp.zeros_like(w[0]) if b is None else b
                                 for w, b in ((w_qkv, b_qkv), (w_1, b_1), (w_p, b_p), (w_2, b_2)))
-        leaves = (jnp.concatenate([w_qkv, w_1], 1).T, jnp.concatenate([b_qkv, b_1]),
-                  jnp.concatenate([w_p, w_2], 0).T, b_p, b_2)
         dtype = dtype or w_qkv.dtype
-        return cls(*(leaf.astype(dtype) for leaf in leaves), block.attn.heads, block.ln_attn.eps)
+        cast = lambda tree: jax.tree.map(lambda leaf: leaf.astype(dtype), tree)  # noqa: E731
+        apart_gates = DecodeGates(jnp.concatenate([gates.qkv, gates.fc1]), gates.proj, gates.fc2) if apart else None
+        return cls(*cast((jnp.concatenate([w_qkv, w_1], 1).T, jnp.concatenate([b_qkv, b_1]),
+                          jnp.concatenate([w_p, w_2], 0).T, b_p, b_2, apart_gates)),
+                   block.attn.heads, block.ln_attn.eps)
+
+    def at(self, slot: Int[Array, ""], shared_weights: bool) -> "DecodeBlock":
+        """Evaluation ``slot``'s block of a stack of them (``shared_weights``: one copy of the
+        matrices for all)."""
+        if not shared_weights:
+            return jax.tree.map(lambda leaf: leaf[slot], self)
+        vectors = lambda b: (b.b_in, b.b_attn, b.b_mlp, b.gates)  # noqa: E731
+        return eqx.tree_at(vectors, self, jax.tree.map(lambda leaf: leaf[slot], vectors(self)))
 
     def _dim(self) -> int:
         return self.w_out.shape[0]
+
+    def _into(self, x: Float[Array, "batch chunk dim"], rows: slice) -> Float[Array, "batch chunk n"]:
+        """Rows ``rows`` of ``[q|k|v|h]`` of ``x``."""
+        y = _product(standardize(x, self.eps), self.w_in[rows])
+        return (y if self.gates is None else y * self.gates.into[rows]) + self.b_in[rows]
+
+    def _out(self, z: Float[Array, "batch chunk n"], columns: slice, gate) -> Float[Array, "batch chunk dim"]:
+        y = _product(z, self.w_out[:, columns])
+        return y if self.gates is None else y * gate
 
     def _attention(self, qkv: Float[Array, "batch chunk 3*dim"], cache: KVCache, slot, start
                    ) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
@@ -265,24 +299,27 @@ class DecodeBlock(eqx.Module):
         """The parallel block's ``f(x)`` of a chunk at positions ``start ...``, attending through
         ``cache`` slot ``slot`` (which it writes)."""
         d = self._dim()
-        y = _product(standardize(x, self.eps), self.w_in) + self.b_in
+        y = self._into(x, slice(None))
         a, cache = self._attention(y[..., : 3 * d], cache, slot, start)
-        z = jnp.concatenate([a, gelu(y[..., 3 * d:])], axis=-1)
-        return _product(z, self.w_out) + (self.b_attn + self.b_mlp), cache
+        h = gelu(y[..., 3 * d:])
+        if self.gates is None:  # one merged output product
+            out = _product(jnp.concatenate([a, h], axis=-1), self.w_out)
+        else:
+            out = self._out(a, slice(None, d), self.gates.attn) + self._out(h, slice(d, None), self.gates.mlp)
+        return out + (self.b_attn + self.b_mlp), cache
 
     def attention_branch(self, x: Float[Array, "batch chunk dim"], cache: KVCache, slot: Int[Array, ""],
                          start: Int[Array, ""]) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
         """``attn(LN_a(x))`` of a chunk: a sequential layer's first sub-layer."""
         d = self._dim()
-        qkv = _product(standardize(x, self.eps), self.w_in[: 3 * d]) + self.b_in[: 3 * d]
-        a, cache = self._attention(qkv, cache, slot, start)
-        return _product(a, self.w_out[:, :d]) + self.b_attn, cache
+        a, cache = self._attention(self._into(x, slice(None, 3 * d)), cache, slot, start)
+        return self._out(a, slice(None, d), None if self.gates is None else self.gates.attn) + self.b_attn, cache
 
     def mlp_branch(self, x: Float[Array, "batch chunk dim"]) -> Float[Array, "batch chunk dim"]:
         """``mlp(LN_m(x))``: a sequential layer's second sub-layer."""
         d = self._dim()
-        h = _product(standardize(x, self.eps), self.w_in[3 * d:]) + self.b_in[3 * d:]
-        return _product(gelu(h), self.w_out[:, d:]) + self.b_mlp
+        h = gelu(self._into(x, slice(3 * d, None)))
+        return self._out(h, slice(d, None), None if self.gates is None else self.gates.mlp) + self.b_mlp
 
 
 def _product(x: Float[Array, "... fan_in"], w_t: Float[Array, "fan_out fan_in"]) -> Float[Array, "... fan_out"]:
