@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ode_lm.config import ModelConfig, ODEConfig
-from ode_lm.errors import GenerationError
+from ode_lm.config import DECODE_WEIGHTS, ModelConfig, ODEConfig
+from ode_lm.errors import ConfigError, GenerationError
 from ode_lm.nn import SAVES, Block, BlockGates, DecodeBlock, Dropout, DropoutRates, LayerNorm
 from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, fixed_grid,
                         grid_scheme, integrate, solve_dtype)
@@ -252,6 +252,8 @@ def resolve_decode_weights(setting: str) -> str:
     """``generate.decode_weights``: ``auto`` is ``per_evaluation`` on a GPU, whose decoding is
     bound by its number of kernels, and ``shared`` elsewhere, where one copy of the weights
     stays in the processor's caches across a token's evaluations."""
+    if setting not in DECODE_WEIGHTS:
+        raise ConfigError(f"generate.decode_weights = {setting!r}; allowed are {', '.join(DECODE_WEIGHTS)}")
     if setting == "auto":
         return "per_evaluation" if jax.default_backend() == "gpu" else "shared"
     return setting
