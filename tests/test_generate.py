@@ -77,7 +77,7 @@ def test_cached_decoding_is_exact_with_either_decode_weights(family, decode_weig
     model = family_model(family)
     cache = model.init_cache(tokens(), ODEConfig(solver="heun", steps=2), PROMPT + DECODED, decode_weights)
     shares = decode_weights == "shared" and family != "hypernetwork"
-    assert cache.shared_weights == shares and cache.blocks.w_in.ndim == (2 if shares else 3)
+    assert cache.blocks.w_in.ndim == (2 if shares else 3)  # one copy, or one per evaluation
     assert_cached_equals_full_recompute(model, "heun", decode_weights)
 
 

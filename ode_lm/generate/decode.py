@@ -84,8 +84,7 @@ def _decode_loop(model, token, position, cache, seen, key, s, size: int, count, 
         return carry
     carry = (jnp.zeros((size, token.shape[0]), jnp.int32), token, seen, key, cache, position)
     full = count // unroll
-    carry = jax.lax.fori_loop(0, full, several, carry) if unroll > 1 else carry
-    return jax.lax.fori_loop(full * unroll if unroll > 1 else 0, count, one, carry)
+    return jax.lax.fori_loop(full * unroll, count, one, jax.lax.fori_loop(0, full, several, carry))
 
 
 def _decode(model: LanguageModel, token: Int[Array, " batch"], position: Int[Array, ""], cache,

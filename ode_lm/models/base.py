@@ -166,8 +166,7 @@ class ODECache(eqx.Module):
     slots: PyTree  # the field's per-evaluation state (keys/values, SSM states), stacked over slots
     grid: Float[Array, " steps+1"]
     scheme: GridScheme
-    blocks: DecodeBlock  # stacked over slots
-    shared_weights: bool = eqx.field(static=True)  # blocks hold one copy of the matrices
+    blocks: DecodeBlock  # stacked over slots (the matrices: one copy, if shared)
     # Unroll the step loop of one-token decode solves (no device loop, which costs a host
     # round trip per step on GPU). Fixed grids only: an adaptive one may have max_steps steps.
     unroll: bool = eqx.field(static=True)
@@ -230,7 +229,7 @@ class ODELanguageModel(LanguageModel):
         slots = self.field.init_cache(scheme.slots(grid.shape[0] - 1), prompt.shape[0], max_len)
         shared = type(self.field).block_is_constant and resolve_decode_weights(decode_weights) == "shared"
         blocks = _decode_blocks(self.field, scheme.slot_times(grid), self.embedding.tokens.dtype, shared)
-        return ODECache(slots, grid, scheme, blocks, shared, unroll=not ode.adaptive)
+        return ODECache(slots, grid, scheme, blocks, unroll=not ode.adaptive)
 
     def extend(self, tokens, start, cache: ODECache):
         x0 = self.embedding.lookup(tokens, start)
@@ -238,7 +237,7 @@ class ODELanguageModel(LanguageModel):
         state_dtype = jnp.promote_types(dtype, jnp.float32)
 
         def evaluate(slot, t, x, slots):
-            block = cache.blocks.at(slot, cache.shared_weights)
+            block = cache.blocks.at(slot)
             dx, slots = self.field.extend(block, t, x.astype(dtype), slots, slot, start)
             return dx.astype(state_dtype), slots
 

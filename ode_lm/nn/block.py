@@ -267,10 +267,10 @@ class DecodeBlock(eqx.Module):
                           jnp.concatenate([w_p, w_2], 0).T, b_p, b_2, apart_gates)),
                    block.attn.heads, block.ln_attn.eps)
 
-    def at(self, slot: Int[Array, ""], shared_weights: bool) -> "DecodeBlock":
-        """Evaluation ``slot``'s block of a stack of them (``shared_weights``: one copy of the
-        matrices for all)."""
-        if not shared_weights:
+    def at(self, slot: Int[Array, ""]) -> "DecodeBlock":
+        """Evaluation ``slot``'s block of a stack of them; matrices without the stack's axis
+        (of a block's rank, like the vectors' one below theirs) are one copy for all."""
+        if self.w_in.ndim > self.b_in.ndim:
             return jax.tree.map(lambda leaf: leaf[slot], self)
         vectors = lambda b: (b.b_in, b.b_attn, b.b_mlp, b.gates)  # noqa: E731
         return eqx.tree_at(vectors, self, jax.tree.map(lambda leaf: leaf[slot], vectors(self)))
