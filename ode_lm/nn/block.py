@@ -283,9 +283,11 @@ class DecodeBlock(eqx.Module):
         y = _product(standardize(x, self.eps), self.w_in[rows])
         return (y if self.gates is None else y * self.gates.into[rows]) + self.b_in[rows]
 
-    def _out(self, z: Float[Array, "batch chunk n"], columns: slice, gate) -> Float[Array, "batch chunk dim"]:
-        y = _product(z, self.w_out[:, columns])
-        return y if self.gates is None else y * gate
+    def _out(self, z: Float[Array, "batch chunk n"], branch: str) -> Float[Array, "batch chunk dim"]:
+        """The output product of ``branch`` (``attn`` or ``mlp``: its columns of ``W_out``), gated."""
+        d = self._dim()
+        y = _product(z, self.w_out[:, :d] if branch == "attn" else self.w_out[:, d:])
+        return y if self.gates is None else y * getattr(self.gates, branch)
 
     def _attention(self, qkv: Float[Array, "batch chunk 3*dim"], cache: KVCache, slot, start
                    ) -> tuple[Float[Array, "batch chunk dim"], KVCache]:
@@ -305,7 +307,7 @@ class DecodeBlock(eqx.Module):
         if self.gates is None:  # one merged output product
             out = _product(jnp.concatenate([a, h], axis=-1), self.w_out)
         else:
-            out = self._out(a, slice(None, d), self.gates.attn) + self._out(h, slice(d, None), self.gates.mlp)
+            out = self._out(a, "attn") + self._out(h, "mlp")
         return out + (self.b_attn + self.b_mlp), cache
 
     def attention_branch(self, x: Float[Array, "batch chunk dim"], cache: KVCache, slot: Int[Array, ""],
@@ -313,13 +315,13 @@ class DecodeBlock(eqx.Module):
         """``attn(LN_a(x))`` of a chunk: a sequential layer's first sub-layer."""
         d = self._dim()
         a, cache = self._attention(self._into(x, slice(None, 3 * d)), cache, slot, start)
-        return self._out(a, slice(None, d), None if self.gates is None else self.gates.attn) + self.b_attn, cache
+        return self._out(a, "attn") + self.b_attn, cache
 
     def mlp_branch(self, x: Float[Array, "batch chunk dim"]) -> Float[Array, "batch chunk dim"]:
         """``mlp(LN_m(x))``: a sequential layer's second sub-layer."""
         d = self._dim()
         h = gelu(self._into(x, slice(3 * d, None)))
-        return self._out(h, slice(d, None), None if self.gates is None else self.gates.mlp) + self.b_mlp
+        return self._out(h, "mlp") + self.b_mlp
 
 
 def _product(x: Float[Array, "... fan_in"], w_t: Float[Array, "fan_out fan_in"]) -> Float[Array, "... fan_out"]:
