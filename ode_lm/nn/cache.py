@@ -51,11 +51,17 @@ class KVCache(eqx.Module):
         """Causal attention of a chunk at positions ``start ...`` to itself and the cached prefix,
         after writing its keys and values into ``slot``: query ``start + i`` attends to
         positions ``<= start + i`` (the buffer's unwritten tail is masked). The softmax runs in
-        at least float32 (float64 stays float64)."""
+        at least float32 (float64 stays float64).
+
+        The output is materialised (``optimization_barrier``): left alone, XLA on a GPU fuses
+        the one-query ``probs @ values`` reduction into its consumer (``DecodeBlock``'s
+        concatenation ahead of the merged output product), where one thread sums each output
+        over the whole cache; at batch 64 that made a decoded token 3.6x slower on an H200
+        (docs/results/gpu.md, "Generation")."""
         cache = self.write(slot, start, k, v)
         keys, values = cache.read(slot)
         wide = jnp.promote_types(q.dtype, jnp.float32)
         scores = jnp.einsum("bthd,bhld->bhtl", q, keys).astype(wide) / jnp.sqrt(jnp.asarray(q.shape[-1], wide))
         visible = jnp.arange(self.max_len)[None, :] <= start + jnp.arange(q.shape[1])[:, None]
         probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(values.dtype)
-        return jnp.einsum("bhtl,bhld->bthd", probs, values), cache
+        return jax.lax.optimization_barrier(jnp.einsum("bhtl,bhld->bthd", probs, values)), cache
