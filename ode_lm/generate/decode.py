@@ -221,7 +221,9 @@ def generate(model: LanguageModel, prompt_ids, ode: ODEConfig, settings: Generat
 
     sequence = np.repeat(prompts.astype(np.int32), s.num_samples, axis=0)  # prompt-major rows
     rows = np.arange(sequence.shape[0])[:, None]
-    seen = jnp.zeros((sequence.shape[0], vocab), bool).at[rows, sequence].set(True)
+    seen = np.zeros((sequence.shape[0], vocab), bool)
+    seen[rows, sequence] = True  # on the host: one transfer, not a scatter's eager ops
+    seen = jnp.asarray(seen)
     key = jax.random.key(s.seed)
     context = sequence if sequence.shape[1] <= limit else sequence[:, -(limit - s.window):]
     n = context.shape[1]

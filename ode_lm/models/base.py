@@ -26,7 +26,7 @@ from ode_lm.config import DECODE_WEIGHTS, ModelConfig, ODEConfig
 from ode_lm.errors import ConfigError, GenerationError
 from ode_lm.nn import SAVES, Block, BlockGates, DecodeBlock, Dropout, DropoutRates, LayerNorm
 from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, fixed_grid,
-                        grid_scheme, integrate, solve_dtype)
+                        grid_scheme, integrate)
 
 
 # Vocabularies up to this size are embedded by a one-hot product (see Embedding.__call__);
@@ -215,6 +215,7 @@ class ODELanguageModel(LanguageModel):
         Fixed steps: the grid ``n / steps``. Adaptive: the grid the solver accepts for the
         prompt, frozen for the rest of the generation (an approximation; docs/generation.md).
         """
+        grid = None
         if ode.adaptive:
             times, accepted = _accepted_grid(self, prompt, ode)
             accepted = int(accepted)
@@ -223,13 +224,9 @@ class ODELanguageModel(LanguageModel):
                                       f"ode.max_steps = {ode.max_steps} steps; raise ode.max_steps or "
                                       "loosen ode.rtol / ode.atol")
             grid = times[:accepted + 1]
-        else:
-            grid = fixed_grid(ode.steps, solve_dtype(self.embedding.tokens))  # the training solve's times
-        scheme = grid_scheme(ode.solver)
-        slots = self.field.init_cache(scheme.slots(grid.shape[0] - 1), prompt.shape[0], max_len)
         shared = type(self.field).block_is_constant and resolve_decode_weights(decode_weights) == "shared"
-        blocks = _decode_blocks(self.field, scheme.slot_times(grid), self.embedding.tokens.dtype, shared)
-        return ODECache(slots, grid, scheme, blocks, unroll=not ode.adaptive)
+        return _empty_cache(self.field, grid, ode.steps, grid_scheme(ode.solver), prompt.shape[0], max_len,
+                            self.embedding.tokens.dtype, shared)
 
     def extend(self, tokens, start, cache: ODECache):
         x0 = self.embedding.lookup(tokens, start)
@@ -259,8 +256,17 @@ def resolve_decode_weights(setting: str) -> str:
 
 
 @eqx.filter_jit
-def _decode_blocks(field: CachedField, times, dtype, shared: bool) -> DecodeBlock:
-    return field.decode_blocks(times, dtype, shared)
+def _empty_cache(field: CachedField, grid: Float[Array, " n"] | None, steps: int, scheme: GridScheme, batch: int,
+                 max_len: int, dtype, shared: bool) -> ODECache:
+    """``ODELanguageModel.init_cache`` on ``grid`` (``None``: the fixed grid of ``steps``
+    steps, the training solve's times), in one compiled call (issued op by op, the
+    construction cost a GPU milliseconds of dispatch per generation)."""
+    fixed = grid is None
+    if fixed:
+        grid = fixed_grid(steps, jnp.promote_types(dtype, jnp.float32))
+    slots = field.init_cache(scheme.slots(grid.shape[0] - 1), batch, max_len)
+    blocks = field.decode_blocks(scheme.slot_times(grid), dtype, shared)
+    return ODECache(slots, grid, scheme, blocks, unroll=fixed)
 
 
 @eqx.filter_jit

@@ -38,8 +38,11 @@ class LayersCache(eqx.Module):
 
 
 @eqx.filter_jit
-def _decode_blocks(layers: tuple[Block, ...], dtype) -> tuple[DecodeBlock, ...]:
-    return tuple(DecodeBlock.of(block, dtype=dtype) for block in layers)
+def _empty_cache(layers: tuple[Block, ...], batch: int, max_len: int, dtype) -> "LayersCache":
+    """Empty keys and values and every layer folded, in one compiled call (issued op by op,
+    the construction cost a GPU milliseconds of dispatch per generation)."""
+    kv = layers[0].attn.empty_cache(len(layers), batch, max_len)
+    return LayersCache(kv, tuple(DecodeBlock.of(block, dtype=dtype) for block in layers))
 
 
 class StandardLanguageModel(LanguageModel):
@@ -77,8 +80,7 @@ class StandardLanguageModel(LanguageModel):
         return self.readout(x.astype(self.embedding.tokens.dtype), self.embedding), stats
 
     def init_cache(self, prompt, ode, max_len, decode_weights="auto") -> LayersCache:
-        kv = self.layers[0].attn.empty_cache(len(self.layers), prompt.shape[0], max_len)
-        return LayersCache(kv, _decode_blocks(self.layers, self.embedding.tokens.dtype))
+        return _empty_cache(self.layers, prompt.shape[0], max_len, self.embedding.tokens.dtype)
 
     def extend(self, tokens, start, cache: LayersCache):
         x = self.embedding.lookup(tokens, start)
