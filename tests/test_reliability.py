@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 import random
-import resource
 import shutil
 import signal
 import subprocess
@@ -58,17 +57,23 @@ def comparable(rows: list[dict]) -> list[dict]:
 SIGINT_AS_IN_A_TERMINAL = "import signal; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
 
 
-def launch(cfg_path: Path, runs_dir: Path, *extra: str, preexec_fn=None) -> subprocess.Popen:
+def launch(cfg_path: Path, runs_dir: Path, *extra: str, max_file_bytes: int | None = None) -> subprocess.Popen:
+    """``ode-lm train`` in a child process; ``max_file_bytes``: no file it writes may grow past
+    that (writes fail with EFBIG), set by the child itself (a ``preexec_fn`` would fork the
+    multi-threaded test process)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "JAX_COMPILATION_CACHE_DIR": str(cfg_path.parent / "jax-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    entry = (SIGINT_AS_IN_A_TERMINAL + "import runpy, sys\n"
+    limit = "" if max_file_bytes is None else (
+        "import resource; signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({max_file_bytes}, {max_file_bytes}))\n")
+    entry = (SIGINT_AS_IN_A_TERMINAL + limit + "import runpy, sys\n"
              "sys.argv[0] = 'ode-lm'; runpy.run_module('ode_lm.cli', run_name='__main__')")
     return subprocess.Popen([sys.executable, "-c", entry, "train", str(cfg_path),
                              f"train.runs_dir={runs_dir}", *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=preexec_fn)
+                            text=True)
 
 
 def finish(proc: subprocess.Popen) -> tuple[int, str]:
@@ -231,11 +236,8 @@ def test_full_disk_during_a_checkpoint_fails_loudly_and_keeps_the_previous_one(r
     before = previous.read_bytes()
     size = len(before)
 
-    def small_disk():  # files may not grow past half a checkpoint: writes fail with EFBIG
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
-
-    rc, output = finish(launch(ref.config, tmp_path, "--resume", preexec_fn=small_disk))
+    # Files may not grow past half a checkpoint.
+    rc, output = finish(launch(ref.config, tmp_path, "--resume", max_file_bytes=size // 2))
     assert rc == 2 and "Traceback" not in output, output
     assert "could not write checkpoint" in output and f"{previous} is kept" in output
     assert list_checkpoints(run) == [previous] and previous.read_bytes() == before
