@@ -38,7 +38,7 @@ class LayersCache(eqx.Module):
 
 
 @eqx.filter_jit
-def _empty_cache(layers: tuple[Block, ...], batch: int, max_len: int, dtype) -> "LayersCache":
+def _empty_cache(layers: tuple[Block, ...], batch: int, max_len: int, dtype) -> LayersCache:
     """Empty keys and values and every layer folded, in one compiled call (issued op by op,
     the construction cost a GPU milliseconds of dispatch per generation)."""
     kv = layers[0].attn.empty_cache(len(layers), batch, max_len)
