@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ode_lm.config import DECODE_WEIGHTS, ModelConfig, ODEConfig
 from ode_lm.errors import ConfigError, GenerationError
-from ode_lm.nn import SAVES, Block, BlockGates, DecodeBlock, Dropout, DropoutRates, LayerNorm
+from ode_lm.nn import SAVES, Block, BlockGates, DecodeBlock, Dropout, DropoutRates, LayerNorm, add_bias, gather_rows
 from ode_lm.ode import (CastField, GridScheme, SolveStats, VectorField, accepted_grid, cast_floating, fixed_grid,
                         grid_scheme, integrate)
 
@@ -53,14 +53,15 @@ class Embedding(eqx.Module):
             # whose atomic updates collide on frequent tokens (a space is ~15% of bytes), which
             # made byte-level training steps 2-5x slower on an H100 than on uniform tokens.
             pos = jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[-1])
-            return jax.nn.one_hot(tokens, vocab, dtype=self.tokens.dtype) @ self.tokens + pos
+            return add_bias(jax.nn.one_hot(tokens, vocab, dtype=self.tokens.dtype) @ self.tokens, pos)
         return self.lookup(tokens, offset)
 
     def lookup(self, tokens: Int[Array, "batch seq"], offset: int | Int[Array, ""] = 0
                ) -> Float[Array, "batch seq dim"]:
         """The same embedding by a gather (exactly equal): for decoding, which takes no
         gradient, and where the one-hot product is a column sum over the vocabulary per token."""
-        return self.tokens[tokens] + jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[-1])
+        return add_bias(gather_rows(self.tokens, tokens),
+                        jax.lax.dynamic_slice_in_dim(self.positions, offset, tokens.shape[-1]))
 
 
 class Readout(eqx.Module):

@@ -17,7 +17,7 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ode_lm.nn.cache import KVCache
 from ode_lm.nn.dropout import Dropout
-from ode_lm.nn.layers import LayerNorm, Linear, gates_weights, gelu, standardize
+from ode_lm.nn.layers import LayerNorm, Linear, add_bias, gates_weights, gelu, scale, standardize
 
 
 class BlockGates(NamedTuple):
@@ -119,11 +119,11 @@ class Attention(eqx.Module):
         q, k, v = x @ w_q, x @ w_k, x @ w_v
         if gates.qkv is not None and not gate_weights:
             g_q, g_k, g_v = jnp.split(gates.qkv, 3)
-            q, k, v = q * g_q, k * g_k, v * g_v
+            q, k, v = scale(q, g_q), scale(k, g_k), scale(v, g_v)
         if bias is None:
             return q, k, v, None
         b_q, _, b_v = jnp.split(bias, 3)
-        return q + b_q, k, v, b_v
+        return add_bias(q, b_q), k, v, b_v
 
     def empty_cache(self, slots: int, batch: int, max_len: int) -> KVCache:
         dim = self.proj.weight.shape[1]
