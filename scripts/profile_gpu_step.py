@@ -4,7 +4,15 @@ attention and everything else (elementwise, reductions, copies).
 Runs ode-lm's real train step (``--family``, time-indexed by default; bf16, Euler) at a ``bench_gpu.py`` size
 under ``jax.profiler``, reads the Perfetto trace and sums GPU kernel durations.
 
+The step runs as it trains: XLA's CUDA graphs run their kernels by dependency, so kernels
+overlap (the busy time can exceed the wall time) and a kernel's duration is not what it
+costs the step. ``--serial`` compiles the step without CUDA graphs: kernels then run one at a
+time, and each trace event names the HLO instruction it ran, which the script maps to the
+step's phase (``forward``, ``backward`` and its ``recompute``, ``update``) by the
+instruction's JAX op name.
+
     python scripts/profile_gpu_step.py --size large --out docs/results/gpu_profile.json
+    python scripts/profile_gpu_step.py --size gpt2_small --family standard --serial
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +32,11 @@ import numpy as np
 from _timing import machine, print_table, renamed_flag, write_json
 from bench_gpu import SIZES, VOCAB, make_train_step
 from ode_lm.config import FAMILIES
+from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS
+
+# --serial: the train step's own XLA options, without CUDA graphs (command buffers).
+SERIAL_OPTIONS = {**TRAIN_STEP_COMPILER_OPTIONS, "xla_gpu_enable_command_buffer": ""}
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]*)"', re.M)
 
 GROUPS = {"matmul": ("gemm", "nvjet", "cutlass", "cublas", "matmul"),
           "attention": ("sdpa", "flash", "cudnn", "attention")}
@@ -36,19 +50,47 @@ def group_of(kernel: str) -> str:
     return "other"
 
 
-def kernel_times(trace_dir: Path) -> tuple[collections.Counter, int]:
-    """Total microseconds per GPU kernel name in the Perfetto trace under ``trace_dir``, and
-    the number of kernels."""
+def phase_of(op_name: str) -> str:
+    """The step's phase of an HLO instruction, from the JAX op name XLA keeps with it
+    (``jit(_step)/transpose(jvp())/...`` is the backward pass)."""
+    if "transpose(" in op_name:
+        return "recompute" if "rematted_computation" in op_name else "backward"
+    return "forward" if "jvp(" in op_name else "update"
+
+
+def op_names(hlo: str) -> dict[str, str]:
+    """HLO instruction name -> the JAX op name in its metadata, over the compiled module."""
+    return {name: op for name, op in _INSTRUCTION.findall(hlo)}
+
+
+def kernel_times(trace_dir: Path) -> tuple[collections.Counter, collections.Counter, int]:
+    """Total microseconds per GPU kernel name and per HLO instruction (the trace's
+    ``hlo_op``: a whole CUDA graph's name unless the step runs without them) in the Perfetto
+    trace under ``trace_dir``, and the number of kernels."""
     trace = json.load(gzip.open(next(trace_dir.rglob("perfetto_trace.json.gz"))))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "/device:GPU" in e["args"].get("name", "")}
-    totals, launches = collections.Counter(), 0
+    kernels, instructions, launches = collections.Counter(), collections.Counter(), 0
     for e in events:
         if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-            totals[e["name"]] += e.get("dur", 0)
+            kernels[e["name"]] += e.get("dur", 0)
+            instructions[(e.get("args", {}).get("hlo_op", "?"), group_of(e["name"]))] += e.get("dur", 0)
             launches += 1
-    return totals, launches
+    return kernels, instructions, launches
+
+
+def attribute(instructions: collections.Counter, names: dict[str, str], repeats: int, top: int) -> dict:
+    """Milliseconds per step by (phase, group), and the ``top`` instructions with their op names."""
+    phases, rows = collections.Counter(), []
+    for (inst, group), us in instructions.most_common():
+        op = names.get(inst, "?")
+        phases[f"{phase_of(op)} {group}"] += us / repeats / 1e3
+        rows.append({"instruction": inst, "group": group, "op_name": op, "ms": us / repeats / 1e3})
+    print_table(["phase and group", "ms/step"], [[k, f"{ms:.2f}"] for k, ms in phases.most_common()])
+    print_table(["instruction", "op name", "ms/step"],
+                [[r["instruction"][:40], r["op_name"][-70:], f"{r['ms']:.3f}"] for r in rows[:top]])
+    return {"phases_ms": dict(phases), "top_instructions": rows[:top]}
 
 
 def main() -> None:
@@ -63,12 +105,15 @@ def main() -> None:
     ap.add_argument("--checkpoint-saves", default="auto", help="ode.checkpoint_saves")
     ap.add_argument("--out", default="docs/results/gpu_profile.json")
     ap.add_argument("--hlo", default=None, help="also write the step's optimised HLO here")
+    ap.add_argument("--serial", action="store_true",
+                    help="without CUDA graphs: kernels one at a time, attributed to HLO instructions and phases")
     args = ap.parse_args()
 
-    step = make_train_step(SIZES[args.size], args.family, args.adjoint,
-                           checkpoint_saves=args.checkpoint_saves)
+    step = make_train_step(SIZES[args.size], args.family, args.adjoint, checkpoint_saves=args.checkpoint_saves,
+                           compiler_options=SERIAL_OPTIONS if args.serial else None)
+    hlo = step.hlo()
     if args.hlo:
-        Path(args.hlo).write_text(step.hlo())
+        Path(args.hlo).write_text(hlo)
     for _ in range(3):
         jax.block_until_ready(step())
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,7 +122,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 jax.block_until_ready(step())
             wall = (time.perf_counter() - start) / args.repeats * 1e3  # ms, profiler on
-        totals, launches = kernel_times(Path(tmp))
+        totals, instructions, launches = kernel_times(Path(tmp))
     per_step = {k: v / args.repeats / 1e3 for k, v in totals.items()}  # ms
     busy = sum(per_step.values())
     groups = collections.Counter()
@@ -90,8 +135,9 @@ def main() -> None:
                                                  for g, ms in groups.most_common()])
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     print_table(["kernel", "ms/step"], [[k[:90], f"{ms:.3f}"] for k, ms in top])
+    by_instruction = attribute(instructions, op_names(hlo), args.repeats, args.top) if args.serial else {}
     write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size,
-                          "family": args.family,
+                          "family": args.family, "serial": args.serial, **by_instruction,
                           **SIZES[args.size], "adjoint": args.adjoint,
                           "checkpoint_saves": args.checkpoint_saves, "busy_ms": busy, "wall_ms_profiled": wall,
                           "kernels_per_step": kernels, "groups_ms": dict(groups), "top_kernels_ms": dict(top)})
