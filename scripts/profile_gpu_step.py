@@ -27,10 +27,9 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from _timing import machine, print_table, renamed_flag, write_json
-from bench_gpu import SIZES, VOCAB, make_train_step
+from bench_gpu import SIZES, make_train_step
 from ode_lm.config import FAMILIES
 from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS
 
