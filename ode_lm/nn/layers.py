@@ -215,7 +215,7 @@ def standardize(x: Float[Array, "... dim"], eps: float) -> Float[Array, "... dim
 
 
 def _standardize_fwd(x, eps):
-    x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    x32 = x.astype(_wide(x.dtype))
     centered = x32 - x32.mean(-1, keepdims=True)
     rstd = checkpoint_name(jax.lax.rsqrt((centered**2).mean(-1, keepdims=True) + eps), STANDARDIZED)
     # The output is the residual itself: the products that read x_hat and this gradient then
