@@ -40,8 +40,9 @@ def build(name: str, size: dict, device):
     return TimeIndexed(vocab, d, heads, steps, seq, "euler" if name == "euler_compiled" else "torchdiffeq").to(device)
 
 
-def time_peer(name: str, size: dict, repeats: int) -> StepTime:
-    """One peer's training step, timed like ours; ``first_call`` includes ``torch.compile``."""
+def peer_step(name: str, size: dict):
+    """One peer's training step on random tokens, as a zero-argument callable returning the
+    loss, and the device synchronisation to time it with."""
     import torch
     import torch.nn.functional as F
 
@@ -69,6 +70,12 @@ def time_peer(name: str, size: dict, repeats: int) -> StepTime:
         opt.step()
         return loss
 
+    return step, sync
+
+
+def time_peer(name: str, size: dict, repeats: int) -> StepTime:
+    """One peer's training step, timed like ours; ``first_call`` includes ``torch.compile``."""
+    step, sync = peer_step(name, size)
     start = time.perf_counter()
     assert math.isfinite(float(step().detach()))
     first_call = time.perf_counter() - start

@@ -11,8 +11,13 @@ time, and each trace event names the HLO instruction it ran, which the script ma
 step's phase (``forward``, ``backward`` and its ``recompute``, ``update``) by the
 instruction's JAX op name.
 
+``--peer`` profiles a PyTorch peer's step (``_torch_peers.py``, as ``bench_gpu.py`` times it)
+under ``torch.profiler`` instead, with the same kernel groups: the two steps side by side,
+kernel group by kernel group.
+
     python scripts/profile_gpu_step.py --size large --out docs/results/gpu_profile.json
     python scripts/profile_gpu_step.py --size gpt2_small --family standard --serial
+    python scripts/profile_gpu_step.py --size gpt2_small --peer gpt2_compiled --out /tmp/peer.json
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from pathlib import Path
 import jax
 
 from _timing import machine, print_table, renamed_flag, write_json
-from bench_gpu import SIZES, make_train_step
+from _torch_peers import PEERS, peer_step
+from bench_gpu import SIZES, machine_versions, make_train_step
 from ode_lm.config import FAMILIES
 from ode_lm.train.steps import TRAIN_STEP_COMPILER_OPTIONS
 
@@ -92,22 +98,20 @@ def attribute(instructions: collections.Counter, names: dict[str, str], repeats:
     return {"phases_ms": dict(phases), "top_instructions": rows[:top]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", default="large", choices=list(SIZES))
-    ap.add_argument("--family", default="time_indexed", choices=FAMILIES,
-                    help="model family (standard: the per-kernel table to set the ODE step's against)")
-    ap.add_argument("--repeats", type=int, default=5, help="train steps run under the profiler")
-    renamed_flag(ap, "--steps-profiled", "--repeats")
-    ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint")
-    ap.add_argument("--checkpoint-saves", default="auto", help="ode.checkpoint_saves")
-    ap.add_argument("--out", default="docs/results/gpu_profile.json")
-    ap.add_argument("--hlo", default=None, help="also write the step's optimised HLO here")
-    ap.add_argument("--serial", action="store_true",
-                    help="without CUDA graphs: kernels one at a time, attributed to HLO instructions and phases")
-    args = ap.parse_args()
+def torch_kernel_times(trace: Path) -> tuple[collections.Counter, int]:
+    """Total microseconds per GPU kernel (memsets and copies included) in a PyTorch
+    profiler's Chrome trace, and the number of kernels."""
+    kernels, launches = collections.Counter(), 0
+    for e in json.loads(trace.read_text())["traceEvents"]:
+        if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy"):
+            kernels[e["name"]] += e.get("dur", 0)
+            launches += 1
+    return kernels, launches
 
+
+def profile_ours(args) -> tuple[collections.Counter, float, int, dict]:
+    """ode-lm's step under ``jax.profiler``: microseconds per kernel over ``--repeats`` steps,
+    wall ms per step (profiler on), kernels, and (``--serial``) the per-instruction table."""
     step = make_train_step(SIZES[args.size], args.family, args.adjoint, checkpoint_saves=args.checkpoint_saves,
                            compiler_options=SERIAL_OPTIONS if args.serial else None)
     hlo = step.hlo()
@@ -120,26 +124,77 @@ def main() -> None:
             start = time.perf_counter()
             for _ in range(args.repeats):
                 jax.block_until_ready(step())
-            wall = (time.perf_counter() - start) / args.repeats * 1e3  # ms, profiler on
+            wall = (time.perf_counter() - start) / args.repeats * 1e3
         totals, instructions, launches = kernel_times(Path(tmp))
+    by_instruction = attribute(instructions, op_names(hlo), args.repeats, args.top) if args.serial else {}
+    return totals, wall, launches, by_instruction
+
+
+def profile_peer(args) -> tuple[collections.Counter, float, int, dict]:
+    """The PyTorch peer ``--peer`` (``_torch_peers.py``, the step ``bench_gpu.py`` times) under
+    ``torch.profiler``, the same figures as ``profile_ours`` (no per-instruction table)."""
+    import torch
+
+    step, sync = peer_step(args.peer, SIZES[args.size])
+    for _ in range(3):
+        step()
+        sync()
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.profiler.profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(args.repeats):
+                step()
+                sync()
+            wall = (time.perf_counter() - start) / args.repeats * 1e3
+        prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
+        totals, launches = torch_kernel_times(Path(tmp) / "trace.json")
+    return totals, wall, launches, {}
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="large", choices=list(SIZES))
+    ap.add_argument("--family", default="time_indexed", choices=FAMILIES,
+                    help="model family (standard: the per-kernel table to set the ODE step's against)")
+    ap.add_argument("--peer", default=None, choices=PEERS,
+                    help="profile this PyTorch peer's step instead of ours (needs torch)")
+    ap.add_argument("--repeats", type=int, default=5, help="train steps run under the profiler")
+    renamed_flag(ap, "--steps-profiled", "--repeats")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--adjoint", default="checkpoint", help="ode.adjoint")
+    ap.add_argument("--checkpoint-saves", default="auto", help="ode.checkpoint_saves")
+    ap.add_argument("--out", default="docs/results/gpu_profile.json")
+    ap.add_argument("--hlo", default=None, help="also write the step's optimised HLO here")
+    ap.add_argument("--serial", action="store_true",
+                    help="without CUDA graphs: kernels one at a time, attributed to HLO instructions and phases")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    totals, wall, launches, by_instruction = (profile_peer if args.peer else profile_ours)(args)
     per_step = {k: v / args.repeats / 1e3 for k, v in totals.items()}  # ms
     busy = sum(per_step.values())
     groups = collections.Counter()
     for k, ms in per_step.items():
         groups[group_of(k)] += ms
     kernels = launches / args.repeats
-    print(f"{machine()['device']}: GPU busy {busy:.2f} ms of {wall:.2f} ms per step ({args.family}, {args.size}), "
+    who = f"peer {args.peer}" if args.peer else args.family
+    print(f"{machine()['device']}: GPU busy {busy:.2f} ms of {wall:.2f} ms per step ({who}, {args.size}), "
           f"{kernels:.0f} kernels per step")
     print_table(["group", "ms/step", "share"], [[g, f"{ms:.2f}", f"{100 * ms / busy:.0f}%"]
                                                  for g, ms in groups.most_common()])
     top = sorted(per_step.items(), key=lambda kv: -kv[1])[: args.top]
     print_table(["kernel", "ms/step"], [[k[:90], f"{ms:.3f}"] for k, ms in top])
-    by_instruction = attribute(instructions, op_names(hlo), args.repeats, args.top) if args.serial else {}
-    write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine(), "size": args.size,
-                          "family": args.family, "serial": args.serial, **by_instruction,
-                          **SIZES[args.size], "adjoint": args.adjoint,
-                          "checkpoint_saves": args.checkpoint_saves, "busy_ms": busy, "wall_ms_profiled": wall,
-                          "kernels_per_step": kernels, "groups_ms": dict(groups), "top_kernels_ms": dict(top)})
+    ours = {} if args.peer else {"family": args.family, "serial": args.serial, "adjoint": args.adjoint,
+                                 "checkpoint_saves": args.checkpoint_saves}
+    write_json(args.out, {"benchmark": "gpu_step_profile", "machine": machine_versions(machine()) if args.peer else machine(),
+                          "size": args.size, "peer": args.peer, **ours, **by_instruction, **SIZES[args.size],
+                          "busy_ms": busy, "wall_ms_profiled": wall, "kernels_per_step": kernels,
+                          "groups_ms": dict(groups), "top_kernels_ms": dict(top)})
 
 
 if __name__ == "__main__":
