@@ -22,6 +22,12 @@ def _wide(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _parameter_sum(wide: Array, parameter: Array) -> Array:
+    """``wide`` (already at least float32) summed over the axes ``parameter`` is broadcast
+    over, behind the barrier below, rounded once to ``parameter``'s dtype."""
+    return jax.lax.optimization_barrier(jnp.sum(wide, axis=_leading(wide, parameter))).astype(parameter.dtype)
+
+
 # scale, add_bias and gather_rows return parameter gradients summed over positions (or over
 # a weight's rows) in at least float32, whatever a backend does with 16-bit sums: autodiff of
 # `x * s`, `x + b` or `table[ids]` in bf16 sums in bf16 (16,384 positions: 1.5% relative
@@ -49,8 +55,7 @@ def _scale_fwd(x, s):
 def _scale_bwd(residuals, dy):
     x, s = residuals
     wide = _wide(x.dtype)
-    ds = jax.lax.optimization_barrier(jnp.sum(dy.astype(wide) * x.astype(wide), axis=_leading(x, s)))
-    return (dy * s).astype(x.dtype), ds.astype(s.dtype)
+    return (dy * s).astype(x.dtype), _parameter_sum(dy.astype(wide) * x.astype(wide), s)
 
 
 scale.defvjp(_scale_fwd, _scale_bwd)
@@ -73,8 +78,7 @@ def _biased_fwd(y, bias):
 
 
 def _biased_bwd(bias, dy):
-    d_bias = jnp.sum(dy.astype(_wide(dy.dtype)), axis=_leading(dy, bias))
-    return dy, jax.lax.optimization_barrier(d_bias).astype(bias.dtype)
+    return dy, _parameter_sum(dy.astype(_wide(dy.dtype)), bias)
 
 
 _biased.defvjp(_biased_fwd, _biased_bwd)
